@@ -1,0 +1,310 @@
+"""The config schema (every key, its default, what it does) and its validation.
+
+Config files in `configs/` start from `default_config()` and change what they need; any key they
+add that is not declared here is an error. `validate` raises `ConfigError` (one line: key, what was
+found, what is expected) before anything is compiled or written.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+# Keys whose value may change between the start of a run and its resumption (they do not change
+# the math of the run: elastic resume onto another mesh, more frequent checkpoints, ...).
+OPERATIONAL_KEYS = (
+    "mesh",
+    "checkpoint",
+    "train.log_every_steps",
+    "train.micro_batches",
+    "train.max_nonfinite_steps",
+    "train.progress",
+    "eval",
+    "data.num_threads",
+    "data.prefetch",
+    "init_from",
+    "init_from_optimizer",
+    "tensorboard",
+)
+
+
+class ConfigError(ValueError):
+    """A user error in the config, a data directory or a checkpoint: reported as one line."""
+
+
+def _placeholder(kind: type) -> config_dict.FieldReference:
+    return config_dict.placeholder(kind)
+
+
+def model_defaults() -> ml_collections.ConfigDict:
+    """The `model` section: architecture of the decoder."""
+    m = ml_collections.ConfigDict()
+    m.n_layers = 2  # Number of transformer blocks.
+    m.d_model = 64  # Residual stream width.
+    m.n_heads = 4  # Query heads.
+    m.n_kv_heads = 4  # Key/value heads (grouped-query attention when fewer than n_heads).
+    m.head_dim = 0  # Per-head width; 0 means d_model // n_heads.
+    m.d_ff = 256  # MLP hidden width.
+    m.vocab_size = 256  # Embedding rows (may exceed the tokenizer's vocabulary).
+    m.max_seq_len = 256  # Longest sequence the model is trained or evaluated on.
+    m.rope_theta = 10000.0  # RoPE base.
+    # RoPE frequency scaling: 'none', 'linear' (factor) or 'llama3' (factor, low/high_freq_factor,
+    # original_max_seq_len), as in Llama 3.1.
+    m.rope_scaling = "none"
+    m.rope_factor = 1.0
+    m.rope_low_freq_factor = 1.0
+    m.rope_high_freq_factor = 4.0
+    m.rope_original_max_seq_len = 8192
+    m.mlp = "swiglu"  # 'swiglu' (Llama) or 'squared_relu' (Nemotron: no gate).
+    m.norm = "rmsnorm"  # 'rmsnorm' (Llama) or 'layernorm' (Nemotron).
+    m.norm_eps = 1e-5
+    m.qkv_bias = False  # Bias on q/k/v projections (Qwen2).
+    m.tie_embeddings = False  # Output head shares the input embedding.
+    m.dtype = "bfloat16"  # Compute dtype of matmuls and activations.
+    m.param_dtype = "float32"  # Storage dtype of parameters (master weights).
+    m.init_std = 0.02  # Stddev of the normal init of weights; output projections are scaled by depth.
+    m.scan_layers = True  # Run the blocks with lax.scan: compile time independent of depth.
+    m.remat = "none"  # Rematerialization of each block: 'none', 'full' or 'save_dots'.
+    m.attention = "auto"  # 'auto' (cuDNN on GPU when it applies, else XLA), 'xla' or 'cudnn'.
+    return m
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every config key with its default. Config files override a subset of these."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # Seeds parameter init and data order.
+
+    c.model = model_defaults()
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 100  # Optimizer steps of this run.
+    c.train.batch_size = 8  # Global batch in sequences.
+    c.train.seq_len = 128  # Tokens per sequence fed to the model.
+    c.train.micro_batches = 1  # Gradient accumulation: the batch is split into this many parts.
+    # Cross-entropy over chunks of this many positions (0: whole sequence), so the fp32 logits of
+    # a large vocabulary are never materialized whole.
+    c.train.loss_chunk_tokens = 0
+    c.train.log_every_steps = 10  # Train records in metrics.jsonl every this many steps.
+    c.train.max_nonfinite_steps = 10  # Stop after this many consecutive non-finite steps.
+    c.train.progress = True  # Progress bar on process 0 when stderr is a terminal.
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.1
+    c.optim.decay_norms_and_biases = False  # Apply weight decay to norm scales and biases too.
+    c.optim.clip_norm = 1.0  # Global gradient-norm clipping; 0 disables.
+
+    c.schedule = ml_collections.ConfigDict()
+    # 'recipe' (cosine from start_lr to start_lr*final_ratio, no warmup), 'warmup_cosine',
+    # 'rewarm', 'wsd', 'constant' or 'infinite'. See schedules.py.
+    c.schedule.name = "recipe"
+    # Starting LR of 'recipe', 'constant' and the warmup start of 'rewarm'. None: the lr_min
+    # stored in the `init_from` checkpoint's metadata.
+    c.schedule.start_lr = _placeholder(float)
+    c.schedule.final_ratio = 0.01  # recipe: final LR as a fraction of start_lr.
+    c.schedule.peak_lr = 3e-4  # warmup_cosine, rewarm, wsd, infinite: the LR after warmup.
+    c.schedule.min_lr = 3e-5  # warmup_cosine, rewarm, wsd, infinite: the final LR.
+    c.schedule.warmup_steps = 0  # warmup_cosine, rewarm, wsd, infinite.
+    c.schedule.decay_steps = 0  # wsd: length of the final decay (0: 10% of the run).
+    c.schedule.decay_shape = "linear"  # wsd: 'linear', 'cosine' or 'exponential'.
+    c.schedule.cooldown_steps = 0  # infinite: cosine from peak_lr down to const_lr.
+    c.schedule.const_lr = 1e-4  # infinite: the constant LR after the cooldown.
+    c.schedule.anneal_steps = 0  # infinite: exponential anneal to min_lr over the last steps.
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1  # Pure data parallelism (replicated parameters).
+    c.mesh.fsdp = -1  # Fully sharded data parallelism; -1: the devices left over.
+    c.mesh.tensor = 1  # Tensor parallelism over heads and MLP width.
+    # Logical-axis rule overrides as 'name=axis[+axis]' strings, e.g. ('vocab=tensor', 'mlp=').
+    c.mesh.rules = ()
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 100  # Save every this many steps (and always at the end).
+    c.checkpoint.max_to_keep = 3
+    c.checkpoint.async_save = True  # Save in the background while training continues.
+
+    # A checkpoints/ directory of another run (its latest step) or one step directory: parameters
+    # are restored from it, the run starts at step 0 and the recipe starts at its lr_min.
+    c.init_from = ""
+    c.init_from_optimizer = False  # Also restore the optimizer state of `init_from`.
+
+    c.data = ml_collections.ConfigDict()
+    c.data.kind = "synthetic"  # 'synthetic' (generated, learnable) or 'mixture' (prepared sources).
+    c.data.synthetic_branching = 4  # synthetic: successors per token (entropy ln(branching)).
+    c.data.tokenizer = ""  # mixture: tokenizer file (.model or tokenizer.json).
+    c.data.sources = ml_collections.ConfigDict()  # mixture: {name: prepared directory}.
+    c.data.phases = ()  # mixture: ({'weights': {...}}, {'weights': {...}, 'start_at': {...}}, ...)
+    c.data.max_epochs_warning = 4.0  # plan: warn when a source repeats more epochs than this.
+    c.data.num_threads = 2  # Reading threads per process.
+    c.data.prefetch = 2  # Batches prepared ahead of the device.
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 0  # 0: no in-loop evaluation.
+    c.eval.examples_per_source = 64
+    c.eval.batch_size = 8
+    c.eval.sources = ml_collections.ConfigDict()  # Extra eval-only {name: prepared directory}.
+    c.eval.tasks = ml_collections.ConfigDict()  # Multiple-choice tasks {name: file.jsonl}.
+
+    c.tensorboard = True  # TensorBoard event files in WORKDIR/tb/.
+    return c
+
+
+# ----------------------------------------------------------------------------- key checking
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a.b.c': value} for every leaf; dict-valued user sections (sources) stay whole."""
+    out: dict[str, Any] = {}
+    items = cfg.items() if hasattr(cfg, "items") else []
+    for k, v in items:
+        key = f"{prefix}{k}"
+        if isinstance(v, (ml_collections.ConfigDict, dict)) and key not in _FREE_FORM:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v
+    return out
+
+
+# Sections whose keys are the user's own names, not schema keys.
+_FREE_FORM = ("data.sources", "eval.sources", "eval.tasks")
+
+
+def check_keys(cfg: ml_collections.ConfigDict) -> None:
+    """Every key the user set must be one the schema declares."""
+    known = flatten(default_config())
+    for key in flatten(cfg):
+        if key not in known:
+            parent = key.rsplit(".", 1)[0] if "." in key else ""
+            choices = sorted(k.rsplit(".", 1)[-1] for k in known if k.startswith(parent + ".")) if parent else []
+            hint = f"; keys of '{parent}' are: {', '.join(choices)}" if choices else ""
+            raise ConfigError(f"config key '{key}': unknown key{hint}")
+
+
+def to_json(cfg: ml_collections.ConfigDict) -> str:
+    """The resolved config as stable JSON (written to WORKDIR/config.json)."""
+    return json.dumps(_plain(cfg.to_dict()), indent=2, sort_keys=True)
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, config_dict.FieldReference):
+        return _plain(x.get())
+    return x
+
+
+def run_identity_diff(saved: dict, current: dict) -> str | None:
+    """The first key (outside OPERATIONAL_KEYS) whose value differs, as 'key: a there, b here'."""
+    fs, fc = _flat_plain(saved), _flat_plain(current)
+    for key in sorted(set(fs) | set(fc)):
+        if any(key == op or key.startswith(op + ".") for op in OPERATIONAL_KEYS):
+            continue
+        if fs.get(key, "<absent>") != fc.get(key, "<absent>"):
+            return f"{key}: {fs.get(key, '<absent>')!r} there, {fc.get(key, '<absent>')!r} here"
+    return None
+
+
+def _flat_plain(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and f"{prefix}{k}" not in _FREE_FORM:
+            out.update(_flat_plain(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- static validation
+
+_CHOICES = {
+    "model.mlp": ("swiglu", "squared_relu"),
+    "model.norm": ("rmsnorm", "layernorm"),
+    "model.rope_scaling": ("none", "linear", "llama3"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "save_dots"),
+    "model.attention": ("auto", "xla", "cudnn"),
+    "data.kind": ("synthetic", "mixture"),
+}
+
+_POSITIVE_INTS = (
+    "model.n_layers",
+    "model.d_model",
+    "model.n_heads",
+    "model.n_kv_heads",
+    "model.d_ff",
+    "model.vocab_size",
+    "model.max_seq_len",
+    "train.steps",
+    "train.batch_size",
+    "train.seq_len",
+    "train.micro_batches",
+    "train.log_every_steps",
+    "train.max_nonfinite_steps",
+    "checkpoint.max_to_keep",
+    "data.synthetic_branching",
+)
+
+
+def _get(cfg: ml_collections.ConfigDict, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Checks that need no files, devices or checkpoints. Raises ConfigError (one line)."""
+    check_keys(cfg)
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r}, expected one of {', '.join(map(repr, choices))}")
+    for key in _POSITIVE_INTS:
+        value = _get(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{key}: {value!r}, expected a positive integer")
+    m, t = cfg.model, cfg.train
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(
+            f"model.n_heads: {m.n_heads} is not divisible by model.n_kv_heads {m.n_kv_heads}, "
+            f"expected n_heads to be a multiple of n_kv_heads"
+        )
+    if not m.head_dim and m.d_model % m.n_heads:
+        raise ConfigError(
+            f"model.d_model: {m.d_model} is not divisible by model.n_heads {m.n_heads}, "
+            f"expected a multiple (or set model.head_dim)"
+        )
+    if (m.head_dim or m.d_model // m.n_heads) % 2:
+        raise ConfigError(f"model.head_dim: {m.head_dim or m.d_model // m.n_heads}, expected an even width for RoPE")
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len: {t.seq_len}, expected at most model.max_seq_len {m.max_seq_len}")
+    if t.batch_size % t.micro_batches:
+        raise ConfigError(
+            f"train.micro_batches: {t.micro_batches} does not divide train.batch_size {t.batch_size}, "
+            f"expected a divisor"
+        )
+    if t.loss_chunk_tokens < 0 or (t.loss_chunk_tokens and t.seq_len % t.loss_chunk_tokens):
+        raise ConfigError(
+            f"train.loss_chunk_tokens: {t.loss_chunk_tokens}, expected 0 or a divisor of train.seq_len {t.seq_len}"
+        )
+    o = cfg.optim
+    for key in ("b1", "b2"):
+        if not 0.0 <= o[key] < 1.0:
+            raise ConfigError(f"optim.{key}: {o[key]}, expected a value in [0, 1)")
+    if o.eps <= 0:
+        raise ConfigError(f"optim.eps: {o.eps}, expected a positive value")
+    for key in ("weight_decay", "clip_norm"):
+        if o[key] < 0:
+            raise ConfigError(f"optim.{key}: {o[key]}, expected a value >= 0")
+    if cfg.checkpoint.every_steps < 0:
+        raise ConfigError(f"checkpoint.every_steps: {cfg.checkpoint.every_steps}, expected a value >= 0")
+    if cfg.init_from_optimizer and not cfg.init_from:
+        raise ConfigError("init_from_optimizer: True without init_from, expected init_from to name a checkpoint")

@@ -1,0 +1,318 @@
+"""Decoder-only transformer of the Llama family, in Flax NNX.
+
+RMSNorm or LayerNorm, RoPE (optionally Llama-3 or linearly scaled), grouped-query attention,
+SwiGLU or squared-ReLU (Nemotron) MLP, optional qkv bias (Qwen2), tied or untied embeddings.
+
+Parameters of the blocks are stored stacked along a leading 'layers' axis whether or not the
+blocks run under `lax.scan`, so a checkpoint does not depend on `scan_layers`. The NNX module
+owns the parameters, their init and their logical axis names; the computation is a pure function
+of the parameter pytree (`forward`), which is what the jitted train step differentiates.
+
+Shapes in names: B batch, T length, D d_model, N query heads, K kv heads, H head_dim, F d_ff,
+V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The architecture; mirrors the `model` config section (see config.model_defaults)."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_ff: int
+    vocab_size: int
+    max_seq_len: int
+    head_dim: int = 0
+    rope_theta: float = 10000.0
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
+    mlp: str = "swiglu"
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+    dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+    init_std: float = 0.02
+    scan_layers: bool = True
+    remat: str = "none"
+    attention: str = "auto"
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> ModelConfig:
+        """From the `model` config section (a ConfigDict or a plain dict, e.g. checkpoint metadata)."""
+        d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def hd(self) -> int:
+        """Per-head width."""
+        return self.head_dim or self.d_model // self.n_heads
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        """Parameter count (the input embedding is excluded when include_embedding is False)."""
+        D, N, K, H, F, V = self.d_model, self.n_heads, self.n_kv_heads, self.hd, self.d_ff, self.vocab_size
+        norm = D * (2 if self.norm == "layernorm" else 1)
+        attn = D * N * H + 2 * D * K * H + N * H * D + (N * H + 2 * K * H if self.qkv_bias else 0)
+        mlp = (3 if self.mlp == "swiglu" else 2) * D * F
+        block = attn + mlp + 2 * norm
+        head = 0 if self.tie_embeddings else D * V
+        embed = V * D if include_embedding else 0
+        return self.n_layers * block + norm + head + embed
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...], std: float, dtype) -> nnx.Param:
+    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value.astype(dtype), logical_axes=names)
+
+
+def _const(shape: tuple[int, ...], names: tuple[str | None, ...], value: float, dtype) -> nnx.Param:
+    return nnx.Param(jnp.full(shape, value, dtype), logical_axes=names)
+
+
+class Blocks(nnx.Module):
+    """The parameters of all transformer blocks, stacked along a leading 'layers' axis."""
+
+    def __init__(self, c: ModelConfig, rngs: nnx.Rngs):
+        L, D, N, K, H, F = c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.hd, c.d_ff
+        dt = jnp.dtype(c.param_dtype)
+        std, out_std = c.init_std, c.init_std / math.sqrt(2 * L)
+        self.attn_norm_scale = _const((L, D), ("layers", "norm"), 1.0, dt)
+        self.mlp_norm_scale = _const((L, D), ("layers", "norm"), 1.0, dt)
+        if c.norm == "layernorm":
+            self.attn_norm_bias = _const((L, D), ("layers", "norm"), 0.0, dt)
+            self.mlp_norm_bias = _const((L, D), ("layers", "norm"), 0.0, dt)
+        self.wq = _param(rngs, (L, D, N, H), ("layers", "embed", "heads", "head_dim"), std, dt)
+        self.wk = _param(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), std, dt)
+        self.wv = _param(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), std, dt)
+        self.wo = _param(rngs, (L, N, H, D), ("layers", "heads", "head_dim", "embed"), out_std, dt)
+        if c.qkv_bias:
+            self.bq = _const((L, N, H), ("layers", "heads", "head_dim"), 0.0, dt)
+            self.bk = _const((L, K, H), ("layers", "kv_heads", "head_dim"), 0.0, dt)
+            self.bv = _const((L, K, H), ("layers", "kv_heads", "head_dim"), 0.0, dt)
+        if c.mlp == "swiglu":
+            self.w_gate = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), std, dt)
+        self.w_up = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), std, dt)
+        self.w_down = _param(rngs, (L, F, D), ("layers", "mlp", "embed"), out_std, dt)
+
+
+class Decoder(nnx.Module):
+    """The language model. `model(tokens)` returns logits [B, T, V] in the compute dtype's fp32."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, rules: tuple = ()):
+        c = config
+        dt = jnp.dtype(c.param_dtype)
+        self.config = c
+        # Activation sharding rules (logical name -> mesh axes), static: part of the graph def.
+        self.rules = tuple(rules)
+        self.embed = _param(rngs, (c.vocab_size, c.d_model), ("vocab", "embed"), c.init_std, dt)
+        self.layers = Blocks(c, rngs)
+        self.final_norm_scale = _const((c.d_model,), ("norm",), 1.0, dt)
+        if c.norm == "layernorm":
+            self.final_norm_bias = _const((c.d_model,), ("norm",), 0.0, dt)
+        if not c.tie_embeddings:
+            self.lm_head = _param(rngs, (c.d_model, c.vocab_size), ("embed", "vocab"), c.init_std, dt)
+
+    def __call__(self, tokens, segment_ids=None, positions=None, dtype: str | None = None):
+        params = nnx.to_pure_dict(nnx.state(self, nnx.Param))
+        c = dataclasses.replace(self.config, dtype=dtype) if dtype else self.config
+        hidden = forward(params, tokens, c, segment_ids, positions, self.rules)
+        return logits_from_hidden(params, hidden, c)
+
+
+def init_params(config: ModelConfig, seed: int) -> Params:
+    """A fresh parameter pytree (pure dict), deterministic in the seed."""
+    return nnx.to_pure_dict(nnx.state(Decoder(config, rngs=nnx.Rngs(params=seed)), nnx.Param))
+
+
+def logical_axes(config: ModelConfig) -> Params:
+    """The logical axis names of every parameter, as a pytree of tuples matching init_params."""
+    abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(params=0)))
+    state = nnx.state(abstract, nnx.Param)
+    names = jax.tree.map(lambda v: v.logical_axes, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return _to_pure(names)
+
+
+def abstract_params(config: ModelConfig) -> Params:
+    """ShapeDtypeStructs of every parameter (no memory allocated)."""
+    return jax.eval_shape(lambda: init_params(config, 0))
+
+
+def _to_pure(state) -> dict:
+    if hasattr(state, "items"):
+        return {k: _to_pure(v) for k, v in state.items()}
+    return state
+
+
+# ----------------------------------------------------------------------------- computation
+
+
+def _constrain(x: jax.Array, names: tuple[str | None, ...], rules: tuple) -> jax.Array:
+    """Shard an activation by logical names, when a mesh is set (no-op outside a mesh)."""
+    if not rules or jax.sharding.get_abstract_mesh().empty:
+        return x
+    table = dict(rules)
+    spec = jax.sharding.PartitionSpec(*(table.get(n) if n else None for n in names))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def _norm(x, scale, bias, c: ModelConfig):
+    # Statistics in fp32 whatever the compute dtype: bf16 variance loses too much precision.
+    x32 = x.astype(jnp.float32)
+    if c.norm == "layernorm":
+        x32 = x32 - x32.mean(-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + c.norm_eps)
+    y = y * scale.astype(jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(c.dtype)
+
+
+def rope_frequencies(c: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [H/2] after the configured scaling (Llama 3.1 'llama3' or 'linear')."""
+    H = c.hd
+    inv = 1.0 / (c.rope_theta ** (np.arange(0, H, 2, dtype=np.float64) / H))
+    if c.rope_scaling == "linear":
+        inv = inv / c.rope_factor
+    elif c.rope_scaling == "llama3":
+        low_wl = c.rope_original_max_seq_len / c.rope_low_freq_factor
+        high_wl = c.rope_original_max_seq_len / c.rope_high_freq_factor
+        wavelen = 2 * np.pi / inv
+        scaled = np.where(wavelen > low_wl, inv / c.rope_factor, inv)
+        smooth = (c.rope_original_max_seq_len / wavelen - c.rope_low_freq_factor) / (
+            c.rope_high_freq_factor - c.rope_low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / c.rope_factor + smooth * scaled
+        medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def _rope(x_BTnH, cos_BT1h, sin_BT1h):
+    # "Rotate half" pairing (first half with second half), the convention of HF Llama weights.
+    x1, x2 = jnp.split(x_BTnH.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos_BT1h - x2 * sin_BT1h, x2 * cos_BT1h + x1 * sin_BT1h], axis=-1)
+    return out.astype(x_BTnH.dtype)
+
+
+def _attention_impl(c: ModelConfig) -> str:
+    if c.attention != "auto":
+        return c.attention
+    return "cudnn" if jax.default_backend() == "gpu" and c.dtype in ("bfloat16", "float16") else "xla"
+
+
+def _attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, c: ModelConfig):
+    T = q_BTNH.shape[1]
+    causal = jnp.tril(jnp.ones((T, T), bool))
+    same_doc = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    mask_B1TT = (causal[None] & same_doc)[:, None]
+    return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TT, implementation=_attention_impl(c))
+
+
+def _block(p: Params, x_BTD, cos, sin, segment_ids_BT, c: ModelConfig, rules: tuple):
+    dt = c.dtype
+    h = _norm(x_BTD, p["attn_norm_scale"], p.get("attn_norm_bias"), c)
+    q = jnp.einsum("btd,dnh->btnh", h, p["wq"].astype(dt))
+    k = jnp.einsum("btd,dkh->btkh", h, p["wk"].astype(dt))
+    v = jnp.einsum("btd,dkh->btkh", h, p["wv"].astype(dt))
+    if c.qkv_bias:
+        q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
+    q = _constrain(_rope(q, cos, sin), ("batch", "length", "act_heads", None), rules)
+    k = _constrain(_rope(k, cos, sin), ("batch", "length", "act_kv_heads", None), rules)
+    o = _attention(q, k, v, segment_ids_BT, c)
+    x_BTD = x_BTD + jnp.einsum("btnh,nhd->btd", o, p["wo"].astype(dt))
+    x_BTD = _constrain(x_BTD, ("batch", "length", "act_embed"), rules)
+
+    h = _norm(x_BTD, p["mlp_norm_scale"], p.get("mlp_norm_bias"), c)
+    up = jnp.einsum("btd,df->btf", h, p["w_up"].astype(dt))
+    if c.mlp == "swiglu":
+        gate = jnp.einsum("btd,df->btf", h, p["w_gate"].astype(dt))
+        a = jax.nn.silu(gate) * up
+    else:
+        a = jnp.square(jax.nn.relu(up))
+    a = _constrain(a, ("batch", "length", "act_mlp"), rules)
+    x_BTD = x_BTD + jnp.einsum("btf,fd->btd", a, p["w_down"].astype(dt))
+    return _constrain(x_BTD, ("batch", "length", "act_embed"), rules)
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def forward(
+    params: Params,
+    tokens_BT: jax.Array,
+    c: ModelConfig,
+    segment_ids_BT: jax.Array | None = None,
+    positions_BT: jax.Array | None = None,
+    rules: tuple = (),
+) -> jax.Array:
+    """Final hidden states [B, T, D] (after the final norm) in the compute dtype."""
+    B, T = tokens_BT.shape
+    if segment_ids_BT is None:
+        segment_ids_BT = jnp.ones((B, T), jnp.int32)
+    if positions_BT is None:
+        positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    angles = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(rope_frequencies(c))
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+    x = jnp.take(params["embed"], tokens_BT, axis=0).astype(c.dtype)
+    x = _constrain(x, ("batch", "length", "act_embed"), rules)
+
+    def block(x, p):
+        return _block(p, x, cos, sin, segment_ids_BT, c, rules)
+
+    if c.remat != "none":
+        block = jax.checkpoint(block, policy=_REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+    layers = params["layers"]
+    if c.scan_layers:
+        x, _ = jax.lax.scan(lambda x, p: (block(x, p), None), x, layers)
+    else:
+        for i in range(c.n_layers):
+            x = block(x, jax.tree.map(lambda a, i=i: a[i], layers))
+    return _norm(x, params["final_norm_scale"], params.get("final_norm_bias"), c)
+
+
+def head_weights(params: Params, c: ModelConfig) -> jax.Array:
+    """The output projection [D, V] (the transposed embedding when tied)."""
+    return params["embed"].T if c.tie_embeddings else params["lm_head"]
+
+
+def logits_from_hidden(params: Params, hidden_BTD: jax.Array, c: ModelConfig) -> jax.Array:
+    """Logits [B, T, V] in fp32."""
+    w = head_weights(params, c).astype(c.dtype)
+    return jnp.einsum("btd,dv->btv", hidden_BTD, w, preferred_element_type=jnp.float32)
+
+
+def apply(params: Params, tokens_BT, c: ModelConfig, segment_ids_BT=None, positions_BT=None, rules=()):
+    """Logits [B, T, V] (fp32) from a parameter pytree: the functional form of Decoder.__call__."""
+    hidden = forward(params, tokens_BT, c, segment_ids_BT, positions_BT, rules)
+    return logits_from_hidden(params, hidden, c)

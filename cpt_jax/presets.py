@@ -1,0 +1,48 @@
+"""Model presets: architectures of known sizes and of the open models users continue.
+
+`preset_config(name)` is the full default config with `model` set to the preset; config files in
+configs/ start from it.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from cpt_jax.config import default_config
+
+MODELS: dict[str, dict] = {
+    # About 1M parameters: trains on a CPU in seconds.
+    "tiny": dict(n_layers=4, d_model=128, n_heads=4, n_kv_heads=2, d_ff=384, vocab_size=512, max_seq_len=256),
+    "125m": dict(n_layers=12, d_model=768, n_heads=12, n_kv_heads=12, d_ff=2048, vocab_size=32000, max_seq_len=2048),
+    "1b": dict(n_layers=16, d_model=2048, n_heads=32, n_kv_heads=8, d_ff=8192, vocab_size=32000, max_seq_len=4096),
+    "llama2_7b": dict(
+        n_layers=32, d_model=4096, n_heads=32, n_kv_heads=32, d_ff=11008, vocab_size=32000, max_seq_len=4096
+    ),
+    "llama3_8b": dict(
+        n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, d_ff=14336, vocab_size=128256, max_seq_len=8192,
+        rope_theta=500000.0,
+    ),
+    "mistral_7b": dict(
+        n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, d_ff=14336, vocab_size=32000, max_seq_len=32768,
+        rope_theta=1000000.0,
+    ),
+    "qwen2_7b": dict(
+        n_layers=28, d_model=3584, n_heads=28, n_kv_heads=4, d_ff=18944, vocab_size=152064, max_seq_len=32768,
+        rope_theta=1000000.0, qkv_bias=True, norm_eps=1e-6,
+    ),
+    # The model of "Reuse, Don't Retrain" (notes/recipe.md).
+    "nemotron4_15b": dict(
+        n_layers=32, d_model=6144, n_heads=48, n_kv_heads=8, d_ff=24576, vocab_size=256000, max_seq_len=4096,
+        mlp="squared_relu", norm="layernorm",
+    ),
+}
+
+
+def preset_config(name: str) -> ml_collections.ConfigDict:
+    """The default config with the model preset `name` (one of MODELS)."""
+    if name not in MODELS:
+        raise KeyError(f"model preset {name!r}; known presets: {', '.join(MODELS)}")
+    cfg = default_config()
+    cfg.model.update(MODELS[name])
+    cfg.train.seq_len = min(cfg.model.max_seq_len, 4096)
+    return cfg

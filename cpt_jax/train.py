@@ -1,0 +1,317 @@
+"""Train or continue pretraining a decoder.
+
+    python -m cpt_jax.train --config configs/tiny.py --workdir DIR [--config.train.steps=50 ...]
+
+Stages: parse -> validate everything (nothing written, nothing compiled) -> workdir -> state
+(own checkpoint | init_from | fresh) -> compile -> loop (step, records, checkpoints) -> finish.
+A user error anywhere before the loop is one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import flags, logging
+from ml_collections import config_flags
+
+from cpt_jax import checkpoint, config, model, optim, schedules, sharding, train_step
+from cpt_jax.config import ConfigError
+from cpt_jax.data import pipeline as data_pipeline
+from cpt_jax.metrics import MetricsWriter, log
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/x.py[:arg]).", lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and config.json.")
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything resolved and validated before anything is written or compiled."""
+
+    cfg: ml_collections.ConfigDict
+    workdir: str
+    mesh: jax.sharding.Mesh
+    rules: dict
+    model_config: model.ModelConfig
+    param_shardings: Any
+    schedule: schedules.Schedule
+    pipeline: data_pipeline.Pipeline
+    resume_step: int | None  # this run's own latest checkpoint, if any
+    init_from: str | None  # another run's checkpoint to take parameters from
+    init_metadata: dict | None
+
+
+# ============================================================================ parse
+
+
+def parse_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, str]:
+    """Flags -> (config, workdir). Any problem with the file or an override is a ConfigError."""
+    try:
+        flags.FLAGS(argv)
+    except flags.Error as e:
+        raise ConfigError(str(e).replace("\n", " ")) from None
+    except Exception as e:  # the config file itself failed to load (syntax error, bad import...)
+        raise ConfigError(f"--config: {type(e).__name__}: {e}".replace("\n", " ")) from None
+    if _CONFIG.value is None:
+        raise ConfigError("--config: missing, expected a config file such as configs/tiny.py")
+    if not _WORKDIR.value:
+        raise ConfigError("--workdir: missing, expected a directory for this run's outputs")
+    return _CONFIG.value, os.path.abspath(_WORKDIR.value)
+
+
+# ============================================================================ validate
+
+
+def resolve_run(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
+    """Validate the config against the devices, the workdir and any checkpoint; write nothing."""
+    config.validate(cfg)
+
+    saved_config = os.path.join(workdir, "config.json")
+    if os.path.exists(saved_config):
+        try:
+            with open(saved_config) as f:
+                saved = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{saved_config}: unreadable ({e}), expected this run's config JSON") from None
+        diff = config.run_identity_diff(saved, json.loads(config.to_json(cfg)))
+        if diff:
+            raise ConfigError(
+                f"{saved_config}: the workdir holds a different run ({diff}); use a new --workdir or the same config"
+            )
+    elif os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir: {workdir} exists and is not a directory")
+
+    mesh = sharding.make_mesh(cfg.mesh)
+    rules = sharding.rules_from_config(cfg.mesh)
+    mc = model.ModelConfig.from_config(cfg.model)
+    abstract = model.abstract_params(mc)
+    param_shardings = sharding.param_shardings(abstract, model.logical_axes(mc), mesh, rules)
+    divisor = sharding.batch_divisor(mesh, rules)
+    micro = cfg.train.batch_size // cfg.train.micro_batches
+    if micro % divisor:
+        raise ConfigError(
+            f"train.batch_size: {cfg.train.batch_size} ({cfg.train.micro_batches} micro-batches of {micro}) "
+            f"does not split over the {divisor} data-parallel devices, expected a multiple of {divisor}"
+        )
+
+    resume_step = checkpoint.complete_steps(os.path.join(workdir, "checkpoints"))
+    resume_step = resume_step[-1] if resume_step else None
+    init_from, init_meta, start_lr = None, None, cfg.schedule.start_lr
+    if resume_step is not None:
+        own = checkpoint.read_metadata(os.path.join(workdir, "checkpoints", str(resume_step)), key="checkpoint")
+        checkpoint.check_param_shapes(own.get("param_shapes", {}), abstract, f"checkpoint step {resume_step}")
+        start_lr = own["schedule"]["start_lr"]
+    elif cfg.init_from:
+        init_from = cfg.init_from
+        init_meta = checkpoint.read_metadata(init_from)
+        checkpoint.check_param_shapes(init_meta.get("param_shapes", {}), abstract, f"init_from {init_from}")
+        if start_lr is None and cfg.schedule.name in ("recipe", "constant", "rewarm"):
+            if init_meta.get("lr_min") is None:
+                raise ConfigError(
+                    f"init_from: {init_from} has no lr_min in its metadata, expected one when "
+                    f"schedule.start_lr is None; pass it with --config.schedule.start_lr=X"
+                )
+            start_lr = float(init_meta["lr_min"])
+    schedule = schedules.build(cfg.schedule, cfg.train.steps, start_lr)
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    pipeline = data_pipeline.Pipeline(cfg, schedule, batch_sharding)
+    return Run(cfg, workdir, mesh, rules, mc, param_shardings, schedule, pipeline, resume_step, init_from, init_meta)
+
+
+# ============================================================================ state
+
+
+def _abstract_state(run: Run, tx) -> tuple[dict, dict]:
+    """(abstract state with shardings, state shardings) without allocating anything."""
+    abstract_params = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        model.abstract_params(run.model_config),
+        run.param_shardings,
+    )
+    opt_shardings = jax.jit(tx.init).lower(abstract_params).compile().output_shardings
+    abstract_opt = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), jax.eval_shape(tx.init, abstract_params),
+        opt_shardings,
+    )
+    shardings = {"step": sharding.replicated(run.mesh), "params": run.param_shardings, "opt_state": opt_shardings}
+    return {"params": abstract_params, "opt_state": abstract_opt}, shardings
+
+
+def initial_state(run: Run, tx, ckpt: checkpoint.Checkpointer) -> tuple[dict, dict]:
+    """The state to start from, and its shardings: own checkpoint, init_from, or fresh."""
+    abstract, shardings = _abstract_state(run, tx)
+    mc, seed = run.model_config, run.cfg.seed
+    if run.resume_step is not None:
+        state = ckpt.restore(run.resume_step, abstract)
+        log(f"resumed from {ckpt.root}/{run.resume_step}")
+    else:
+        if run.init_from:
+            items = {"params": abstract["params"]}
+            if run.cfg.init_from_optimizer:
+                items["opt_state"] = abstract["opt_state"]
+            restored = checkpoint.restore_from(run.init_from, **items)
+            params = restored["params"]
+            log(f"parameters from {run.init_from} (step {run.init_metadata.get('step')})")
+        else:
+            init = jax.jit(lambda: model.init_params(mc, seed), out_shardings=run.param_shardings)
+            params = init()
+            restored = {}
+        opt_state = restored.get("opt_state")
+        if opt_state is None:
+            opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
+        state = {"step": np.int32(0), "params": params, "opt_state": opt_state}
+    state["step"] = jax.device_put(jnp.asarray(state["step"], jnp.int32), shardings["step"])
+    return state, shardings
+
+
+def checkpoint_metadata(run: Run, step: int) -> dict[str, Any]:
+    """What a checkpoint carries besides arrays: enough to continue from it or to plan with it."""
+    cfg, sched = run.cfg, run.schedule
+    return {
+        "step": step,
+        "tokens_seen": step * cfg.train.batch_size * cfg.train.seq_len,
+        "schedule": sched.metadata(),
+        "lr_max": sched.lr_max,
+        "lr_min": sched.lr_min,
+        "lr": float(sched.fn(step)),
+        "model": run.model_config.to_dict(),
+        "param_shapes": checkpoint.param_shapes(model.abstract_params(run.model_config)),
+        "tokenizer_fingerprint": getattr(run.pipeline, "tokenizer_fingerprint", None),
+        "phases": [dataclasses.asdict(p) for p in run.pipeline.phases],
+        "tokens_per_source": run.pipeline.tokens_per_source(step),
+        "init_from": run.init_from,
+        "config": json.loads(config.to_json(cfg)),
+    }
+
+
+# ============================================================================ loop
+
+
+def train(run: Run) -> int:
+    cfg, workdir = run.cfg, run.workdir
+    jax.set_mesh(run.mesh)
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(cfg))
+    writer = MetricsWriter(workdir, tensorboard=cfg.tensorboard)
+    ckpt = checkpoint.Checkpointer(
+        workdir, cfg.checkpoint.every_steps, cfg.checkpoint.max_to_keep, cfg.checkpoint.async_save
+    )
+
+    tx = optim.build(cfg.optim)
+    state, shardings = initial_state(run, tx, ckpt)
+    start = int(jax.device_get(state["step"]))
+    steps, B, T = cfg.train.steps, cfg.train.batch_size, cfg.train.seq_len
+    writer.write(
+        {
+            "kind": "plan",
+            "step": start,
+            "schedule": run.schedule.metadata(),
+            "phases": [dataclasses.asdict(p) for p in run.pipeline.phases],
+            "params": run.model_config.num_params(),
+        }
+    )
+
+    step_fn = train_step.make_train_step(
+        run.model_config,
+        tx,
+        run.schedule,
+        sharding.rules_tuple(run.rules),
+        cfg.train.micro_batches,
+        cfg.train.loss_chunk_tokens,
+    )
+    batch_shardings = {k: run.pipeline.batch_sharding for k in data_pipeline.BATCH_KEYS}
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(shardings, batch_shardings),
+        out_shardings=(shardings, sharding.replicated(run.mesh)),
+        donate_argnums=(0,),
+    )
+    t0 = time.time()
+    batch_shapes = {
+        k: jax.ShapeDtypeStruct((B, T), v, sharding=run.pipeline.batch_sharding)
+        for k, v in data_pipeline.BATCH_DTYPES.items()
+    }
+    compiled = jitted.lower(state, batch_shapes).compile()
+    log(f"compiled the train step in {time.time() - t0:.1f}s; steps {start} -> {steps}")
+
+    nonfinite_run, pending = 0, None
+    last_time, last_step = time.time(), start
+
+    def finish_step(step: int, metrics: Any) -> int:
+        """Host side of step `step` (its metrics are ready): records, the non-finite counter."""
+        nonlocal last_time, last_step, nonfinite_run
+        m = jax.device_get(metrics)
+        nonfinite_run = 0 if m["finite"] else nonfinite_run + 1
+        if step % cfg.train.log_every_steps == 0 or step == steps - 1 or not m["finite"]:
+            now = time.time()
+            done = step + 1 - last_step
+            record = {
+                "kind": "train",
+                "step": step,
+                "loss": float(m["loss"]),
+                "lr": float(m["lr"]),
+                "grad_norm": float(m["grad_norm"]),
+                "tokens": (step + 1) * B * T,
+                "tokens_per_sec": done * B * T / max(now - last_time, 1e-9),
+                "phase": run.pipeline.phase_at(step),
+                "tokens_per_source": run.pipeline.tokens_per_source(step + 1),
+            }
+            if not m["finite"]:
+                record["nonfinite"] = True
+            writer.write(record)
+            log(
+                f"step {step}: loss {record['loss']:.4f} lr {record['lr']:.3e} "
+                f"grad_norm {record['grad_norm']:.3f} {record['tokens_per_sec']:.0f} tok/s"
+            )
+            last_time, last_step = now, step + 1
+        return nonfinite_run
+
+    status = 0
+    for step, batch in run.pipeline.iterate(start, steps):
+        state, metrics = compiled(state, batch)
+        # Read the previous step's metrics only after this one is dispatched: the host never
+        # waits for the device to drain.
+        if pending is not None and finish_step(*pending) >= cfg.train.max_nonfinite_steps:
+            status = 1
+            break
+        pending = (step, metrics)
+        if ckpt.should_save(step + 1, steps):
+            ckpt.save(step + 1, state, checkpoint_metadata(run, step + 1))
+    if pending is not None and status == 0 and finish_step(*pending) >= cfg.train.max_nonfinite_steps:
+        status = 1
+    if status:
+        log(
+            f"error: {cfg.train.max_nonfinite_steps} consecutive steps had a non-finite loss or gradient; "
+            f"stopped (the last good checkpoint is in {ckpt.root})"
+        )
+    ckpt.close()
+    writer.close()
+    return status
+
+
+# ============================================================================ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.set_verbosity(logging.WARNING)
+    try:
+        cfg, workdir = parse_args(argv if argv is not None else sys.argv)
+        run = resolve_run(cfg, workdir)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return train(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The jitted update: loss, gradients (optionally accumulated over micro-batches), AdamW step.
+
+The train state is a plain pytree {'step', 'params', 'opt_state'}: everything a resumed run needs
+besides the config. A step whose loss or gradient norm is not finite leaves params and optimizer
+state untouched (the step counter still advances: the data and the LR follow the step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cpt_jax import losses, model
+from cpt_jax.model import ModelConfig
+from cpt_jax.schedules import Schedule
+
+State = dict[str, Any]
+Batch = dict[str, jax.Array]
+
+
+def init_state(params: Any, tx: optax.GradientTransformation) -> State:
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
+def loss_sum_fn(c: ModelConfig, rules: tuple, chunk_tokens: int) -> Callable:
+    """(params, batch) -> summed token loss (fp32)."""
+
+    def fn(params, batch):
+        hidden = model.forward(params, batch["inputs"], c, batch["segment_ids"], batch["positions"], rules)
+        w = model.head_weights(params, c)
+        return losses.cross_entropy_sum(hidden, w, batch["targets"], batch["loss_mask"], c.dtype, chunk_tokens)
+
+    return fn
+
+
+def _grads(loss_sum, params, batch: Batch, micro_batches: int):
+    """(loss sum, token count, gradient of the sum) over the whole batch."""
+    count = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+    if micro_batches == 1:
+        total, grads = jax.value_and_grad(loss_sum)(params, batch)
+        return total, count, grads
+
+    def split(x):
+        # Micro-batch m takes rows m, m+M, m+2M, ...: every device holds a share of each one, so
+        # accumulation does not idle devices the way contiguous row blocks would.
+        return jnp.swapaxes(x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]), 0, 1)
+
+    def body(carry, mb):
+        total, acc = carry
+        value, g = jax.value_and_grad(loss_sum)(params, mb)
+        return (total + value, jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g)), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (total, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), jax.tree.map(split, batch))
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    return total, count, grads
+
+
+def make_train_step(
+    c: ModelConfig,
+    tx: optax.GradientTransformation,
+    schedule: Schedule,
+    rules: tuple = (),
+    micro_batches: int = 1,
+    chunk_tokens: int = 0,
+    nan_step: int = -1,
+) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
+    """The pure step function (jit it with shardings in the caller).
+
+    nan_step >= 0 poisons that step's gradients with NaN: a test hook for the non-finite guard.
+    """
+    loss_sum = loss_sum_fn(c, rules, chunk_tokens)
+
+    def step_fn(state: State, batch: Batch):
+        params, step = state["params"], state["step"]
+        total, count, grads = _grads(loss_sum, params, batch, micro_batches)
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        if nan_step >= 0:
+            grads = jax.tree.map(lambda g: jnp.where(step == nan_step, jnp.nan, g), grads)
+        loss = total / denom
+        grad_norm = optax.global_norm(grads)
+        lr = schedule.fn(step)
+        updates, new_opt = tx.update(grads, state["opt_state"], params)
+        new_params = jax.tree.map(lambda p, u: (p - lr * u.astype(jnp.float32)).astype(p.dtype), params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = {
+            "step": step + 1,
+            "params": keep(new_params, params),
+            "opt_state": keep(new_opt, state["opt_state"]),
+        }
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "loss_tokens": count, "finite": finite}
+        return new_state, metrics
+
+    return step_fn
