@@ -7,6 +7,7 @@ found, what is expected) before anything is compiled or written.
 
 from __future__ import annotations
 
+import difflib
 import json
 from typing import Any
 
@@ -22,6 +23,7 @@ OPERATIONAL_KEYS = (
     "train.micro_batches",
     "train.max_nonfinite_steps",
     "train.progress",
+    "train.stop_at",
     "eval",
     "data.num_threads",
     "data.prefetch",
@@ -90,6 +92,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.log_every_steps = 10  # Train records in metrics.jsonl every this many steps.
     c.train.max_nonfinite_steps = 10  # Stop after this many consecutive non-finite steps.
     c.train.progress = True  # Progress bar on process 0 when stderr is a terminal.
+    # Stop (saving a checkpoint) once this many steps are done; 0: at train.steps. The schedule
+    # still spans train.steps, so a later run with the same workdir continues exactly.
+    c.train.stop_at = 0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.b1 = 0.9
@@ -176,13 +181,18 @@ _FREE_FORM = ("data.sources", "eval.sources", "eval.tasks")
 
 def check_keys(cfg: ml_collections.ConfigDict) -> None:
     """Every key the user set must be one the schema declares."""
-    known = flatten(default_config())
     for key in flatten(cfg):
-        if key not in known:
-            parent = key.rsplit(".", 1)[0] if "." in key else ""
-            choices = sorted(k.rsplit(".", 1)[-1] for k in known if k.startswith(parent + ".")) if parent else []
-            hint = f"; keys of '{parent}' are: {', '.join(choices)}" if choices else ""
-            raise ConfigError(f"config key '{key}': unknown key{hint}")
+        check_key(key)
+
+
+def check_key(key: str) -> None:
+    """ConfigError for a key the schema does not declare, with the closest known keys."""
+    known = flatten(default_config())
+    if key in known or any(key.startswith(f + ".") for f in _FREE_FORM):
+        return
+    close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else "; see `default_config()` in cpt_jax/config.py"
+    raise ConfigError(f"config key '{key}': unknown key{hint}")
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:
@@ -304,6 +314,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for key in ("weight_decay", "clip_norm"):
         if o[key] < 0:
             raise ConfigError(f"optim.{key}: {o[key]}, expected a value >= 0")
+    if t.stop_at < 0 or t.stop_at > t.steps:
+        raise ConfigError(f"train.stop_at: {t.stop_at}, expected 0 (run to the end) or a step in [1, {t.steps}]")
     if cfg.checkpoint.every_steps < 0:
         raise ConfigError(f"checkpoint.every_steps: {cfg.checkpoint.every_steps}, expected a value >= 0")
     if cfg.init_from_optimizer and not cfg.init_from:

@@ -21,15 +21,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import flags, logging
-from ml_collections import config_flags
 
-from cpt_jax import checkpoint, config, model, optim, schedules, sharding, train_step
+from cpt_jax import checkpoint, cli, config, model, optim, schedules, sharding, train_step
 from cpt_jax.config import ConfigError
 from cpt_jax.data import pipeline as data_pipeline
 from cpt_jax.metrics import MetricsWriter, log
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/x.py[:arg]).", lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and config.json.")
 
 
 @dataclasses.dataclass
@@ -53,18 +49,16 @@ class Run:
 
 
 def parse_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, str]:
-    """Flags -> (config, workdir). Any problem with the file or an override is a ConfigError."""
-    try:
-        flags.FLAGS(argv)
-    except flags.Error as e:
-        raise ConfigError(str(e).replace("\n", " ")) from None
-    except Exception as e:  # the config file itself failed to load (syntax error, bad import...)
-        raise ConfigError(f"--config: {type(e).__name__}: {e}".replace("\n", " ")) from None
-    if _CONFIG.value is None:
-        raise ConfigError("--config: missing, expected a config file such as configs/tiny.py")
-    if not _WORKDIR.value:
+    """Command line -> (config, workdir). Any problem with the file or an override is a ConfigError."""
+
+    def define(fv: flags.FlagValues) -> None:
+        flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and config.json.",
+                            flag_values=fv)
+
+    cfg, fv = cli.parse(argv, define)
+    if not fv.workdir:
         raise ConfigError("--workdir: missing, expected a directory for this run's outputs")
-    return _CONFIG.value, os.path.abspath(_WORKDIR.value)
+    return cfg, os.path.abspath(fv.workdir)
 
 
 # ============================================================================ validate
@@ -211,6 +205,7 @@ def train(run: Run) -> int:
     state, shardings = initial_state(run, tx, ckpt)
     start = int(jax.device_get(state["step"]))
     steps, B, T = cfg.train.steps, cfg.train.batch_size, cfg.train.seq_len
+    end = cfg.train.stop_at or steps
     writer.write(
         {
             "kind": "plan",
@@ -242,7 +237,7 @@ def train(run: Run) -> int:
         for k, v in data_pipeline.BATCH_DTYPES.items()
     }
     compiled = jitted.lower(state, batch_shapes).compile()
-    log(f"compiled the train step in {time.time() - t0:.1f}s; steps {start} -> {steps}")
+    log(f"compiled the train step in {time.time() - t0:.1f}s; steps {start} -> {end} of {steps}")
 
     nonfinite_run, pending = 0, None
     last_time, last_step = time.time(), start
@@ -252,7 +247,7 @@ def train(run: Run) -> int:
         nonlocal last_time, last_step, nonfinite_run
         m = jax.device_get(metrics)
         nonfinite_run = 0 if m["finite"] else nonfinite_run + 1
-        if step % cfg.train.log_every_steps == 0 or step == steps - 1 or not m["finite"]:
+        if step % cfg.train.log_every_steps == 0 or step == end - 1 or not m["finite"]:
             now = time.time()
             done = step + 1 - last_step
             record = {
@@ -277,7 +272,7 @@ def train(run: Run) -> int:
         return nonfinite_run
 
     status = 0
-    for step, batch in run.pipeline.iterate(start, steps):
+    for step, batch in run.pipeline.iterate(start, end):
         state, metrics = compiled(state, batch)
         # Read the previous step's metrics only after this one is dispatched: the host never
         # waits for the device to drain.
@@ -285,7 +280,7 @@ def train(run: Run) -> int:
             status = 1
             break
         pending = (step, metrics)
-        if ckpt.should_save(step + 1, steps):
+        if ckpt.should_save(step + 1, end):
             ckpt.save(step + 1, state, checkpoint_metadata(run, step + 1))
     if pending is not None and status == 0 and finish_step(*pending) >= cfg.train.max_nonfinite_steps:
         status = 1

@@ -83,7 +83,7 @@ def make_train_step(
         if nan_step >= 0:
             grads = jax.tree.map(lambda g: jnp.where(step == nan_step, jnp.nan, g), grads)
         loss = total / denom
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         lr = schedule.fn(step)
         updates, new_opt = tx.update(grads, state["opt_state"], params)
         new_params = jax.tree.map(lambda p, u: (p - lr * u.astype(jnp.float32)).astype(p.dtype), params, updates)

@@ -1,0 +1,47 @@
+"""Command lines that take a config file: `--config FILE[:arg] [--config.a.b=v ...]` plus own flags.
+
+Every parse uses a fresh FlagValues, so a command can be run several times in one process (tests,
+the demo). Problems with the file or an override become one-line ConfigErrors.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from cpt_jax.config import ConfigError, check_key, check_keys
+
+
+def parse(
+    argv: list[str], define: Callable[[flags.FlagValues], None] | None = None
+) -> tuple[ml_collections.ConfigDict, flags.FlagValues]:
+    """(config, parsed flags). `define(flag_values)` declares the command's own flags."""
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/x.py[:arg]).", flag_values=fv,
+                                    lock_config=False)
+    if define is not None:
+        define(fv)
+    for arg in argv[1:]:
+        if arg.startswith("--config."):
+            check_key(arg[len("--config.") :].split("=", 1)[0])
+    saved_argv, sys.argv = sys.argv, list(argv)  # config_flags reads its overrides from sys.argv
+    try:
+        fv(argv)
+    except flags.Error as e:
+        raise ConfigError(str(e).replace("\n", " ")) from None
+    except Exception as e:  # the config file itself failed to load (syntax error, bad import, ...)
+        raise ConfigError(f"--config: {type(e).__name__}: {e}".replace("\n", " ")) from None
+    finally:
+        sys.argv = saved_argv
+    if not flags.FLAGS.is_parsed():
+        # Some libraries (grain's multiprocessing prefetch) read absl flags and fail if unparsed.
+        flags.FLAGS.mark_as_parsed()
+    cfg = fv.config
+    if cfg is None:
+        raise ConfigError("--config: missing, expected a config file such as configs/tiny.py")
+    check_keys(cfg)
+    return cfg, fv
