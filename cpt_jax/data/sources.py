@@ -1,0 +1,238 @@
+"""A prepared source (the output of `cpt_jax.prepare`) as a random-access grain dataset, and the
+pure functions that decide its order: per-epoch permutations and segment ids.
+
+Data order is a function of (seed, source name, draw index) only, never of the topology or of
+iterator state: the k-th draw from a source of n examples is record `perm(epoch=k // n)[k % n]`,
+where each epoch's permutation comes from a seed derived by a stable hash of (seed, name, epoch).
+A source therefore repeats when exhausted, and every epoch visits every example exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+from typing import Any
+
+import grain
+import numpy as np
+
+from cpt_jax.config import ConfigError
+from cpt_jax.data.prepare import FORMAT_VERSION, MANIFEST, VAL_FILE
+
+_DTYPES = ("uint16", "uint32")
+_REQUIRED = {
+    "format_version": int,
+    "name": str,
+    "tokenizer_fingerprint": str,
+    "vocab_size": int,
+    "eos_id": int,
+    "seq_len": int,
+    "dtype": str,
+    "examples": int,
+    "val_examples": int,
+    "shards": list,
+}
+
+
+class _DecodeRecord:
+    """Record bytes -> the example's tokens (a picklable callable, so grain workers can use it)."""
+
+    def __init__(self, dtype: str, length: int):
+        self.dtype = np.dtype(dtype)
+        self.length = length
+
+    def __call__(self, record: bytes) -> np.ndarray:
+        # Records are little-endian; copy so callers get a writable array, not a view of the record.
+        tokens = np.frombuffer(record, dtype=self.dtype.newbyteorder("<")).astype(self.dtype)
+        if tokens.size != self.length:
+            raise ValueError(f"record of {tokens.size} tokens, expected {self.length}")
+        return tokens
+
+
+@dataclasses.dataclass
+class Source:
+    """One split of a prepared source.
+
+    Attributes:
+      name: the source's name (from the manifest).
+      directory: the prepared directory.
+      split: 'train' or 'val'.
+      manifest: manifest.json as a dict.
+      num_examples: examples in this split.
+      dataset: grain.MapDataset of np arrays of seq_len + 1 tokens in the manifest dtype.
+    """
+
+    name: str
+    directory: str
+    split: str
+    manifest: dict[str, Any]
+    num_examples: int
+    dataset: grain.MapDataset
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.manifest["seq_len"])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.manifest["dtype"])
+
+    @property
+    def manifest_path(self) -> str:
+        return os.path.join(self.directory, MANIFEST)
+
+    def check_compatible(self, *, tokenizer_fingerprint: str | None, vocab_size: int, seq_len: int) -> None:
+        """Raise ConfigError when this source cannot feed a model with this tokenizer, vocabulary
+        size and sequence length. `tokenizer_fingerprint` None skips the tokenizer check."""
+        m = self.manifest
+        path = self.manifest_path
+        if tokenizer_fingerprint is not None and m["tokenizer_fingerprint"] != tokenizer_fingerprint:
+            raise ConfigError(
+                f"{path}: tokenizer_fingerprint {m['tokenizer_fingerprint'][:16]}... (from "
+                f"{m.get('tokenizer_path', '?')}), expected {tokenizer_fingerprint[:16]}... of the run's tokenizer "
+                "(prepare the source again with that tokenizer)")
+        if m["vocab_size"] > vocab_size:
+            raise ConfigError(f"{path}: vocab_size {m['vocab_size']}, expected at most the model's vocab_size "
+                              f"{vocab_size}")
+        if m["seq_len"] != seq_len:
+            raise ConfigError(f"{path}: seq_len {m['seq_len']}, expected {seq_len} (train.seq_len); prepare the "
+                              "source again with --seq_len "
+                              f"{seq_len}")
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """manifest.json of a prepared directory, checked for the keys every reader relies on."""
+    path = os.path.join(os.fspath(directory), MANIFEST)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: missing, expected a directory made by python -m cpt_jax.prepare")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: unreadable ({str(e).splitlines()[0]}), expected the JSON manifest written by "
+                          "cpt_jax.prepare") from None
+    if not isinstance(manifest, dict):
+        raise ConfigError(f"{path}: a JSON {type(manifest).__name__}, expected a JSON object")
+    for key, kind in _REQUIRED.items():
+        if key not in manifest:
+            raise ConfigError(f"{path}: no key {key!r}, expected a manifest written by cpt_jax.prepare")
+        value = manifest[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ConfigError(f"{path}: {key} is {value!r}, expected a {kind.__name__}")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise ConfigError(f"{path}: format_version {manifest['format_version']}, expected {FORMAT_VERSION} "
+                          "(prepare the source again with this version of cpt_jax)")
+    if manifest["dtype"] not in _DTYPES:
+        raise ConfigError(f"{path}: dtype {manifest['dtype']!r}, expected one of {', '.join(_DTYPES)}")
+    return manifest
+
+
+def load_source(directory: str | os.PathLike, split: str = "train") -> Source:
+    """Open one split ('train' or 'val') of a prepared directory for random access.
+
+    Raises ConfigError when the manifest is missing or unreadable, a shard is missing, the files
+    disagree with the manifest, or the split has no examples.
+    """
+    directory = os.path.abspath(os.path.expanduser(os.fspath(directory)))
+    manifest = read_manifest(directory)
+    path = os.path.join(directory, MANIFEST)
+    if split == "train":
+        files, expected = manifest["shards"], manifest["examples"]
+    elif split == "val":
+        files, expected = [manifest.get("val_file", VAL_FILE)], manifest["val_examples"]
+    else:
+        raise ConfigError(f"split {split!r}: unknown, expected 'train' or 'val'")
+    if expected <= 0:
+        raise ConfigError(f"{path}: {expected} {split} examples, expected a non-empty source")
+    paths = [os.path.join(directory, f) for f in files]
+    for p in paths:
+        if not os.path.isfile(p):
+            raise ConfigError(f"{p}: missing, expected the file listed in {path}")
+    records = grain.sources.ArrayRecordDataSource(paths)
+    if len(records) != expected:
+        raise ConfigError(f"{directory}: {len(records)} {split} records in the files, expected {expected} (from "
+                          f"{path}); the directory is damaged, prepare it again")
+    length = manifest["seq_len"] + 1
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    if len(records[0]) != length * itemsize:
+        raise ConfigError(f"{paths[0]}: records of {len(records[0])} bytes, expected {length * itemsize} "
+                          f"(seq_len + 1 = {length} {manifest['dtype']} tokens, from {path})")
+    dataset = grain.MapDataset.source(records).map(_DecodeRecord(manifest["dtype"], length))
+    return Source(manifest["name"], directory, split, manifest, expected, dataset)
+
+
+# ----------------------------------------------------------------------------------------------
+# Order
+# ----------------------------------------------------------------------------------------------
+
+
+def epoch_seed(seed: int, name: str, epoch: int) -> int:
+    """A 64-bit seed for one epoch of one source, stable across processes, hosts and Python
+    versions (sha256, not hash(), which is salted per process for strings)."""
+    digest = hashlib.sha256(f"cpt_jax/epoch/{int(seed)}/{name}/{int(epoch)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+@functools.lru_cache(maxsize=8)
+def _permutation(seed: int, name: str, epoch: int, n: int) -> np.ndarray:
+    # Argsort of raw 64-bit draws rather than Generator.permutation: a BitGenerator's raw stream is
+    # fixed by its algorithm, while Generator methods may change between numpy versions, and a
+    # resumed run must see the same order whatever numpy it runs with.
+    keys = np.random.PCG64(epoch_seed(seed, name, epoch)).random_raw(n)
+    perm = np.argsort(keys, kind="stable")
+    perm.flags.writeable = False  # shared through the cache
+    return perm
+
+
+def epoch_permutation(seed: int, name: str, epoch: int, n: int) -> np.ndarray:
+    """The order (int64 record indices, read-only) in which epoch `epoch` visits a source of n examples."""
+    if n <= 0:
+        raise ValueError(f"n={n}: a source needs at least one example")
+    if epoch < 0:
+        raise ValueError(f"epoch={epoch}: expected >= 0")
+    return _permutation(int(seed), str(name), int(epoch), int(n))
+
+
+def record_index(seed: int, name: str, n: int, k: int) -> int:
+    """The record read by the k-th draw (k >= 0, unbounded) from a source of n examples."""
+    if k < 0:
+        raise ValueError(f"k={k}: expected >= 0")
+    epoch, i = divmod(int(k), int(n))
+    return int(epoch_permutation(seed, name, epoch, n)[i])
+
+
+def record_indices(seed: int, name: str, n: int, ks: np.ndarray) -> np.ndarray:
+    """`record_index` for an array of draws (any shape); returns int64 of the same shape."""
+    ks = np.asarray(ks, dtype=np.int64)
+    if ks.size and ks.min() < 0:
+        raise ValueError(f"draw indices must be >= 0, got {int(ks.min())}")
+    if n <= 0:
+        raise ValueError(f"n={n}: a source needs at least one example")
+    epochs, within = np.divmod(ks, n)
+    out = np.empty(ks.shape, np.int64)
+    for epoch in np.unique(epochs):  # a batch spans one or two epochs, so this loop is short
+        sel = epochs == epoch
+        out[sel] = epoch_permutation(seed, name, int(epoch), n)[within[sel]]
+    return out
+
+
+def segment_ids_and_positions(tokens: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Document segment ids and in-document positions of a model's input tokens.
+
+    Pass the inputs of an example (tokens[..., :-1] of the stored seq_len + 1 tokens), shape
+    [..., L]. Segment ids start at 1 and increase on the token after each EOS (the EOS itself ends
+    its document); positions count from 0 within each segment. Returns two int32 arrays [..., L].
+    """
+    tokens = np.asarray(tokens)
+    is_eos = tokens == eos_id
+    # A segment starts at position 0 and right after every EOS.
+    starts = np.zeros(tokens.shape, bool)
+    starts[..., 0] = True
+    starts[..., 1:] = is_eos[..., :-1]
+    segment_ids = np.cumsum(starts, axis=-1, dtype=np.int32)
+    index = np.broadcast_to(np.arange(tokens.shape[-1], dtype=np.int32), tokens.shape)
+    start_of_segment = np.maximum.accumulate(np.where(starts, index, 0), axis=-1)
+    return segment_ids, (index - start_of_segment).astype(np.int32)

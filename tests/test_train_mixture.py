@@ -1,0 +1,73 @@
+"""Training on prepared sources: the General -> QA Blend switch happens at the planned step."""
+
+import json
+import os
+
+import data_helpers
+import pytest
+
+from cpt_jax import checkpoint, config, schedules, train
+from cpt_jax.data.tokenizer import load_tokenizer
+
+STEPS, START_LR = 20, 1e-3
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mix")
+    tok = data_helpers.make_sentencepiece(root)
+    general = data_helpers.make_prepared_source(root, tok, data_helpers.make_documents(300, seed=5), seq_len=32,
+                                                name="general")
+    qa = data_helpers.make_prepared_source(root, tok, data_helpers.make_documents(100, seed=6), seq_len=32,
+                                           name="qa")
+    cfg_file = root / "mix.py"
+    cfg_file.write_text(f"""
+from cpt_jax.presets import preset_config
+
+def get_config():
+    c = preset_config("tiny")
+    c.model.update(n_layers=2, d_model=64, d_ff=128, vocab_size=320, dtype="float32")
+    c.train.update(steps={STEPS}, batch_size=8, seq_len=32, log_every_steps=1)
+    c.schedule.name, c.schedule.start_lr = "recipe", {START_LR}
+    c.tensorboard = False
+    c.data.kind = "mixture"
+    c.data.tokenizer = {tok!r}
+    c.data.sources.general = {general!r}
+    c.data.sources.qa = {qa!r}
+    c.data.phases = (
+        dict(weights=dict(general=1.0, qa=0.0)),
+        dict(weights=dict(general=0.5, qa=0.5), start_at=dict(lr_ratio=0.2)),
+    )
+    return c
+""")
+    return {"config": str(cfg_file), "tokenizer": tok}
+
+
+def test_switch_at_the_lr_crossing(data, tmp_path):
+    workdir = str(tmp_path / "run")
+    assert train.main(["train", f"--config={data['config']}", f"--workdir={workdir}"]) == 0
+    cfg = config.default_config()
+    cfg.schedule.name = "recipe"
+    switch = schedules.build(cfg.schedule, STEPS, START_LR).crossing_step(0.2 * START_LR)
+    assert switch == 15  # ceil(0.7113 * 20)
+    recs = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    plan = next(r for r in recs if r["kind"] == "plan")
+    assert [p["start_step"] for p in plan["phases"]] == [0, switch]
+    train_recs = [r for r in recs if r["kind"] == "train"]
+    assert [r["phase"] for r in train_recs] == [0] * switch + [1] * (STEPS - switch)
+    qa_tokens = [r["tokens_per_source"]["qa"] for r in train_recs]
+    assert qa_tokens[switch - 1] == 0 and qa_tokens[switch] > 0
+    assert train_recs[-1]["tokens_per_source"]["general"] + qa_tokens[-1] == STEPS * 8 * 32
+    meta = checkpoint.read_metadata(os.path.join(workdir, "checkpoints"))
+    assert meta["tokenizer_fingerprint"] == load_tokenizer(data["tokenizer"]).fingerprint
+
+
+def test_source_from_another_tokenizer_is_refused(data, tmp_path, capsys):
+    other_tok = data_helpers.make_sentencepiece(tmp_path, vocab_size=300)
+    other = data_helpers.make_prepared_source(tmp_path, other_tok, seq_len=32, name="other")
+    capsys.readouterr()
+    status = train.main(["train", f"--config={data['config']}", f"--workdir={tmp_path / 'never'}",
+                         f"--config.data.sources.qa={other}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "fingerprint" in err[0], err
+    assert not os.path.exists(tmp_path / "never")
