@@ -46,6 +46,17 @@ def complete_steps(root: str) -> list[int]:
     return sorted(steps)
 
 
+def incomplete_steps(root: str) -> list[str]:
+    """Step directories whose save never finished (no commit marker): ignored when resuming."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(
+        name
+        for name in os.listdir(root)
+        if name.isdigit() and not os.path.isfile(os.path.join(root, name, _COMMIT_MARKER))
+    )
+
+
 def resolve(path: str, key: str = "init_from") -> tuple[str, int]:
     """(checkpoints root, step) for a step directory or a checkpoints/ directory (its latest step)."""
     path = os.path.abspath(os.path.expanduser(path))
@@ -109,6 +120,41 @@ def restore_from(path: str, **abstract: Any) -> dict[str, Any]:
     return _restore(root, step, **abstract)
 
 
+def restore_latest_good(root: str, abstract_state: dict[str, Any], warn) -> tuple[int, dict[str, Any]] | None:
+    """(step, state) of the newest step under `root` that restores, or None when there is none.
+
+    A complete-looking step that fails to restore (a truncated or missing array file) is moved
+    aside to `<step>.damaged` with a warning naming the error, so that `max_to_keep` can never
+    delete the last restorable step while keeping a broken one.
+    """
+    for step in reversed(complete_steps(root)):
+        try:
+            out = _restore(root, step, params=abstract_state["params"], opt_state=abstract_state["opt_state"])
+        except Exception as e:  # any failure to read the arrays means this step is unusable
+            damaged = os.path.join(root, f"{step}.damaged")
+            os.replace(os.path.join(root, str(step)), damaged)
+            reason = f"{type(e).__name__}: {e}".replace("\n", " ")[:300]
+            warn(f"warning: checkpoint step {step} failed to restore ({reason}); moved to {damaged}")
+            continue
+        return step, {"step": np.int32(step), "params": out["params"], "opt_state": out["opt_state"]}
+    return None
+
+
+def set_aside_incomplete(root: str, warn) -> None:
+    """Move step directories whose save never finished to `<step>.incomplete` (orbax would
+    otherwise refuse to save that step again); nothing is deleted."""
+    for name in incomplete_steps(root):
+        target = os.path.join(root, f"{name}.incomplete")
+        os.replace(os.path.join(root, name), target)
+        warn(f"warning: ignoring {os.path.join(root, name)}: its save never finished (no {_COMMIT_MARKER}); "
+             f"moved to {target}")
+
+
+def estimated_bytes(abstract_state: Any) -> int:
+    """Bytes of the arrays a checkpoint of this state holds (what a save needs on disk)."""
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract_state))
+
+
 # ----------------------------------------------------------------------------- this run's checkpoints
 
 
@@ -144,11 +190,6 @@ class Checkpointer:
             ),
             force=True,
         )
-
-    def restore(self, step: int, abstract_state: dict[str, Any]) -> dict[str, Any]:
-        """params and opt_state of `step` into the shardings of `abstract_state`."""
-        out = _restore(self.root, step, params=abstract_state["params"], opt_state=abstract_state["opt_state"])
-        return {"step": np.int32(step), "params": out["params"], "opt_state": out["opt_state"]}
 
     def metadata(self, step: int) -> dict[str, Any]:
         return read_metadata(os.path.join(self.root, str(step)), key="checkpoint")

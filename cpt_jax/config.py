@@ -95,6 +95,8 @@ def default_config() -> ml_collections.ConfigDict:
     # Stop (saving a checkpoint) once this many steps are done; 0: at train.steps. The schedule
     # still spans train.steps, so a later run with the same workdir continues exactly.
     c.train.stop_at = 0
+    # Test hook: steps whose gradients are replaced by NaN (exercises the non-finite guard).
+    c.train.inject_nan_steps = ()
 
     c.optim = ml_collections.ConfigDict()
     c.optim.b1 = 0.9

@@ -12,7 +12,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import signal
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -21,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import flags, logging
+from jax.experimental import multihost_utils
 
 from cpt_jax import checkpoint, cli, config, model, optim, schedules, sharding, train_step
 from cpt_jax.config import ConfigError
@@ -43,6 +47,7 @@ class Run:
     resume_step: int | None  # this run's own latest checkpoint, if any
     init_from: str | None  # another run's checkpoint to take parameters from
     init_metadata: dict | None
+    param_shapes: dict  # name -> shape, written into every checkpoint's metadata
 
 
 # ============================================================================ parse
@@ -117,7 +122,33 @@ def resolve_run(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
     schedule = schedules.build(cfg.schedule, cfg.train.steps, start_lr)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     pipeline = data_pipeline.Pipeline(cfg, schedule, batch_sharding)
-    return Run(cfg, workdir, mesh, rules, mc, param_shardings, schedule, pipeline, resume_step, init_from, init_meta)
+    check_workdir(workdir, checkpoint.estimated_bytes(abstract) * 3)  # params + Adam's two moments
+    return Run(
+        cfg, workdir, mesh, rules, mc, param_shardings, schedule, pipeline, resume_step, init_from, init_meta,
+        checkpoint.param_shapes(abstract),
+    )
+
+
+def check_workdir(workdir: str, checkpoint_bytes: int) -> None:
+    """The workdir can be created and written, and has room for a checkpoint (nothing is left behind)."""
+    existing = workdir
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"--workdir: {existing} is a file, expected {workdir} to be a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"--workdir: cannot write in {existing} ({e.strerror}), expected a writable directory"
+        ) from None
+    free = shutil.disk_usage(existing).free
+    if free < checkpoint_bytes:
+        raise ConfigError(
+            f"--workdir: {existing} has {free / 2**20:.1f} MiB free, a checkpoint of this model needs about "
+            f"{checkpoint_bytes / 2**20:.1f} MiB; free space or use another --workdir"
+        )
 
 
 # ============================================================================ state
@@ -139,26 +170,30 @@ def _abstract_state(run: Run, tx) -> tuple[dict, dict]:
     return {"params": abstract_params, "opt_state": abstract_opt}, shardings
 
 
-def initial_state(run: Run, tx, ckpt: checkpoint.Checkpointer) -> tuple[dict, dict]:
+def initial_state(run: Run, tx) -> tuple[dict, dict]:
     """The state to start from, and its shardings: own checkpoint, init_from, or fresh."""
     abstract, shardings = _abstract_state(run, tx)
     mc, seed = run.model_config, run.cfg.seed
+    restored = None
     if run.resume_step is not None:
-        state = ckpt.restore(run.resume_step, abstract)
-        log(f"resumed from {ckpt.root}/{run.resume_step}")
+        root = os.path.join(run.workdir, "checkpoints")
+        restored = checkpoint.restore_latest_good(root, abstract, log)
+        if restored is None:
+            raise ConfigError(f"{root}: no checkpoint step restores; move the directory away to start afresh")
+        log(f"resumed from {root}/{restored[0]}")
+        state = restored[1]
     else:
         if run.init_from:
             items = {"params": abstract["params"]}
             if run.cfg.init_from_optimizer:
                 items["opt_state"] = abstract["opt_state"]
-            restored = checkpoint.restore_from(run.init_from, **items)
-            params = restored["params"]
+            from_ckpt = checkpoint.restore_from(run.init_from, **items)
+            params = from_ckpt["params"]
             log(f"parameters from {run.init_from} (step {run.init_metadata.get('step')})")
         else:
             init = jax.jit(lambda: model.init_params(mc, seed), out_shardings=run.param_shardings)
-            params = init()
-            restored = {}
-        opt_state = restored.get("opt_state")
+            params, from_ckpt = init(), {}
+        opt_state = from_ckpt.get("opt_state")
         if opt_state is None:
             opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
         state = {"step": np.int32(0), "params": params, "opt_state": opt_state}
@@ -177,7 +212,7 @@ def checkpoint_metadata(run: Run, step: int) -> dict[str, Any]:
         "lr_min": sched.lr_min,
         "lr": float(sched.fn(step)),
         "model": run.model_config.to_dict(),
-        "param_shapes": checkpoint.param_shapes(model.abstract_params(run.model_config)),
+        "param_shapes": run.param_shapes,
         "tokenizer_fingerprint": getattr(run.pipeline, "tokenizer_fingerprint", None),
         "phases": [dataclasses.asdict(p) for p in run.pipeline.phases],
         "tokens_per_source": run.pipeline.tokens_per_source(step),
@@ -189,23 +224,66 @@ def checkpoint_metadata(run: Run, step: int) -> dict[str, Any]:
 # ============================================================================ loop
 
 
+class Preemption:
+    """SIGTERM (what TPU and cloud preemption send) asks the loop to save and stop after a step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def should_stop(self) -> bool:
+        """True on every process once any process got the signal (they must save the same step)."""
+        if jax.process_count() == 1:
+            return self.requested
+        flags_all = multihost_utils.process_allgather(np.asarray(self.requested))
+        return bool(np.any(flags_all))
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _drop_records_from(path: str, step: int) -> None:
+    """Forget records of steps >= `step` (they are re-run after a restart): one record per step."""
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if json.loads(line).get("kind") == "plan" or json.loads(line).get("step", 0) < step]
+    if len(kept) != len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+
+_all_finite = jax.jit(lambda tree: jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])))
+
+
 def train(run: Run) -> int:
     cfg, workdir = run.cfg, run.workdir
+    steps, B, T = cfg.train.steps, cfg.train.batch_size, cfg.train.seq_len
+    end = cfg.train.stop_at or steps
     jax.set_mesh(run.mesh)
+
+    # ---------------------------------------------------------------- state (own ckpt | init_from | fresh)
+    if jax.process_index() == 0:
+        checkpoint.set_aside_incomplete(os.path.join(workdir, "checkpoints"), log)
+    tx = optim.build(cfg.optim)
+    state, shardings = initial_state(run, tx)
+    start = int(jax.device_get(state["step"]))
+
+    # ---------------------------------------------------------------- outputs
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(cfg))
+    _drop_records_from(os.path.join(workdir, "metrics.jsonl"), start)
     writer = MetricsWriter(workdir, tensorboard=cfg.tensorboard)
     ckpt = checkpoint.Checkpointer(
         workdir, cfg.checkpoint.every_steps, cfg.checkpoint.max_to_keep, cfg.checkpoint.async_save
     )
-
-    tx = optim.build(cfg.optim)
-    state, shardings = initial_state(run, tx, ckpt)
-    start = int(jax.device_get(state["step"]))
-    steps, B, T = cfg.train.steps, cfg.train.batch_size, cfg.train.seq_len
-    end = cfg.train.stop_at or steps
     writer.write(
         {
             "kind": "plan",
@@ -216,6 +294,7 @@ def train(run: Run) -> int:
         }
     )
 
+    # ---------------------------------------------------------------- update step
     step_fn = train_step.make_train_step(
         run.model_config,
         tx,
@@ -223,6 +302,7 @@ def train(run: Run) -> int:
         sharding.rules_tuple(run.rules),
         cfg.train.micro_batches,
         cfg.train.loss_chunk_tokens,
+        tuple(cfg.train.inject_nan_steps),
     )
     batch_shardings = {k: run.pipeline.batch_sharding for k in data_pipeline.BATCH_KEYS}
     jitted = jax.jit(
@@ -239,7 +319,8 @@ def train(run: Run) -> int:
     compiled = jitted.lower(state, batch_shapes).compile()
     log(f"compiled the train step in {time.time() - t0:.1f}s; steps {start} -> {end} of {steps}")
 
-    nonfinite_run, pending = 0, None
+    # ---------------------------------------------------------------- loop
+    nonfinite_run, pending, saved_at = 0, None, start
     last_time, last_step = time.time(), start
 
     def finish_step(step: int, metrics: Any) -> int:
@@ -249,7 +330,6 @@ def train(run: Run) -> int:
         nonfinite_run = 0 if m["finite"] else nonfinite_run + 1
         if step % cfg.train.log_every_steps == 0 or step == end - 1 or not m["finite"]:
             now = time.time()
-            done = step + 1 - last_step
             record = {
                 "kind": "train",
                 "step": step,
@@ -257,40 +337,60 @@ def train(run: Run) -> int:
                 "lr": float(m["lr"]),
                 "grad_norm": float(m["grad_norm"]),
                 "tokens": (step + 1) * B * T,
-                "tokens_per_sec": done * B * T / max(now - last_time, 1e-9),
+                "tokens_per_sec": (step + 1 - last_step) * B * T / max(now - last_time, 1e-9),
                 "phase": run.pipeline.phase_at(step),
                 "tokens_per_source": run.pipeline.tokens_per_source(step + 1),
             }
             if not m["finite"]:
                 record["nonfinite"] = True
+                record["nonfinite_consecutive"] = nonfinite_run
             writer.write(record)
             log(
                 f"step {step}: loss {record['loss']:.4f} lr {record['lr']:.3e} "
                 f"grad_norm {record['grad_norm']:.3f} {record['tokens_per_sec']:.0f} tok/s"
+                + (" (non-finite: skipped)" if not m["finite"] else "")
             )
             last_time, last_step = now, step + 1
         return nonfinite_run
 
-    status = 0
-    for step, batch in run.pipeline.iterate(start, end):
-        state, metrics = compiled(state, batch)
-        # Read the previous step's metrics only after this one is dispatched: the host never
-        # waits for the device to drain.
+    def save(step: int) -> None:
+        nonlocal saved_at
+        if not bool(_all_finite(state["params"])):
+            raise RuntimeError(f"parameters at step {step} are not finite; no checkpoint written")
+        ckpt.save(step, state, checkpoint_metadata(run, step))
+        saved_at = step
+
+    preemption, status = Preemption(), 0
+    try:
+        for step, batch in run.pipeline.iterate(start, end):
+            state, metrics = compiled(state, batch)
+            # Read the previous step's metrics only after this one is dispatched: the host never
+            # waits for the device to drain.
+            if pending is not None and finish_step(*pending) >= cfg.train.max_nonfinite_steps:
+                status, pending = 1, None
+                break
+            pending = (step, metrics)
+            if ckpt.should_save(step + 1, end):
+                save(step + 1)
+            if preemption.should_stop():
+                if saved_at != step + 1:
+                    save(step + 1)
+                status = 143
+                break
         if pending is not None and finish_step(*pending) >= cfg.train.max_nonfinite_steps:
             status = 1
-            break
-        pending = (step, metrics)
-        if ckpt.should_save(step + 1, end):
-            ckpt.save(step + 1, state, checkpoint_metadata(run, step + 1))
-    if pending is not None and status == 0 and finish_step(*pending) >= cfg.train.max_nonfinite_steps:
-        status = 1
-    if status:
+        ckpt.wait()
+    finally:
+        preemption.restore()
+        ckpt.close()
+        writer.close()
+    if status == 1:
         log(
             f"error: {cfg.train.max_nonfinite_steps} consecutive steps had a non-finite loss or gradient; "
-            f"stopped (the last good checkpoint is in {ckpt.root})"
+            f"stopped at step {step}; the last good checkpoint is step {saved_at} in {ckpt.root}"
         )
-    ckpt.close()
-    writer.close()
+    elif status == 143:
+        log(f"preempted (SIGTERM): checkpoint of step {saved_at} saved in {ckpt.root}; run the same command to resume")
     return status
 
 
@@ -305,7 +405,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return train(run)
+    try:
+        return train(run)
+    except ConfigError as e:  # found only once arrays are read (e.g. every checkpoint step damaged)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the disk filled up or went away mid-run: the last committed checkpoint is intact
+        print(f"error: {e.filename or run.workdir}: {e.strerror or e}; the last committed checkpoint is intact",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -67,11 +67,11 @@ def make_train_step(
     rules: tuple = (),
     micro_batches: int = 1,
     chunk_tokens: int = 0,
-    nan_step: int = -1,
+    nan_steps: tuple[int, ...] = (),
 ) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
     """The pure step function (jit it with shardings in the caller).
 
-    nan_step >= 0 poisons that step's gradients with NaN: a test hook for the non-finite guard.
+    nan_steps poisons those steps' gradients with NaN: a test hook for the non-finite guard.
     """
     loss_sum = loss_sum_fn(c, rules, chunk_tokens)
 
@@ -80,8 +80,9 @@ def make_train_step(
         total, count, grads = _grads(loss_sum, params, batch, micro_batches)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
-        if nan_step >= 0:
-            grads = jax.tree.map(lambda g: jnp.where(step == nan_step, jnp.nan, g), grads)
+        if nan_steps:
+            poisoned = jnp.isin(step, jnp.asarray(nan_steps, jnp.int32))
+            grads = jax.tree.map(lambda g: jnp.where(poisoned, jnp.nan, g), grads)
         loss = total / denom
         grad_norm = optax.tree.norm(grads)
         lr = schedule.fn(step)

@@ -107,7 +107,8 @@ def test_parameters_are_sharded_as_the_rules_say():
     params = jax.jit(lambda: model.init_params(c, 0), out_shardings=shardings)()
     wq = params["layers"]["wq"]  # [layers, embed -> fsdp, heads -> tensor, head_dim]
     assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
-    for leaf, axis_names in zip(jax.tree.leaves(params), jax.tree.leaves(names, is_leaf=lambda x: isinstance(x, tuple))):
+    name_leaves = jax.tree.leaves(names, is_leaf=lambda x: isinstance(x, tuple))
+    for leaf, axis_names in zip(jax.tree.leaves(params), name_leaves, strict=True):
         split = 1
         for n in axis_names:
             axes = rules.get(n)

@@ -15,8 +15,6 @@ from data_helpers import (
     ODD_TEXTS,
     failing_process_task,
     make_documents,
-    make_hf_tokenizer,
-    make_sentencepiece,
     make_tfds_dataset,
     make_wordlevel_tokenizer,
     tfds_documents_in_order,
@@ -31,16 +29,6 @@ from cpt_jax.data.tokenizer import load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = make_documents(150, seed=5) + list(ODD_TEXTS)
-
-
-@pytest.fixture(scope="module")
-def sp_path(tmp_path_factory):
-    return make_sentencepiece(tmp_path_factory.mktemp("sp"))
-
-
-@pytest.fixture(scope="module")
-def hf_path(tmp_path_factory):
-    return make_hf_tokenizer(tmp_path_factory.mktemp("hf"))
 
 
 @pytest.fixture(scope="module")

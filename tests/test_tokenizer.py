@@ -25,16 +25,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXTS = make_documents(30, seed=11) + list(ODD_TEXTS) + [" leading space", "trailing space ", "x"]
 
 
-@pytest.fixture(scope="module")
-def sp_path(tmp_path_factory):
-    return make_sentencepiece(tmp_path_factory.mktemp("sp"))
-
-
-@pytest.fixture(scope="module")
-def hf_path(tmp_path_factory):
-    return make_hf_tokenizer(tmp_path_factory.mktemp("hf"))
-
-
 def _one_line_error(excinfo, *needles):
     message = str(excinfo.value)
     assert "\n" not in message

@@ -44,7 +44,7 @@ def test_micro_batches_give_the_full_batch_update():
 
 def test_nonfinite_step_leaves_params_and_optimizer_untouched():
     sched, tx, state, batch = _setup()
-    step = jax.jit(train_step.make_train_step(C, tx, sched, nan_step=0))
+    step = jax.jit(train_step.make_train_step(C, tx, sched, nan_steps=(0,)))
     new, metrics = step(state, batch)
     assert not bool(metrics["finite"])
     assert int(new["step"]) == 1
