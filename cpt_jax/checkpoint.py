@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import jax
@@ -19,6 +20,8 @@ import orbax.checkpoint as ocp
 from cpt_jax.config import ConfigError
 
 FORMAT_VERSION = 1
+# Weight files that are Python pickles: loading one can execute arbitrary code.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _COMMIT_MARKER = "commit_success.txt"
 
 
@@ -62,6 +65,15 @@ def resolve(path: str, key: str = "init_from") -> tuple[str, int]:
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
         raise ConfigError(f"{key}: {path} does not exist, expected a checkpoints/ directory or a step directory")
+    pickled = [path] if os.path.isfile(path) else [
+        os.path.join(path, f) for f in os.listdir(path) if f.endswith(PICKLE_SUFFIXES)
+    ]
+    if pickled and (os.path.isfile(path) or not complete_steps(path)):
+        raise ConfigError(
+            f"{key}: {pickled[0]} is a pickle-based weight file, which is never loaded (unpickling runs code); "
+            f"save the model as safetensors (transformers: save_pretrained(dir, safe_serialization=True)) "
+            f"and import it with `python -m cpt_jax.hf import`"
+        )
     if is_step_dir(path):
         return os.path.dirname(path), int(os.path.basename(path))
     if os.path.isdir(os.path.join(path, "checkpoints")) and not complete_steps(path):
@@ -164,6 +176,8 @@ class Checkpointer:
     def __init__(self, workdir: str, every_steps: int, max_to_keep: int, async_save: bool = True):
         self.root = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.every_steps = every_steps
+        self.saves = 0
+        self.blocked_secs = 0.0  # time the training loop spent inside save() (device->host copies)
         self._mngr = ocp.CheckpointManager(
             self.root,
             options=ocp.CheckpointManagerOptions(
@@ -181,6 +195,7 @@ class Checkpointer:
     def save(self, step: int, state: dict[str, Any], metadata: dict[str, Any]) -> None:
         """Start saving `state` (params, opt_state) at `step`; returns before the write finishes."""
         meta = dict(metadata, format_version=FORMAT_VERSION, step=int(step))
+        t0 = time.perf_counter()
         self._mngr.save(
             int(step),
             args=ocp.args.Composite(
@@ -190,6 +205,8 @@ class Checkpointer:
             ),
             force=True,
         )
+        self.blocked_secs += time.perf_counter() - t0
+        self.saves += 1
 
     def metadata(self, step: int) -> dict[str, Any]:
         return read_metadata(os.path.join(self.root, str(step)), key="checkpoint")

@@ -6,6 +6,7 @@ the demo). Problems with the file or an override become one-line ConfigErrors.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -32,16 +33,31 @@ def parse(
     try:
         fv(argv)
     except flags.Error as e:
-        raise ConfigError(str(e).replace("\n", " ")) from None
+        raise ConfigError(_one_line(str(e))) from None
     except Exception as e:  # the config file itself failed to load (syntax error, bad import, ...)
-        raise ConfigError(f"--config: {type(e).__name__}: {e}".replace("\n", " ")) from None
+        raise ConfigError(_one_line(f"--config: {type(e).__name__}: {e}")) from None
     finally:
         sys.argv = saved_argv
     if not flags.FLAGS.is_parsed():
         # Some libraries (grain's multiprocessing prefetch) read absl flags and fail if unparsed.
         flags.FLAGS.mark_as_parsed()
-    cfg = fv.config
-    if cfg is None:
+    path = (fv["config"].config_filename or "") if fv["config"].present else ""
+    if not path:
         raise ConfigError("--config: missing, expected a config file such as configs/tiny.py")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config: {path} does not exist, expected a config file such as configs/tiny.py")
+    try:
+        cfg = fv.config
+    except Exception as e:  # errors raised while running the file's get_config()
+        raise ConfigError(_one_line(f"--config: {path}: {type(e).__name__}: {e}")) from None
     check_keys(cfg)
     return cfg, fv
+
+
+def _one_line(message: str) -> str:
+    """absl and config_flags embed whole tracebacks; keep what names the flag and the cause."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if len(lines) <= 2:
+        return " ".join(lines)
+    head = lines[0].split(": Error whilst parsing config file")[0]
+    return f"{head}: {lines[-1]}"

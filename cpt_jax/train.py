@@ -213,7 +213,7 @@ def checkpoint_metadata(run: Run, step: int) -> dict[str, Any]:
         "lr": float(sched.fn(step)),
         "model": run.model_config.to_dict(),
         "param_shapes": run.param_shapes,
-        "tokenizer_fingerprint": getattr(run.pipeline, "tokenizer_fingerprint", None),
+        "tokenizer_fingerprint": run.pipeline.tokenizer_fingerprint,
         "phases": [dataclasses.asdict(p) for p in run.pipeline.phases],
         "tokens_per_source": run.pipeline.tokens_per_source(step),
         "init_from": run.init_from,
@@ -360,7 +360,8 @@ def train(run: Run) -> int:
         ckpt.save(step, state, checkpoint_metadata(run, step))
         saved_at = step
 
-    preemption, status = Preemption(), 0
+    preemption, status, step = Preemption(), 0, start
+    loop_t0 = time.perf_counter()
     try:
         for step, batch in run.pipeline.iterate(start, end):
             state, metrics = compiled(state, batch)
@@ -379,7 +380,19 @@ def train(run: Run) -> int:
                 break
         if pending is not None and finish_step(*pending) >= cfg.train.max_nonfinite_steps:
             status = 1
+        t0 = time.perf_counter()
         ckpt.wait()
+        writer.write(
+            {
+                "kind": "event",
+                "step": saved_at,
+                "checkpoint_saves": ckpt.saves,
+                "checkpoint_blocked_sec": ckpt.blocked_secs,
+                "checkpoint_final_wait_sec": time.perf_counter() - t0,
+                "loop_sec": time.perf_counter() - loop_t0,
+                "steps_run": step + 1 - start if end > start else 0,
+            }
+        )
     finally:
         preemption.restore()
         ckpt.close()

@@ -1,0 +1,425 @@
+"""Schedule-aware data mixture: global example index -> (source, k-th draw from that source).
+
+A mixture is a list of phases. Each phase has weights over the named sources; every phase after
+the first starts at a condition (a step, a fraction of the run, a token count, an absolute LR or a
+fraction of the starting LR) that `resolve_phases` turns into a step ONCE, through the LR schedule.
+After that everything is a pure function of the global example index (Principles 1 and 2): the
+`Mixture` maps index `i` to the source that example comes from and to `k`, how many examples of
+that source came before it in the whole run. `sources.record_indices` then turns `k` into a record
+of the source (shuffled per epoch, repeating when exhausted).
+
+Within a phase the selection is an exact deterministic interleave. The weights are written as
+integer counts `c_s` over a period `P` (exactly when they are ratios with a small common
+denominator, e.g. 0.9/0.1 -> 9:1 over 10; otherwise quantized to 1/65536 by largest remainder). One
+period is laid out once by an earliest-deadline-first schedule such that, for every prefix of `j`
+examples of the phase, every source's count stays within `j * c_s / P` +- delta, delta < 1 (1/2
+when that is achievable, e.g. for two sources; Tijdeman's 1 - 1/(2n-2) bound otherwise). Index ->
+(source, k) is then O(1): full periods times the per-period count plus the rank inside the period.
+A source's `k` carries across phases: a source picked up again in a later phase continues where
+it left off, so it does not repeat records it already served.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import math
+from collections.abc import Mapping, Sequence
+from fractions import Fraction
+from typing import Any
+
+import grain
+import numpy as np
+
+from cpt_jax.config import ConfigError
+
+START_KEYS = ("step", "fraction", "tokens", "lr", "lr_ratio")
+
+# Largest period of the interleave. Weights that are not ratios with a common denominator up to
+# this are quantized to multiples of 1/MAX_PERIOD: a share error below 2e-5, while one period
+# (a few arrays of P entries per phase) stays small and is laid out in well under a second.
+MAX_PERIOD = 1 << 16
+# Largest denominator tried when recognising a weight as an exact ratio (0.3 -> 3/10).
+_MAX_DENOMINATOR = 10_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One resolved phase: from `start_step` on, examples follow the (normalized) `weights`.
+
+    `weights` has every source of the mixture, in the mixture's source order, summing to 1.
+    `start_at` is the condition from the config (None for the first phase).
+    """
+
+    index: int
+    start_step: int
+    weights: dict[str, float]
+    start_at: dict | None
+
+
+# ----------------------------------------------------------------------------- resolving phases
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
+def _as_mapping(x: Any) -> Mapping | None:
+    if isinstance(x, Mapping):
+        return x
+    if hasattr(x, "to_dict"):  # an ml_collections ConfigDict nested in the phases tuple
+        return x.to_dict()
+    return None
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.6g}"
+
+
+def resolve_phases(
+    phases_cfg: Sequence[Any],
+    source_names: Sequence[str],
+    schedule: Any,
+    batch_size: int,
+    seq_len: int,
+) -> list[Phase]:
+    """Validates `data.phases` and resolves every start condition to a step of `schedule`.
+
+    `schedule` is a `cpt_jax.schedules.Schedule` (uses `.steps`, `.start_lr`, `.lr_min` and
+    `.crossing_step`). Raises `ConfigError` (one line naming the key) on any mistake.
+    """
+    names = list(source_names)
+    known = ", ".join(names) if names else "(none: data.sources is empty)"
+    steps = int(schedule.steps)
+    if phases_cfg is None or len(phases_cfg) == 0:
+        raise ConfigError(
+            "data.phases: empty, expected at least one phase like dict(weights={name: weight}) "
+            "when data.kind is 'mixture'"
+        )
+    phases: list[Phase] = []
+    for i, raw in enumerate(phases_cfg):
+        key = f"data.phases[{i}]"
+        spec = _as_mapping(raw)
+        if spec is None:
+            raise ConfigError(f"{key}: {raw!r}, expected a dict with 'weights' (and 'start_at' after the first)")
+        for extra in spec:
+            if extra not in ("weights", "start_at"):
+                raise ConfigError(f"{key}.{extra}: unknown key, expected 'weights' and 'start_at'")
+        weights = _resolve_weights(key, spec.get("weights"), names, known)
+        start_at = spec.get("start_at")
+        if i == 0:
+            if start_at is not None:
+                raise ConfigError(f"{key}.start_at: {start_at!r}, the first phase starts at step 0; remove it")
+            start_step = 0
+            start_dict = None
+        else:
+            start_dict = _check_start_at(key, start_at)
+            start_step = _start_step(key, start_dict, schedule, batch_size, seq_len)
+            what, value = next(iter(start_dict.items()))
+            if start_step >= steps:
+                raise ConfigError(
+                    f"{key}.start_at.{what}: {_fmt(value)} resolves to step {start_step}, at or after the "
+                    f"end of the run (train.steps = {steps}); expected a start before step {steps}"
+                )
+            prev = phases[-1]
+            if start_step <= prev.start_step:
+                raise ConfigError(
+                    f"{key}.start_at.{what}: {_fmt(value)} resolves to step {start_step}, at or before "
+                    f"phase {prev.index}'s start (step {prev.start_step}); phases must start in order"
+                )
+        phases.append(Phase(index=i, start_step=start_step, weights=weights, start_at=start_dict))
+    return phases
+
+
+def _resolve_weights(key: str, weights: Any, names: list[str], known: str) -> dict[str, float]:
+    spec = _as_mapping(weights)
+    if spec is None or len(spec) == 0:
+        raise ConfigError(f"{key}.weights: {weights!r}, expected a dict {{source name: weight}} over: {known}")
+    for name, w in spec.items():
+        if name not in names:
+            raise ConfigError(f"{key}.weights.{name}: unknown source; known sources are: {known}")
+        if not _is_number(w) or not math.isfinite(float(w)) or float(w) < 0:
+            raise ConfigError(f"{key}.weights.{name}: {w!r}, expected a weight >= 0")
+    total = math.fsum(float(w) for w in spec.values())
+    if total <= 0:
+        raise ConfigError(f"{key}.weights: all weights are 0, expected at least one weight > 0")
+    return {name: float(spec.get(name, 0.0)) / total for name in names}
+
+
+def _check_start_at(key: str, start_at: Any) -> dict:
+    expected = "expected exactly one of " + ", ".join(START_KEYS)
+    if start_at is None:
+        raise ConfigError(f"{key}.start_at: missing; phases after the first need a start, {expected}")
+    spec = _as_mapping(start_at)
+    if spec is None or len(spec) == 0:
+        raise ConfigError(f"{key}.start_at: {start_at!r}, {expected}")
+    for what in spec:
+        if what not in START_KEYS:
+            raise ConfigError(f"{key}.start_at.{what}: unknown key, {expected}")
+    if len(spec) > 1:
+        raise ConfigError(f"{key}.start_at: has {', '.join(spec)}; {expected}")
+    what, value = next(iter(spec.items()))
+    if not _is_number(value) or not math.isfinite(float(value)):
+        raise ConfigError(f"{key}.start_at.{what}: {value!r}, expected a number")
+    value = float(value)
+    if what == "step" and (value != int(value) or value < 1):
+        raise ConfigError(f"{key}.start_at.step: {_fmt(value)}, expected an integer step >= 1")
+    if what == "fraction" and not 0 < value < 1:
+        raise ConfigError(f"{key}.start_at.fraction: {_fmt(value)}, expected a fraction of the run in (0, 1)")
+    if what in ("tokens", "lr", "lr_ratio") and value <= 0:
+        raise ConfigError(f"{key}.start_at.{what}: {_fmt(value)}, expected a value > 0")
+    return {what: int(value) if what == "step" else value}
+
+
+def _start_step(key: str, start: dict, schedule: Any, batch_size: int, seq_len: int) -> int:
+    what, value = next(iter(start.items()))
+    if what == "step":
+        return int(value)
+    if what == "fraction":
+        return int(round(value * schedule.steps))
+    if what == "tokens":
+        return int(math.ceil(value / (batch_size * seq_len)))
+    if what == "lr":
+        threshold = value
+        shown = f"{_fmt(value)}"
+    else:
+        if schedule.start_lr is None or schedule.start_lr <= 0:
+            raise ConfigError(
+                f"{key}.start_at.lr_ratio: {_fmt(value)}, but schedule '{schedule.name}' has no start_lr "
+                "to take a ratio of; use start_at.lr (an absolute LR) instead"
+            )
+        threshold = value * schedule.start_lr
+        shown = f"{_fmt(value)} (LR {_fmt(threshold)} = {_fmt(value)} x start_lr {_fmt(schedule.start_lr)})"
+    step = schedule.crossing_step(threshold)
+    if step is None:
+        raise ConfigError(
+            f"{key}.start_at.{what}: {shown}, the schedule never decays that far (its lowest LR is "
+            f"{_fmt(schedule.lr_min)}); expected a threshold >= {_fmt(schedule.lr_min)}"
+        )
+    return int(step)
+
+
+# ----------------------------------------------------------------------------- the interleave
+
+
+def quantize(weights: Sequence[float]) -> np.ndarray:
+    """Integer counts per source over one period (their sum is the period).
+
+    Exact when the weights are ratios with a common denominator up to `MAX_PERIOD`; otherwise the
+    largest-remainder apportionment of `MAX_PERIOD` (a positive weight keeps at least one slot so
+    that a source the user asked for never silently disappears).
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    fracs = [Fraction(float(x)).limit_denominator(_MAX_DENOMINATOR) for x in w]
+    exact = sum(fracs) == 1 and all(abs(float(f) - x) <= 1e-12 for f, x in zip(fracs, w, strict=True))
+    if exact:
+        period = math.lcm(*(f.denominator for f in fracs))
+        if period <= MAX_PERIOD:
+            return np.array([f.numerator * (period // f.denominator) for f in fracs], dtype=np.int64)
+    w = w / w.sum()
+    scaled = w * MAX_PERIOD
+    counts = np.floor(scaled).astype(np.int64)
+    counts[(w > 0) & (counts == 0)] = 1
+    short = MAX_PERIOD - int(counts.sum())
+    # Stable sort: ties go to the earlier source, so the result depends only on the weights.
+    by_remainder = np.argsort(-(scaled - np.floor(scaled)), kind="stable")
+    by_remainder = by_remainder[w[by_remainder] > 0]
+    if short > 0:
+        counts[by_remainder[:short]] += 1
+    while short < 0:  # Minimum slots overshot the period: take them back from the largest.
+        largest = int(np.argmax(counts))
+        take = min(-short, int(counts[largest]) - 1)
+        counts[largest] -= take
+        short += take
+    return counts
+
+
+def _edf(counts: list[int], num: int, den: int) -> np.ndarray | None:
+    """One period in which every prefix count n_s(t) satisfies |t*c_s/P - n_s(t)| <= num/den.
+
+    The k-th example of source s must land in [release, deadline] (integers, 1-based times) for
+    the bound to hold; earliest-deadline-first is optimal for unit jobs with integer release times,
+    so it fails (returns None) only when no sequence meets this bound.
+    """
+    period = sum(counts)
+    order = np.empty(period, dtype=np.int32)
+
+    def window(s: int, k: int) -> tuple[int, int]:
+        c = counts[s]
+        # k - t*c/P <= d  <=>  t >= (k - d) * P / c ;  t*c/P - (k - 1) <= d for t < t_k.
+        release = max(1, -((-(k * den - num) * period) // (c * den)))
+        deadline = ((k - 1) * den + num) * period // (c * den) + 1
+        return release, min(deadline, period)
+
+    placed = [0] * len(counts)
+    pending: list[tuple[int, int, int]] = []
+    ready: list[tuple[int, int]] = []
+    for s, c in enumerate(counts):
+        if c:
+            heapq.heappush(pending, (*window(s, 1), s))
+    for t in range(1, period + 1):
+        while pending and pending[0][0] <= t:
+            _, deadline, s = heapq.heappop(pending)
+            heapq.heappush(ready, (deadline, s))
+        if not ready:
+            return None
+        deadline, s = heapq.heappop(ready)
+        if deadline < t:
+            return None
+        order[t - 1] = s
+        placed[s] += 1
+        if placed[s] < counts[s]:
+            heapq.heappush(pending, (*window(s, placed[s] + 1), s))
+    return order
+
+
+def interleave(counts: Sequence[int]) -> np.ndarray:
+    """Source id of each slot of one period with `counts[s]` slots for source s.
+
+    Tries the tightest bound first: 1/2 (e.g. 9:1 puts the one in the middle, not at the end),
+    then Tijdeman's 1 - 1/(2n-2), which always exists for n sources, then any bound below 1.
+    """
+    counts = [int(c) for c in counts]
+    n = sum(1 for c in counts if c > 0)
+    if n == 0:
+        raise ValueError("interleave: all counts are 0")
+    if n == 1:
+        return np.full(sum(counts), next(s for s, c in enumerate(counts) if c), dtype=np.int32)
+    # Bounds as num/den; the last is 1 - 1/(2P), the loosest bound that is still below 1 for
+    # every prefix of a period of P slots (deviations are multiples of 1/P).
+    period = sum(counts)
+    for num, den in ((1, 2), (2 * n - 3, 2 * n - 2), (2 * period - 1, 2 * period)):
+        order = _edf(counts, num, den)
+        if order is not None:
+            return order
+    raise AssertionError(f"no interleave below 1 for counts {counts}: contradicts Tijdeman's theorem")
+
+
+def _ranks(order: np.ndarray, num_sources: int) -> np.ndarray:
+    """rank[t] = how many earlier slots of the period hold the same source as slot t."""
+    ranks = np.empty(len(order), dtype=np.int64)
+    for s in range(num_sources):
+        where = np.flatnonzero(order == s)
+        ranks[where] = np.arange(len(where))
+    return ranks
+
+
+class Mixture:
+    """Global example index -> (source id, k-th draw from that source): pure and picklable.
+
+    Phase `p` covers global examples [start_step_p * B, start_step_{p+1} * B); the last phase runs
+    on forever (an evaluation past the end still gets an answer).
+    """
+
+    def __init__(self, phases: Sequence[Phase], source_names: Sequence[str], batch_size: int):
+        if not phases:
+            raise ValueError("Mixture needs at least one phase")
+        if phases[0].start_step != 0:
+            raise ValueError(f"the first phase must start at step 0, not {phases[0].start_step}")
+        self.phases = list(phases)
+        self.source_names = list(source_names)
+        self.batch_size = int(batch_size)
+        num_sources = len(self.source_names)
+        self.start_steps = np.array([p.start_step for p in self.phases], dtype=np.int64)
+        if np.any(np.diff(self.start_steps) <= 0):
+            raise ValueError(f"phase start steps must increase: {self.start_steps.tolist()}")
+        self.start_examples = self.start_steps * self.batch_size
+        # counts[p, s] slots of source s in one period of phase p.
+        self.counts = np.stack(
+            [quantize([p.weights.get(name, 0.0) for name in self.source_names]) for p in self.phases]
+        )
+        self.periods = self.counts.sum(axis=1)
+        self.orders = [interleave(c) for c in self.counts]
+        self.ranks = [_ranks(o, num_sources) for o in self.orders]
+        # cum[p][j, s]: examples of source s among the first j slots of a period (j = 0..P).
+        self.cum = []
+        for order in self.orders:
+            onehot = np.zeros((len(order) + 1, num_sources), dtype=np.int64)
+            onehot[np.arange(1, len(order) + 1), order] = 1
+            self.cum.append(np.cumsum(onehot, axis=0))
+        # offsets[p, s]: draws of source s consumed by phases before p (where p picks it up).
+        self.offsets = np.zeros((len(self.phases), num_sources), dtype=np.int64)
+        for p in range(1, len(self.phases)):
+            length = int(self.start_examples[p] - self.start_examples[p - 1])
+            self.offsets[p] = self.offsets[p - 1] + self._in_phase(p - 1, length)
+
+    def _in_phase(self, p: int, j: int) -> np.ndarray:
+        """Examples of each source among the first j examples of phase p."""
+        q, r = divmod(int(j), int(self.periods[p]))
+        return q * self.counts[p] + self.cum[p][r]
+
+    def _before(self, example: int) -> np.ndarray:
+        """Examples of each source among global examples [0, example)."""
+        if example < 0:
+            raise ValueError(f"example index {example} < 0")
+        p = int(np.searchsorted(self.start_examples, example, side="right")) - 1
+        return self.offsets[p] + self._in_phase(p, example - int(self.start_examples[p]))
+
+    def select(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(source id, k) for each global example index: int32 and int64 arrays of its shape."""
+        idx = np.asarray(indices, dtype=np.int64)
+        flat = idx.reshape(-1)
+        if not flat.size:
+            return np.empty(idx.shape, np.int32), np.empty(idx.shape, np.int64)
+        lo, hi = int(flat.min()), int(flat.max())
+        if lo < 0:
+            raise ValueError(f"example indices must be >= 0, got {lo}")
+        first, last = np.searchsorted(self.start_examples, [lo, hi], side="right") - 1
+        if first == last:  # the usual batch: one phase, no per-phase masks
+            source, k = self._select_in(int(first), flat)
+            return source.reshape(idx.shape), k.reshape(idx.shape)
+        phase = np.searchsorted(self.start_examples, flat, side="right") - 1
+        source = np.empty(flat.shape, dtype=np.int32)
+        k = np.empty(flat.shape, dtype=np.int64)
+        for p in range(int(first), int(last) + 1):
+            mask = phase == p
+            if mask.any():
+                source[mask], k[mask] = self._select_in(p, flat[mask])
+        return source.reshape(idx.shape), k.reshape(idx.shape)
+
+    def _select_in(self, p: int, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`select` for indices that all fall in phase p."""
+        q, r = np.divmod(flat - self.start_examples[p], self.periods[p])
+        s = self.orders[p][r]
+        return s, self.offsets[p, s] + q * self.counts[p, s] + self.ranks[p][r]
+
+    def phase_at(self, step: int) -> int:
+        """Index of the phase that step `step` trains in."""
+        return int(np.searchsorted(self.start_steps, int(step), side="right")) - 1
+
+    def examples_per_source(self, start_example: int, end_example: int) -> dict[str, int]:
+        """How many of global examples [start_example, end_example) come from each source."""
+        if end_example < start_example:
+            raise ValueError(f"end_example {end_example} < start_example {start_example}")
+        diff = self._before(int(end_example)) - self._before(int(start_example))
+        return {name: int(n) for name, n in zip(self.source_names, diff, strict=True)}
+
+    def tokens_per_source(self, step: int, tokens_per_example: int) -> dict[str, int]:
+        """Tokens served by each source in steps [0, step) (examples [0, step*B)): closed form."""
+        counts = self.examples_per_source(0, int(step) * self.batch_size)
+        return {name: n * int(tokens_per_example) for name, n in counts.items()}
+
+    def selection_map(self, num_examples: int) -> MixtureSelectionMap:
+        """A grain `DatasetSelectionMap` over global examples [0, num_examples)."""
+        return MixtureSelectionMap(self, num_examples)
+
+
+class MixtureSelectionMap(grain.transforms.DatasetSelectionMap):
+    """The mixture as grain's selection hook for `MapDataset.select_from_datasets`.
+
+    Component `s` of the mixed dataset must be indexed by k (the k-th draw of source s), e.g.
+    `MapDataset.range(n)` mapped through `sources.record_indices` to the source's records.
+    """
+
+    def __init__(self, mixture: Mixture, num_examples: int):
+        self._mixture = mixture
+        self._length = int(num_examples)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        if not 0 <= index < self._length:
+            raise IndexError(f"index {index} out of range [0, {self._length})")
+        source, k = self._mixture.select(np.array([index]))
+        return int(source[0]), int(k[0])

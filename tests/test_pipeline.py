@@ -1,0 +1,429 @@
+"""Tests of the loader: the batch contract, data order as a pure function of (config, seed, step)
+on any topology and on resume, process slicing, the prefetch thread, and bad inputs."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import jax
+import numpy as np
+import pytest
+from data_helpers import make_documents, make_hf_tokenizer, make_prepared_source, write_synthetic_source
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from cpt_jax import schedules
+from cpt_jax.config import ConfigError, default_config
+from cpt_jax.data import pipeline as pl
+from cpt_jax.data import sources
+from cpt_jax.data.synthetic import synthetic_examples
+from cpt_jax.data.tokenizer import load_tokenizer
+
+B, L, STEPS, VOCAB = 8, 16, 24, 1000
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A tokenizer, three synthetic-token sources of different sizes and one real prepared source."""
+    root = tmp_path_factory.mktemp("pipeline")
+    tok_path = make_hf_tokenizer(root / "tok", vocab_size=300)
+    tok = load_tokenizer(tok_path)
+    common = dict(vocab_size=VOCAB, eos_id=tok.eos_id, fingerprint=tok.fingerprint)
+    dirs = {
+        "web": write_synthetic_source(root, "web", 60, L, examples_per_shard=7, **common),
+        "code": write_synthetic_source(root, "code", 23, L, examples_per_shard=5, **common),
+        "qa": write_synthetic_source(root, "qa", 11, L, **common),
+        "real": make_prepared_source(root, tok_path, make_documents(120, seed=5), seq_len=L, name="real"),
+    }
+    return {"tokenizer": tok_path, "eos_id": tok.eos_id, "dirs": dirs, "root": root}
+
+
+def mixture_config(data, **overrides):
+    cfg = default_config()
+    cfg.train.steps = STEPS
+    cfg.train.batch_size = B
+    cfg.train.seq_len = L
+    cfg.model.vocab_size = VOCAB
+    cfg.schedule.start_lr = 1e-3
+    cfg.seed = 3
+    cfg.data.kind = "mixture"
+    cfg.data.tokenizer = data["tokenizer"]
+    cfg.data.sources = dict(data["dirs"])
+    cfg.data.phases = (
+        {"weights": {"web": 3, "code": 1, "real": 1}},
+        {"weights": {"web": 1, "qa": 1, "real": 1}, "start_at": {"lr_ratio": 0.5}},
+    )
+    for key, value in overrides.items():
+        node = cfg
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node[part]
+        node[parts[-1]] = value
+    return cfg
+
+
+def make(cfg, sharding=None):
+    schedule = schedules.build(cfg.schedule, cfg.train.steps, cfg.schedule.start_lr)
+    return pl.Pipeline(cfg, schedule, sharding)
+
+
+def batch_sharding(devices, shape=(2, 4), axes=("data", "fsdp")):
+    mesh = Mesh(np.asarray(devices).reshape(shape), axes)
+    return NamedSharding(mesh, PartitionSpec(axes))
+
+
+def as_numpy(batch):
+    return {k: np.asarray(v) for k, v in batch.items()}
+
+
+@pytest.fixture(scope="module")
+def pipe(data):
+    return make(mixture_config(data))
+
+
+# ----------------------------------------------------------------------------- the batch contract
+
+
+def test_batch_contract(pipe, data):
+    assert pl.BATCH_KEYS == ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+    for step in (0, 5, STEPS - 1):
+        batch = pipe.host_batch(step)
+        assert set(batch) == set(pl.BATCH_KEYS)
+        for key, value in batch.items():
+            assert value.shape == (B, L), key
+            assert value.dtype == np.dtype(pl.BATCH_DTYPES[key]), key
+        np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
+        assert batch["segment_ids"].min() >= 1
+        assert np.all(batch["loss_mask"] == 1.0)
+        seg, pos = sources.segment_ids_and_positions(batch["inputs"], data["eos_id"])
+        np.testing.assert_array_equal(batch["segment_ids"], seg)
+        np.testing.assert_array_equal(batch["positions"], pos)
+        # The tokens are exactly the records examples_for_step names, read independently
+        # through the source's grain dataset.
+        source_ids, records = pipe.examples_for_step(step)
+        for row in range(B):
+            expected = pipe.sources[source_ids[row]].dataset[int(records[row])].astype(np.int32)
+            np.testing.assert_array_equal(batch["inputs"][row], expected[:-1])
+            np.testing.assert_array_equal(batch["targets"][row], expected[1:])
+
+
+def test_real_documents_get_several_segments(pipe, data):
+    # Rows of the prepared source hold several EOS-separated documents: segments restart there.
+    real = pipe.source_names.index("real")
+    found = False
+    for step in range(STEPS):
+        source_ids, _ = pipe.examples_for_step(step)
+        batch = pipe.host_batch(step)
+        for row in np.flatnonzero(source_ids == real):
+            inputs, seg, pos = batch["inputs"][row], batch["segment_ids"][row], batch["positions"][row]
+            eos = np.flatnonzero(inputs[:-1] == data["eos_id"])
+            assert seg[-1] == 1 + len(eos)
+            for e in eos:
+                assert pos[e + 1] == 0 and seg[e + 1] == seg[e] + 1
+            found = found or len(eos) > 0
+    assert found
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_document_segments_equals_the_reference(seed):
+    rng = np.random.default_rng(seed)
+    rows, length = int(rng.integers(1, 6)), int(rng.integers(1, 40))
+    tokens = rng.integers(0, 4, size=(rows, length + 1)).astype(np.int32)
+    if seed == 0:
+        tokens[:] = 1  # no EOS at all
+    if seed == 1:
+        tokens[:, 0] = 0  # EOS at every row start
+        tokens[:, -2] = 0  # and at every row's last input position
+    inputs = tokens[:, :-1]
+    got = pl.document_segments(inputs, 0)
+    expected = sources.segment_ids_and_positions(inputs, 0)
+    for a, b in zip(got, expected, strict=True):
+        assert a.dtype == np.int32
+        np.testing.assert_array_equal(a, b)
+    cached = pl.document_segments(inputs, 0, np.arange(1000, dtype=np.int32))
+    np.testing.assert_array_equal(cached[1], expected[1])
+    # From whole examples: an EOS in the last (target-only) column starts nothing.
+    tokens[:, -1] = 0
+    for a, b in zip(pl.example_segments(tokens, 0), expected, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # In place, into rows of larger arrays (what each reading thread does with its rows).
+    seg, pos = np.zeros((rows + 2, length), np.int32), np.zeros((rows + 2, length), np.int32)
+    result = pl.document_segments(inputs, 0, out=(seg[1 : rows + 1], pos[1 : rows + 1]))
+    assert result[0].base is seg and result[1].base is pos
+    np.testing.assert_array_equal(seg[1 : rows + 1], expected[0])
+    np.testing.assert_array_equal(pos[1 : rows + 1], expected[1])
+    assert not seg[0].any() and not pos[-1].any()
+
+
+def test_synthetic_batches():
+    cfg = default_config()
+    cfg.train.batch_size, cfg.train.seq_len, cfg.train.steps = B, L, STEPS
+    cfg.schedule.start_lr = 1e-3
+    p = make(cfg)
+    assert p.source_names == ["synthetic"] and len(p.phases) == 1 and p.tokenizer_fingerprint is None
+    batch = p.host_batch(3)
+    m, d = cfg.model, cfg.data
+    tokens = synthetic_examples(cfg.seed, np.arange(3 * B, 4 * B), L, m.vocab_size, d.synthetic_branching)
+    np.testing.assert_array_equal(batch["inputs"], tokens[:, :-1])
+    np.testing.assert_array_equal(batch["targets"], tokens[:, 1:])
+    assert np.all(batch["segment_ids"] == 1)
+    np.testing.assert_array_equal(batch["positions"], np.tile(np.arange(L), (B, 1)))
+    for key, value in batch.items():
+        assert value.dtype == np.dtype(pl.BATCH_DTYPES[key]) and value.shape == (B, L)
+    source_ids, records = p.examples_for_step(3)
+    assert np.all(source_ids == 0) and records.tolist() == list(range(3 * B, 4 * B))
+    assert p.tokens_per_source(5) == {"synthetic": 5 * B * L}
+    assert p.phase_at(STEPS - 1) == 0
+
+
+# ----------------------------------------------------------------------------- order
+
+
+def test_order_follows_phases_and_carries_positions(pipe):
+    names = pipe.source_names
+    assert names == ["code", "qa", "real", "web"]  # ConfigDict order: sorted names
+    switch = pipe.phases[1].start_step
+    assert 0 < switch < STEPS
+    assert pipe.phase_at(switch - 1) == 0 and pipe.phase_at(switch) == 1
+    before = np.concatenate([pipe.examples_for_step(s)[0] for s in range(switch)])
+    after = np.concatenate([pipe.examples_for_step(s)[0] for s in range(switch, STEPS)])
+    assert names.index("qa") not in before and names.index("code") not in after
+    web = names.index("web")
+    assert abs(np.mean(before == web) - 0.6) < 0.05 and abs(np.mean(after == web) - 1 / 3) < 0.05
+    # Every source's draws run through whole epochs: each epoch of `qa` (11 records) is a
+    # permutation, and web continues its epoch across the switch instead of restarting it.
+    ids = np.concatenate([pipe.examples_for_step(s)[0] for s in range(STEPS)])
+    recs = np.concatenate([pipe.examples_for_step(s)[1] for s in range(STEPS)])
+    for name, n in (("qa", 11), ("web", 60), ("code", 23)):
+        drawn = recs[ids == names.index(name)]
+        for e in range(len(drawn) // n):
+            assert sorted(drawn[e * n : (e + 1) * n].tolist()) == list(range(n))
+    web_k = pipe.mixture.select(np.arange(switch * B, switch * B + B))
+    first_web = int(web_k[1][web_k[0] == web][0])
+    assert first_web == np.sum(before == web)
+    # Tokens per source: closed form, summing to what was trained.
+    tps = pipe.tokens_per_source(STEPS)
+    assert sum(tps.values()) == STEPS * B * L
+    assert tps["web"] == np.sum(ids == web) * L
+
+
+def test_same_batches_on_8_devices_4_devices_and_after_resume(data):
+    cfg = mixture_config(data)
+    host = make(cfg)
+    expected = [host.host_batch(s) for s in range(STEPS)]
+
+    p8 = make(cfg, batch_sharding(jax.devices()))
+    assert p8.rows == slice(0, B)
+    seen = []
+    for step, batch in p8.iterate(0, STEPS):
+        seen.append(step)
+        assert batch["inputs"].sharding == p8.batch_sharding
+        assert len(batch["inputs"].addressable_shards) == 8
+        for key, value in as_numpy(batch).items():
+            np.testing.assert_array_equal(value, expected[step][key], err_msg=f"8 devices, step {step}, {key}")
+    assert seen == list(range(STEPS))
+
+    cfg4 = mixture_config(data, **{"data.num_threads": 1, "data.prefetch": 1})
+    p4 = make(cfg4, batch_sharding(jax.devices()[:4], shape=(4,), axes=("data",)))
+    for step, batch in p4.iterate(0, STEPS):
+        assert len(batch["inputs"].addressable_shards) == 4
+        for key, value in as_numpy(batch).items():
+            np.testing.assert_array_equal(value, expected[step][key], err_msg=f"4 devices, step {step}, {key}")
+
+    # Resume at step k: nothing but k is needed.
+    k = 13
+    resumed = make(cfg, batch_sharding(jax.devices()))
+    steps = []
+    for step, batch in resumed.iterate(k, STEPS):
+        steps.append(step)
+        for key, value in as_numpy(batch).items():
+            np.testing.assert_array_equal(value, expected[step][key], err_msg=f"resume, step {step}, {key}")
+    assert steps == list(range(k, STEPS))
+    # global_batch without the iterator agrees too.
+    for key, value in as_numpy(resumed.global_batch(7)).items():
+        np.testing.assert_array_equal(value, expected[7][key])
+
+
+def test_seed_changes_order(data):
+    a = make(mixture_config(data))
+    b = make(mixture_config(data, seed=4))
+    assert not np.array_equal(a.examples_for_step(0)[1], b.examples_for_step(0)[1])
+    # The mixture's interleave does not depend on the seed, only the records drawn.
+    np.testing.assert_array_equal(a.examples_for_step(0)[0], b.examples_for_step(0)[0])
+
+
+# ----------------------------------------------------------------------------- process slicing
+
+
+class ProcessView:
+    """A real sharding seen from one imaginary process that owns `devices`: what process_rows
+    reads of a sharding (its devices and the indices of the addressable ones)."""
+
+    def __init__(self, inner, devices):
+        self.inner = inner
+        self.mine = set(devices)
+
+    @property
+    def device_set(self):
+        return self.inner.device_set
+
+    def addressable_devices_indices_map(self, shape):
+        return {d: i for d, i in self.inner.devices_indices_map(shape).items() if d in self.mine}
+
+
+def test_process_rows_for_a_data2_fsdp4_mesh():
+    devices = np.asarray(jax.devices()).reshape(2, 4)
+    sharding = NamedSharding(Mesh(devices, ("data", "fsdp")), PartitionSpec(("data", "fsdp")))
+    assert pl.process_rows(sharding, 16) == slice(0, 16)  # this one process holds every row
+    # Two hosts of 4 devices, one per data row: each holds a contiguous half.
+    assert pl.process_rows(ProcessView(sharding, devices[0]), 16) == slice(0, 8)
+    assert pl.process_rows(ProcessView(sharding, devices[1]), 16) == slice(8, 16)
+    # Four hosts of 2 devices each.
+    assert pl.process_rows(ProcessView(sharding, devices[1, 2:]), 16) == slice(12, 16)
+    # A host whose devices hold rows 0-1 and 8-9 cannot be fed from one local block.
+    with pytest.raises(ConfigError, match=r"^mesh: this process .* holds rows \[\(0, 2\), \(8, 10\)\].*one contiguous"):
+        pl.process_rows(ProcessView(sharding, [devices[0, 0], devices[1, 0]]), 16)
+
+
+def test_process_rows_with_replicated_axes():
+    devices = np.asarray(jax.devices()).reshape(2, 2, 2)
+    mesh = Mesh(devices, ("data", "fsdp", "tensor"))
+    sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    # The tensor axis replicates rows: a host owning devices[0] (both tensor halves) holds [0, 4).
+    assert pl.process_rows(ProcessView(sharding, devices[0].ravel()), 8) == slice(0, 4)
+    assert pl.process_rows(ProcessView(sharding, devices[1, 1]), 8) == slice(6, 8)
+    # A batch replicated everywhere: every process holds it all.
+    replicated = NamedSharding(mesh, PartitionSpec())
+    assert pl.process_rows(ProcessView(replicated, devices[1, 0]), 8) == slice(0, 8)
+
+
+# ----------------------------------------------------------------------------- prefetch thread
+
+
+def _prefetch_threads():
+    return [t for t in threading.enumerate() if t.name == "cpt_jax-prefetch" and t.is_alive()]
+
+
+def _read_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("cpt_jax-read") and t.is_alive()]
+
+
+def test_prefetch_stops_cleanly_when_the_consumer_stops(pipe):
+    assert _prefetch_threads() == [] and _read_threads() == []
+    it = pipe.iterate(0, STEPS)
+    step, _ = next(it)
+    assert step == 0 and it.thread.is_alive()
+    it.close()
+    assert not it.thread.is_alive()
+    assert _prefetch_threads() == [] and _read_threads() == []
+    with pytest.raises(StopIteration):
+        next(it)
+
+    # Breaking out of a for loop drops the iterator: the thread stops with it.
+    for step, _ in pipe.iterate(2, STEPS):
+        if step == 4:
+            break
+    gc.collect()
+    assert _prefetch_threads() == [] and _read_threads() == []
+
+    # Running to the end also leaves nothing behind, and a context manager works.
+    with pipe.iterate(STEPS - 3, STEPS) as it:
+        assert [s for s, _ in it] == [STEPS - 3, STEPS - 2, STEPS - 1]
+    assert _prefetch_threads() == [] and _read_threads() == []
+    assert list(pipe.iterate(5, 5)) == []
+
+
+def test_reading_threads_build_steps_in_order_and_stop(data):
+    p3 = make(mixture_config(data, **{"data.num_threads": 3, "data.prefetch": 1}))
+    p1 = make(mixture_config(data, **{"data.num_threads": 1}))
+    it = p3.iterate(0, STEPS)
+    first = [next(it) for _ in range(4)]
+    assert 1 <= len(_read_threads()) <= 3
+    assert [step for step, _ in first] == [0, 1, 2, 3]
+    it.close()
+    assert _read_threads() == [] and _prefetch_threads() == []
+    for (step, batch), (step1, batch1) in zip(first, p1.iterate(0, 4), strict=True):
+        assert step == step1
+        for key in pl.BATCH_KEYS:
+            np.testing.assert_array_equal(np.asarray(batch[key]), np.asarray(batch1[key]))
+    assert _read_threads() == []
+
+
+def test_prefetch_reraises_errors_in_the_consumer(data, monkeypatch):
+    p = make(mixture_config(data))
+    original = p.host_batch
+
+    def failing(step):
+        if step == 3:
+            raise RuntimeError("disk on fire at step 3")
+        return original(step)
+
+    monkeypatch.setattr(p, "host_batch", failing)
+    got = []
+    with pytest.raises(RuntimeError, match="disk on fire at step 3"):
+        for step, _ in p.iterate(0, STEPS):
+            got.append(step)
+    assert got == [0, 1, 2]
+    assert _prefetch_threads() == [] and _read_threads() == []
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def test_batch_must_split_over_the_batch_devices(data):
+    cfg = mixture_config(data, **{"train.batch_size": 12})
+    with pytest.raises(ConfigError, match=r"^train\.batch_size: 12, expected a multiple of the 8 devices the batch"):
+        make(cfg, batch_sharding(jax.devices()))
+    # 12 rows do split over 4 devices.
+    p = make(cfg, batch_sharding(jax.devices()[:4], shape=(4,), axes=("data",)))
+    assert p.host_batch(0)["inputs"].shape == (12, L)
+
+
+def test_batch_must_split_over_the_processes(data, monkeypatch):
+    monkeypatch.setattr(jax, "process_count", lambda: 3)
+    with pytest.raises(ConfigError, match=r"^train\.batch_size: 8, expected a multiple of the 3 processes"):
+        make(mixture_config(data))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"data.tokenizer": ""}, r"^data\.tokenizer: empty"),
+        ({"data.sources": {}}, r"^data\.sources: empty"),
+        ({"data.prefetch": 0}, r"^data\.prefetch: 0, expected at least 1"),
+        ({"data.num_threads": 0}, r"^data\.num_threads: 0, expected at least 1"),
+        ({"data.kind": "files"}, r"^data\.kind: 'files', expected one of"),
+        ({"data.phases": ()}, r"^data\.phases: empty"),
+        ({"train.seq_len": 32}, r"manifest\.json: seq_len 16, expected 32"),
+        ({"model.vocab_size": 500}, r"manifest\.json: vocab_size 1000, expected at most the model's vocab_size 500"),
+        (
+            {"data.phases": ({"weights": {"web": 1, "news": 1}},)},
+            r"^data\.phases\[0\]\.weights\.news: unknown source; known sources are: code, qa, real, web",
+        ),
+    ],
+)
+def test_bad_inputs_are_one_line_config_errors(data, overrides, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        make(mixture_config(data, **overrides))
+    assert "\n" not in str(info.value)
+
+
+def test_a_source_made_with_another_tokenizer_is_refused(data, tmp_path):
+    other = write_synthetic_source(tmp_path, "other", 10, L, vocab_size=VOCAB, fingerprint="f" * 64)
+    cfg = mixture_config(data)
+    cfg.data.sources = {"web": data["dirs"]["web"], "other": other}
+    cfg.data.phases = ({"weights": {"web": 1, "other": 1}},)
+    with pytest.raises(ConfigError, match=r"manifest\.json: tokenizer_fingerprint ffff"):
+        make(cfg)
+
+
+def test_record_reader_reads_any_order(pipe):
+    reader = pipe.readers[pipe.source_names.index("web")]
+    assert reader.starts.tolist() == [0, 7, 14, 21, 28, 35, 42, 49, 56, 60]
+    order = np.array([59, 0, 7, 6, 33, 33])
+    tokens = reader.read(order)
+    assert tokens.dtype == np.int32 and tokens.shape == (6, L + 1)
+    # write_synthetic_source: record i holds (i * (L + 1) + j) % VOCAB.
+    np.testing.assert_array_equal(tokens[:, 0], (order * (L + 1)) % VOCAB)
+    reader.close()
+    np.testing.assert_array_equal(reader.read(order), tokens)  # reopens lazily
