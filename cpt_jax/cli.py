@@ -41,7 +41,8 @@ def parse(
     if not flags.FLAGS.is_parsed():
         # Some libraries (grain's multiprocessing prefetch) read absl flags and fail if unparsed.
         flags.FLAGS.mark_as_parsed()
-    path = (fv["config"].config_filename or "") if fv["config"].present else ""
+    # The flag's value may carry an argument for get_config: configs/recipe.py:llama3_8b.
+    path = (fv["config"].config_filename or "").split(":", 1)[0] if fv["config"].present else ""
     if not path:
         raise ConfigError("--config: missing, expected a config file such as configs/tiny.py")
     if not os.path.isfile(path):

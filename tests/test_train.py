@@ -87,3 +87,10 @@ def test_init_from_starts_at_the_checkpoints_lr_min(pretrained, tmp_path):
     assert recs[-1]["lr"] < recs[0]["lr"]
     # Continuing from trained weights starts far below a fresh model's loss (ln 128 = 4.85).
     assert recs[0]["loss"] < records(pretrained)[-1]["loss"] + 0.3
+
+
+def test_config_file_argument(tmp_path):
+    from cpt_jax import cli
+
+    cfg, _ = cli.parse(["train", "--config=configs/recipe.py:qwen2_7b", "--config.train.steps=7"])
+    assert cfg.model.qkv_bias and cfg.model.n_layers == 28 and cfg.train.steps == 7
