@@ -25,7 +25,7 @@ import os
 
 from cpt_jax import checkpoint
 from cpt_jax.config import default_config
-from cpt_jax.presets import preset_config
+from cpt_jax.presets import apply_recipe, preset_config
 
 # Keys of the model section that describe how to compute, not what the checkpoint holds: they keep
 # this config's values whatever the import recorded.
@@ -49,18 +49,4 @@ def get_config(arg: str = "llama3_8b"):
         c = preset_config(arg)
         c.init_from = "/path/to/imported"
         c.data.tokenizer = "/path/to/imported/tokenizer/tokenizer.json"
-    c.train.steps = 10000
-    c.train.batch_size = 512
-    c.train.log_every_steps = 10
-    c.schedule.name = "recipe"  # start_lr None: the imported checkpoint's lr_min
-    c.schedule.final_ratio = 0.01
-    c.checkpoint.every_steps = 500
-    c.data.kind = "mixture"
-    c.data.sources.pretraining_like = "/path/to/prepared/pretraining_like"
-    c.data.sources.new_domain = "/path/to/prepared/new_domain"
-    c.data.sources.qa = "/path/to/prepared/qa"
-    c.data.phases = (
-        dict(weights={"pretraining_like": 0.7, "new_domain": 0.3, "qa": 0.0}),
-        dict(weights={"pretraining_like": 0.55, "new_domain": 0.35, "qa": 0.10}, start_at=dict(lr_ratio=0.2)),
-    )
-    return c
+    return apply_recipe(c)

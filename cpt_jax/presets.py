@@ -46,3 +46,24 @@ def preset_config(name: str) -> ml_collections.ConfigDict:
     cfg.model.update(MODELS[name])
     cfg.train.seq_len = min(cfg.model.max_seq_len, 4096)
     return cfg
+
+
+def apply_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The recipe's run settings on a config whose model is set: cosine from the init_from
+    checkpoint's lr_min to 1/100 of it, a General Blend of placeholder sources, then the QA Blend
+    once the LR reaches start/5. Point the sources at your prepared data."""
+    c.train.steps = 10000
+    c.train.batch_size = 512
+    c.train.log_every_steps = 10
+    c.schedule.name = "recipe"  # start_lr None: the init_from checkpoint's lr_min
+    c.schedule.final_ratio = 0.01
+    c.checkpoint.every_steps = 500
+    c.data.kind = "mixture"
+    c.data.sources.pretraining_like = "/path/to/prepared/pretraining_like"
+    c.data.sources.new_domain = "/path/to/prepared/new_domain"
+    c.data.sources.qa = "/path/to/prepared/qa"
+    c.data.phases = (
+        dict(weights={"pretraining_like": 0.7, "new_domain": 0.3, "qa": 0.0}),
+        dict(weights={"pretraining_like": 0.55, "new_domain": 0.35, "qa": 0.10}, start_at=dict(lr_ratio=0.2)),
+    )
+    return c

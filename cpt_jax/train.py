@@ -262,10 +262,15 @@ _all_finite = jax.jit(lambda tree: jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x))
 
 
 def train(run: Run) -> int:
+    """Run the loop; returns the exit status. The mesh is set for the run only, not left behind."""
+    with jax.set_mesh(run.mesh):
+        return _train(run)
+
+
+def _train(run: Run) -> int:
     cfg, workdir = run.cfg, run.workdir
     steps, B, T = cfg.train.steps, cfg.train.batch_size, cfg.train.seq_len
     end = cfg.train.stop_at or steps
-    jax.set_mesh(run.mesh)
 
     # ---------------------------------------------------------------- state (own ckpt | init_from | fresh)
     if jax.process_index() == 0:

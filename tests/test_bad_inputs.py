@@ -8,19 +8,13 @@ import subprocess
 
 import data_helpers
 import pytest
+from train_helpers import SMALL_MODEL
 
 from cpt_jax import prepare, train
 
 SMALL = [
-    "--config=configs/tiny.py",
-    "--config.model.n_layers=2",
-    "--config.model.d_model=64",
-    "--config.model.d_ff=128",
-    "--config.model.vocab_size=128",
+    *SMALL_MODEL,
     "--config.schedule.warmup_steps=1",
-    "--config.train.batch_size=8",
-    "--config.train.seq_len=32",
-    "--config.tensorboard=False",
     "--config.train.steps=4",
     "--config.checkpoint.every_steps=2",
 ]

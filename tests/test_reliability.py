@@ -11,24 +11,18 @@ import time
 import jax
 import numpy as np
 import pytest
+from train_helpers import SMALL_MODEL
 
 from cpt_jax import checkpoint, model, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 16
 SMALL = [
-    "--config=configs/tiny.py",
-    "--config.model.n_layers=2",
-    "--config.model.d_model=64",
-    "--config.model.d_ff=128",
-    "--config.model.vocab_size=128",
+    *SMALL_MODEL,
     "--config.schedule.warmup_steps=2",
     "--config.schedule.peak_lr=1e-2",
     "--config.schedule.min_lr=1e-3",
-    "--config.train.batch_size=8",
-    "--config.train.seq_len=32",
     "--config.train.log_every_steps=1",
-    "--config.tensorboard=False",
     f"--config.train.steps={STEPS}",
     "--config.checkpoint.every_steps=2",
 ]
