@@ -26,10 +26,11 @@ import numpy as np
 from absl import flags, logging
 from jax.experimental import multihost_utils
 
-from cpt_jax import checkpoint, cli, config, model, optim, schedules, sharding, train_step
+from cpt_jax import checkpoint, cli, config, flops, model, optim, schedules, sharding, train_step
 from cpt_jax.config import ConfigError
 from cpt_jax.data import pipeline as data_pipeline
 from cpt_jax.metrics import MetricsWriter, log
+from cpt_jax.progress import Progress
 
 
 @dataclasses.dataclass
@@ -325,6 +326,8 @@ def _train(run: Run) -> int:
     log(f"compiled the train step in {time.time() - t0:.1f}s; steps {start} -> {end} of {steps}")
 
     # ---------------------------------------------------------------- loop
+    peak = flops.peak_flops()  # None on CPUs and unknown devices: MFU is then reported as null
+    progress = Progress(end, desc="train", start=start, enabled=None if cfg.train.progress else False)
     nonfinite_run, pending, saved_at = 0, None, start
     last_time, last_step = time.time(), start
 
@@ -333,6 +336,7 @@ def _train(run: Run) -> int:
         nonlocal last_time, last_step, nonfinite_run
         m = jax.device_get(metrics)
         nonfinite_run = 0 if m["finite"] else nonfinite_run + 1
+        progress.update(1, loss=float(m["loss"]), lr=float(m["lr"]), phase=run.pipeline.phase_at(step))
         if step % cfg.train.log_every_steps == 0 or step == end - 1 or not m["finite"]:
             now = time.time()
             record = {
@@ -346,15 +350,26 @@ def _train(run: Run) -> int:
                 "phase": run.pipeline.phase_at(step),
                 "tokens_per_source": run.pipeline.tokens_per_source(step + 1),
             }
+            n_dev = jax.device_count()
+            record["mfu"] = flops.mfu(record["tokens_per_sec"], run.model_config, T, n_dev, peak)
+            record["tflops_per_device"] = (
+                flops.flops_per_sec_per_device(record["tokens_per_sec"], run.model_config, T, n_dev) / 1e12
+            )
             if not m["finite"]:
                 record["nonfinite"] = True
                 record["nonfinite_consecutive"] = nonfinite_run
             writer.write(record)
-            log(
+            progress.fields["tokens_per_sec"] = record["tokens_per_sec"]
+            line = (
                 f"step {step}: loss {record['loss']:.4f} lr {record['lr']:.3e} "
                 f"grad_norm {record['grad_norm']:.3f} {record['tokens_per_sec']:.0f} tok/s"
+                + (f" mfu {record['mfu']:.1%}" if record["mfu"] is not None else "")
                 + (" (non-finite: skipped)" if not m["finite"] else "")
             )
+            if progress.enabled:
+                progress.write(line)  # above the bar, which stays on the last line
+            else:
+                log(line)
             last_time, last_step = now, step + 1
         return nonfinite_run
 
@@ -399,6 +414,7 @@ def _train(run: Run) -> int:
             }
         )
     finally:
+        progress.close()
         preemption.restore()
         ckpt.close()
         writer.close()

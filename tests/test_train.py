@@ -40,8 +40,10 @@ def test_loss_falls_and_outputs_are_written(pretrained):
     recs = records(pretrained)
     assert [r["step"] for r in recs] == list(range(20))
     assert recs[-1]["loss"] < recs[0]["loss"] - 1.0, (recs[0]["loss"], recs[-1]["loss"])
-    for key in ("loss", "lr", "grad_norm", "tokens", "tokens_per_sec", "phase"):
+    for key in ("loss", "lr", "grad_norm", "tokens", "tokens_per_sec", "phase", "mfu", "tflops_per_device"):
         assert key in recs[-1]
+    assert recs[-1]["mfu"] is None  # no peak FLOP/s is known for a CPU: never a made-up number
+    assert recs[-1]["tflops_per_device"] > 0
     assert recs[-1]["tokens"] == 20 * 8 * 32
     cfg = json.load(open(os.path.join(pretrained, "config.json")))
     assert cfg["train"]["steps"] == 20
