@@ -30,6 +30,7 @@ OPERATIONAL_KEYS = (
     "init_from",
     "init_from_optimizer",
     "tensorboard",
+    "wandb",
 )
 
 
@@ -158,6 +159,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.tasks = ml_collections.ConfigDict()  # Multiple-choice tasks {name: file.jsonl}.
 
     c.tensorboard = True  # TensorBoard event files in WORKDIR/tb/.
+    c.wandb = ml_collections.ConfigDict()
+    c.wandb.project = ""  # Weights & Biases project ('' : off). Needs `pip install wandb`.
+    c.wandb.entity = ""
+    c.wandb.run_name = ""  # Default: the workdir's name.
     return c
 
 
@@ -320,5 +325,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"train.stop_at: {t.stop_at}, expected 0 (run to the end) or a step in [1, {t.steps}]")
     if cfg.checkpoint.every_steps < 0:
         raise ConfigError(f"checkpoint.every_steps: {cfg.checkpoint.every_steps}, expected a value >= 0")
+    if cfg.wandb.project:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError(
+                f"wandb.project: {cfg.wandb.project!r} but the wandb package is not installed, expected "
+                f"`pip install wandb` or wandb.project=''"
+            )
     if cfg.init_from_optimizer and not cfg.init_from:
         raise ConfigError("init_from_optimizer: True without init_from, expected init_from to name a checkpoint")

@@ -30,31 +30,57 @@ def _clean(x: Any) -> Any:
 class MetricsWriter:
     """Appends records to metrics.jsonl and scalars to TensorBoard (process 0 only)."""
 
-    def __init__(self, workdir: str, tensorboard: bool = True):
+    def __init__(self, workdir: str, tensorboard: bool = True, wandb_cfg: Any = None, run_config: Any = None):
         self.active = jax.process_index() == 0
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
+        self._wandb = None
         if self.active:
             self._file = open(self.path, "a", buffering=1)
             if tensorboard:
                 from tensorboardX import SummaryWriter
 
                 self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+            if wandb_cfg is not None and wandb_cfg.project:
+                import wandb  # optional: validated as installed when wandb.project is set
+
+                self._wandb = wandb.init(
+                    project=wandb_cfg.project,
+                    entity=wandb_cfg.entity or None,
+                    name=wandb_cfg.run_name or os.path.basename(os.path.normpath(workdir)),
+                    dir=workdir,
+                    config=run_config,
+                    resume="allow",
+                    id=_wandb_id(workdir),
+                )
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.active:
             return
         record = _clean(record)
         self._file.write(json.dumps(record) + "\n")
-        if self._tb is not None and "step" in record:
-            for key, value in _scalars(record):
-                self._tb.add_scalar(f"{record.get('kind', 'train')}/{key}", value, record["step"])
+        if "step" in record and (self._tb is not None or self._wandb is not None):
+            scalars = {f"{record.get('kind', 'train')}/{k}": v for k, v in _scalars(record)}
+            for key, value in scalars.items():
+                if self._tb is not None:
+                    self._tb.add_scalar(key, value, record["step"])
+            if self._wandb is not None and scalars:
+                self._wandb.log(scalars, step=record["step"])
 
     def close(self) -> None:
         if self.active:
             self._file.close()
             if self._tb is not None:
                 self._tb.close()
+            if self._wandb is not None:
+                self._wandb.finish()
+
+
+def _wandb_id(workdir: str) -> str:
+    """A run id stable for the workdir, so a resumed run continues the same W&B run."""
+    import hashlib
+
+    return hashlib.sha256(os.path.abspath(workdir).encode()).hexdigest()[:16]
 
 
 def _scalars(record: dict[str, Any], prefix: str = ""):

@@ -286,7 +286,7 @@ def _train(run: Run) -> int:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(cfg))
     _drop_records_from(os.path.join(workdir, "metrics.jsonl"), start)
-    writer = MetricsWriter(workdir, tensorboard=cfg.tensorboard)
+    writer = MetricsWriter(workdir, cfg.tensorboard, cfg.wandb, json.loads(config.to_json(cfg)))
     ckpt = checkpoint.Checkpointer(
         workdir, cfg.checkpoint.every_steps, cfg.checkpoint.max_to_keep, cfg.checkpoint.async_save
     )
