@@ -26,7 +26,7 @@ import numpy as np
 from absl import flags, logging
 from jax.experimental import multihost_utils
 
-from cpt_jax import checkpoint, cli, config, flops, model, optim, schedules, sharding, train_step
+from cpt_jax import checkpoint, cli, config, evaluate, flops, model, optim, schedules, sharding, train_step
 from cpt_jax.config import ConfigError
 from cpt_jax.data import pipeline as data_pipeline
 from cpt_jax.metrics import MetricsWriter, log
@@ -49,6 +49,7 @@ class Run:
     init_from: str | None  # another run's checkpoint to take parameters from
     init_metadata: dict | None
     param_shapes: dict  # name -> shape, written into every checkpoint's metadata
+    evaluation: evaluate.Evaluation | None  # per-source validation and tasks every eval.every_steps
 
 
 # ============================================================================ parse
@@ -123,10 +124,11 @@ def resolve_run(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
     schedule = schedules.build(cfg.schedule, cfg.train.steps, start_lr)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     pipeline = data_pipeline.Pipeline(cfg, schedule, batch_sharding)
+    evaluation = evaluate.from_config(cfg, mc, mesh=mesh, rules=rules, batch_sharding=batch_sharding, log=log)
     check_workdir(workdir, checkpoint.estimated_bytes(abstract) * 3)  # params + Adam's two moments
     return Run(
         cfg, workdir, mesh, rules, mc, param_shardings, schedule, pipeline, resume_step, init_from, init_meta,
-        checkpoint.param_shapes(abstract),
+        checkpoint.param_shapes(abstract), evaluation,
     )
 
 
@@ -247,12 +249,19 @@ class Preemption:
 
 
 def _drop_records_from(path: str, step: int) -> None:
-    """Forget records of steps >= `step` (they are re-run after a restart): one record per step."""
+    """Forget what a restart from checkpoint `step` will redo, so each step has one record: train
+    records of steps >= `step` and evaluations after it (an evaluation at `step` saw the very state
+    that is restored, so it stays)."""
     if jax.process_index() != 0 or not os.path.exists(path):
         return
+
+    def keep(record: dict) -> bool:
+        kind, at = record.get("kind"), record.get("step", 0)
+        return kind == "plan" or (at <= step if kind == "eval" else at < step)
+
     with open(path) as f:
         lines = f.readlines()
-    kept = [line for line in lines if json.loads(line).get("kind") == "plan" or json.loads(line).get("step", 0) < step]
+    kept = [line for line in lines if keep(json.loads(line))]
     if len(kept) != len(lines):
         with open(path + ".tmp", "w") as f:
             f.writelines(kept)
@@ -385,6 +394,8 @@ def _train(run: Run) -> int:
     try:
         for step, batch in run.pipeline.iterate(start, end):
             state, metrics = compiled(state, batch)
+            if run.evaluation is not None and run.evaluation.due(step + 1):
+                writer.write(run.evaluation.run(state["params"], step + 1, log=log))  # all processes compute
             # Read the previous step's metrics only after this one is dispatched: the host never
             # waits for the device to drain.
             if pending is not None and finish_step(*pending) >= cfg.train.max_nonfinite_steps:

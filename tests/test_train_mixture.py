@@ -1,6 +1,7 @@
 """Training on prepared sources: the General -> QA Blend switch happens at the planned step."""
 
 import json
+import math
 import os
 
 import data_helpers
@@ -20,6 +21,11 @@ def data(tmp_path_factory):
                                                 name="general")
     qa = data_helpers.make_prepared_source(root, tok, data_helpers.make_documents(100, seed=6), seq_len=32,
                                            name="qa")
+    task = root / "task.jsonl"
+    task.write_text("".join(
+        json.dumps({"context": f"Question {i}: which word?", "choices": [" alpha", " beta", " gamma"], "gold": i % 3})
+        + "\n" for i in range(6)
+    ))
     cfg_file = root / "mix.py"
     cfg_file.write_text(f"""
 from cpt_jax.presets import preset_config
@@ -38,6 +44,10 @@ def get_config():
         dict(weights=dict(general=1.0, qa=0.0)),
         dict(weights=dict(general=0.5, qa=0.5), start_at=dict(lr_ratio=0.2)),
     )
+    c.eval.examples_per_source = 4
+    c.eval.batch_size = 8
+    c.eval.sources.forgetting = {general!r}
+    c.eval.tasks.toy = {str(task)!r}
     return c
 """)
     return {"config": str(cfg_file), "tokenizer": tok}
@@ -71,3 +81,20 @@ def test_source_from_another_tokenizer_is_refused(data, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1 and "fingerprint" in err[0], err
     assert not os.path.exists(tmp_path / "never")
+
+
+def test_in_loop_evaluation_records(data, tmp_path):
+    workdir = str(tmp_path / "run")
+    argv = ["train", f"--config={data['config']}", f"--workdir={workdir}", "--config.eval.every_steps=10"]
+    assert train.main([*argv, "--config.train.stop_at=10"]) == 0
+    assert train.main(argv) == 0  # resumed from step 10: its evaluation is kept, not redone
+    evals = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    evals = [r for r in evals if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [10, 20]
+    for r in evals:
+        assert set(r["sources"]) == {"general", "qa", "forgetting"}
+        for m in r["sources"].values():
+            assert m["perplexity"] == pytest.approx(math.exp(m["loss"]), rel=1e-6) and m["bits_per_byte"] > 0
+        assert r["tasks"]["toy"]["n"] == 6 and 0.0 <= r["tasks"]["toy"]["acc"] <= 1.0
+    # The eval-only source reads the same val examples as 'general': the same numbers.
+    assert evals[0]["sources"]["forgetting"] == evals[0]["sources"]["general"]
