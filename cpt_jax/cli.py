@@ -26,6 +26,12 @@ def parse(
                                     lock_config=False)
     if define is not None:
         define(fv)
+    if any(arg in ("--help", "-h", "--helpfull") for arg in argv[1:]):
+        prog = os.path.basename(argv[0]) if argv else "cpt_jax"
+        print(f"usage: {prog} --config FILE[:ARG] [--config.KEY=VALUE ...] [flags]\n"
+              f"Every key of cpt_jax/config.py can be overridden with --config.KEY=VALUE (see the README's "
+              f"config reference).\n\n{fv.get_help()}")
+        raise SystemExit(0)
     for arg in argv[1:]:
         if arg.startswith("--config."):
             check_key(arg[len("--config.") :].split("=", 1)[0])

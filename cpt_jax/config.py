@@ -57,13 +57,13 @@ def model_defaults() -> ml_collections.ConfigDict:
     # RoPE frequency scaling: 'none', 'linear' (factor) or 'llama3' (factor, low/high_freq_factor,
     # original_max_seq_len), as in Llama 3.1.
     m.rope_scaling = "none"
-    m.rope_factor = 1.0
-    m.rope_low_freq_factor = 1.0
-    m.rope_high_freq_factor = 4.0
-    m.rope_original_max_seq_len = 8192
+    m.rope_factor = 1.0  # rope_scaling linear/llama3: the context extension factor.
+    m.rope_low_freq_factor = 1.0  # llama3 scaling: wavelengths above original/low are divided by factor.
+    m.rope_high_freq_factor = 4.0  # llama3 scaling: wavelengths below original/high are kept.
+    m.rope_original_max_seq_len = 8192  # llama3 scaling: the context length before extension.
     m.mlp = "swiglu"  # 'swiglu' (Llama) or 'squared_relu' (Nemotron: no gate).
     m.norm = "rmsnorm"  # 'rmsnorm' (Llama) or 'layernorm' (Nemotron).
-    m.norm_eps = 1e-5
+    m.norm_eps = 1e-5  # Epsilon added to the variance in RMSNorm/LayerNorm.
     m.qkv_bias = False  # Bias on q/k/v projections (Qwen2).
     m.tie_embeddings = False  # Output head shares the input embedding.
     m.dtype = "bfloat16"  # Compute dtype of matmuls and activations.
@@ -100,10 +100,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.inject_nan_steps = ()
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.95
-    c.optim.eps = 1e-8
-    c.optim.weight_decay = 0.1
+    c.optim.b1 = 0.9  # AdamW first-moment decay.
+    c.optim.b2 = 0.95  # AdamW second-moment decay.
+    c.optim.eps = 1e-8  # AdamW epsilon.
+    c.optim.weight_decay = 0.1  # Decoupled weight decay (multiplied by the LR, as in AdamW).
     c.optim.decay_norms_and_biases = False  # Apply weight decay to norm scales and biases too.
     c.optim.clip_norm = 1.0  # Global gradient-norm clipping; 0 disables.
 
@@ -133,7 +133,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 100  # Save every this many steps (and always at the end).
-    c.checkpoint.max_to_keep = 3
+    c.checkpoint.max_to_keep = 3  # Older steps are deleted; a damaged step never counts.
     c.checkpoint.async_save = True  # Save in the background while training continues.
 
     # A checkpoints/ directory of another run (its latest step) or one step directory: parameters
@@ -153,15 +153,15 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 0  # 0: no in-loop evaluation.
-    c.eval.examples_per_source = 64
-    c.eval.batch_size = 8
+    c.eval.examples_per_source = 64  # The first N val examples of each source, the same every time.
+    c.eval.batch_size = 8  # Sequences per evaluation batch.
     c.eval.sources = ml_collections.ConfigDict()  # Extra eval-only {name: prepared directory}.
     c.eval.tasks = ml_collections.ConfigDict()  # Multiple-choice tasks {name: file.jsonl}.
 
     c.tensorboard = True  # TensorBoard event files in WORKDIR/tb/.
     c.wandb = ml_collections.ConfigDict()
     c.wandb.project = ""  # Weights & Biases project ('' : off). Needs `pip install wandb`.
-    c.wandb.entity = ""
+    c.wandb.entity = ""  # Weights & Biases entity (team); '': your default.
     c.wandb.run_name = ""  # Default: the workdir's name.
     return c
 
