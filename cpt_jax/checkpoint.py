@@ -144,7 +144,8 @@ def restore_latest_good(root: str, abstract_state: dict[str, Any], warn) -> tupl
             out = _restore(root, step, params=abstract_state["params"], opt_state=abstract_state["opt_state"])
         except Exception as e:  # any failure to read the arrays means this step is unusable
             damaged = os.path.join(root, f"{step}.damaged")
-            os.replace(os.path.join(root, str(step)), damaged)
+            if jax.process_index() == 0:  # every process saw the failure; one moves the directory
+                os.replace(os.path.join(root, str(step)), damaged)
             reason = f"{type(e).__name__}: {e}".replace("\n", " ")[:300]
             warn(f"warning: checkpoint step {step} failed to restore ({reason}); moved to {damaged}")
             continue

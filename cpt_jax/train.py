@@ -23,10 +23,24 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import flags, logging
 from jax.experimental import multihost_utils
 
-from cpt_jax import checkpoint, cli, config, evaluate, flops, model, optim, schedules, sharding, train_step
+from cpt_jax import (
+    aot,
+    checkpoint,
+    cli,
+    config,
+    distributed,
+    evaluate,
+    flops,
+    model,
+    optim,
+    schedules,
+    sharding,
+    train_step,
+)
 from cpt_jax.config import ConfigError
 from cpt_jax.data import pipeline as data_pipeline
 from cpt_jax.metrics import MetricsWriter, log
@@ -55,16 +69,31 @@ class Run:
 # ============================================================================ parse
 
 
-def parse_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, str]:
-    """Command line -> (config, workdir). Any problem with the file or an override is a ConfigError."""
+def parse_args(argv: list[str], launch: dict | None = None) -> tuple[ml_collections.ConfigDict, str]:
+    """Command line -> (config, workdir). Any problem with the file or an override is a ConfigError.
+
+    `launch`, when given, receives how to start: "distributed" (distributed.Settings from
+    --coordinator_address/--num_processes/--process_id or CPT_*, validated without connecting),
+    "compile_only" and "topology".
+    """
 
     def define(fv: flags.FlagValues) -> None:
         flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and config.json.",
                             flag_values=fv)
+        distributed.define_flags(fv)
+        flags.DEFINE_bool("compile_only", False, "Compile the train step for --topology, report per-device "
+                          "memory and FLOPs, write nothing.", flag_values=fv)
+        flags.DEFINE_string("topology", None, "With --compile_only: cpu:N or a TPU slice such as v5p-256 "
+                            "(default: this process's devices).", flag_values=fv)
 
     cfg, fv = cli.parse(argv, define)
     if not fv.workdir:
         raise ConfigError("--workdir: missing, expected a directory for this run's outputs")
+    if fv.topology and not fv.compile_only:
+        raise ConfigError(f"--topology: {fv.topology!r} is only used with --compile_only, expected both or neither")
+    settings = distributed.settings_from_flags(fv)
+    if launch is not None:
+        launch.update(distributed=settings, compile_only=fv.compile_only, topology=fv.topology)
     return cfg, os.path.abspath(fv.workdir)
 
 
@@ -164,10 +193,15 @@ def _abstract_state(run: Run, tx) -> tuple[dict, dict]:
         model.abstract_params(run.model_config),
         run.param_shardings,
     )
-    opt_shardings = jax.jit(tx.init).lower(abstract_params).compile().output_shardings
+    # Every copy of the parameter tree inside the optimizer state (Adam's moments) is sharded like
+    # the parameters; counters and other scalars are replicated.
+    plain_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, s: s, plain_opt, run.param_shardings,
+        transform_non_params=lambda _: sharding.replicated(run.mesh),
+    )
     abstract_opt = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), jax.eval_shape(tx.init, abstract_params),
-        opt_shardings,
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), plain_opt, opt_shardings
     )
     shardings = {"step": sharding.replicated(run.mesh), "params": run.param_shardings, "opt_state": opt_shardings}
     return {"params": abstract_params, "opt_state": abstract_opt}, shardings
@@ -445,7 +479,17 @@ def _train(run: Run) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.set_verbosity(logging.WARNING)
     try:
-        cfg, workdir = parse_args(argv if argv is not None else sys.argv)
+        launch: dict = {}
+        cfg, workdir = parse_args(argv if argv is not None else sys.argv, launch)
+        # Join the other processes (if any) before anything touches JAX's devices; then make sure
+        # every process runs the same config into the same workdir.
+        distributed.initialize(launch["distributed"])
+        distributed.check_same_config({**json.loads(config.to_json(cfg)), "--workdir": workdir})
+        if launch["compile_only"]:
+            report = aot.compile_only(aot.resolve(cfg, workdir), launch["topology"])
+            if jax.process_index() == 0:
+                print(aot.format_report(report, workdir), flush=True)
+            return 0
         run = resolve_run(cfg, workdir)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -90,3 +90,21 @@ def test_config_file_argument(tmp_path):
 
     cfg, _ = cli.parse(["train", "--config=configs/recipe.py:qwen2_7b", "--config.train.steps=7"])
     assert cfg.model.qkv_bias and cfg.model.n_layers == 28 and cfg.train.steps == 7
+
+
+def test_optimizer_state_is_sharded_like_the_parameters(tmp_path):
+    import jax
+
+    from cpt_jax import optim
+
+    cfg, workdir = train.parse_args(["train", *SMALL, f"--workdir={tmp_path / 'w'}"])
+    run = train.resolve_run(cfg, workdir)
+    tx = optim.build(cfg.optim)
+    abstract, _ = train._abstract_state(run, tx)
+    moments = [x for path, x in jax.tree_util.tree_flatten_with_path(abstract["opt_state"])[0]
+               if jax.tree_util.keystr(path).endswith("['wq']")]
+    assert len(moments) == 2  # Adam's mu and nu
+    wq_sharding = run.param_shardings["layers"]["wq"]
+    for m in moments:
+        assert m.sharding == wq_sharding
+        assert m.sharding.shard_shape(m.shape)[1] == m.shape[1] // 8  # embed over fsdp=8: 1/8 per device

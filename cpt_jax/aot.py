@@ -1,0 +1,346 @@
+"""Compile the train step for a target before booking it: per-device memory and FLOPs.
+
+    python -m cpt_jax.train --config ... --workdir DIR --compile_only [--topology v5p-256|cpu:N]
+
+Builds the same jitted step as `train._train` (same state shardings from `train._abstract_state`,
+same `train_step.make_train_step`, same batch contract `data_pipeline.BATCH_DTYPES`) on abstract
+arrays only, lowers and compiles it for the target's devices, and reports what XLA's compiled
+program says: argument, output, temporary and total bytes per device (`memory_analysis`) and
+FLOPs (`cost_analysis`). Nothing is written to the workdir, no data or checkpoint is read (the
+learning-rate values, which need a checkpoint's metadata, do not change the program).
+
+Targets:
+  (none)       this process's devices (CPU, GPU or TPU, whatever JAX sees).
+  cpu:N        N CPU devices of this process (start it with
+               XLA_FLAGS=--xla_force_host_platform_device_count=N when N > the devices it has).
+  v5p-256 ...  a TPU slice through `jax.experimental.topologies.get_topology_desc`: needs libtpu
+               (`pip install 'cpt_jax[tpu]'`), not TPU hardware. Names follow Cloud TPU's
+               (v4-N, v5p-N: N TensorCores; v5e-N / v5litepod-N, v6e-N: N chips) or give the chip
+               grid as FAMILY:AxBxC (v5p:4x4x12).
+  GPU targets  cannot be compiled from a host without those GPUs: JAX has no compile-only GPU
+               topology. Run --compile_only on one host of the target type instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+import re
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cpt_jax import checkpoint, config, flops, model, optim, schedules, sharding, train_step
+from cpt_jax.config import ConfigError
+from cpt_jax.data import pipeline as data_pipeline
+
+# A placeholder start LR for schedules that take it from a checkpoint: only values in the program change.
+PLACEHOLDER_START_LR = 1e-4
+_TPU_FAMILIES = {
+    # family: (libtpu topology prefix, TensorCores per chip as Cloud TPU names count them, grid rank, chip config)
+    "v4": ("v4", 2, 3, "megacore"),
+    "v5p": ("v5", 2, 3, "megacore"),
+    "v5e": ("v5e", 1, 2, "default"),
+    "v5litepod": ("v5e", 1, 2, "default"),
+    "v6e": ("v6e", 1, 2, "default"),
+}
+_GPU_WORDS = ("gpu", "cuda", "rocm", "a100", "h100", "h200", "b200", "gb200", "l4", "a3", "a4")
+
+
+@dataclasses.dataclass
+class CompileRun:
+    """What compiling needs from a run: a `train.Run` has the same attributes."""
+
+    cfg: ml_collections.ConfigDict
+    workdir: str
+    rules: dict
+    model_config: model.ModelConfig
+    schedule: schedules.Schedule
+
+
+@dataclasses.dataclass
+class _MeshView:
+    """The attributes of a `train.Run` that `train._abstract_state` reads, for the target mesh."""
+
+    model_config: model.ModelConfig
+    param_shardings: Any
+    mesh: jax.sharding.Mesh
+
+
+def resolve(cfg: ml_collections.ConfigDict, workdir: str) -> CompileRun:
+    """Validate the config for compiling; reads no data and no checkpoint arrays, writes nothing."""
+    config.validate(cfg)
+    rules = sharding.rules_from_config(cfg.mesh)
+    mc = model.ModelConfig.from_config(cfg.model)
+    start_lr = cfg.schedule.start_lr
+    if start_lr is None and cfg.init_from:
+        try:
+            start_lr = checkpoint.read_metadata(cfg.init_from).get("lr_min")
+        except ConfigError:  # the checkpoint is not on this machine: the value does not change the program
+            start_lr = None
+    if start_lr is None and cfg.schedule.name in ("recipe", "constant"):
+        start_lr = PLACEHOLDER_START_LR
+    schedule = schedules.build(cfg.schedule, cfg.train.steps, start_lr)
+    return CompileRun(cfg, workdir, rules, mc, schedule)
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+@dataclasses.dataclass
+class Target:
+    name: str
+    platform: str
+    devices: list
+    tpu_grid: tuple[int, ...] | None = None
+
+
+def libtpu_available() -> bool:
+    """Whether a TPU compiler (libtpu) can be loaded here; TPU hardware is not needed."""
+    path = os.environ.get("TPU_LIBRARY_PATH")
+    if path and os.path.isfile(path):
+        return True
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def tpu_grid(name: str) -> tuple[str, tuple[int, ...]] | None:
+    """('v5p', (4, 4, 8)) for 'v5p-256' or 'v5p:4x4x8'; None when `name` is not a TPU name."""
+    m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)([-:])(\S+)", name.strip().lower())
+    if not m:
+        return None
+    family, sep, rest = m.groups()
+    _, cores_per_chip, rank, _ = _TPU_FAMILIES[family]
+    if sep == ":":
+        dims = tuple(int(d) for d in rest.split("x")) if re.fullmatch(r"\d+(x\d+)*", rest) else ()
+        if len(dims) != rank or min(dims) < 1:
+            raise ConfigError(f"--topology: {name!r}, expected a {rank}-D chip grid such as "
+                              f"{family}:{'x'.join(['4'] * rank)}")
+        return family, dims
+    if not rest.isdigit() or int(rest) % cores_per_chip:
+        raise ConfigError(f"--topology: {name!r}, expected {family}-N with N a number of "
+                          f"{'TensorCores' if cores_per_chip > 1 else 'chips'}")
+    chips = int(rest) // cores_per_chip
+    # Cloud TPU's slice shapes grow by doubling the last of the smallest sides:
+    # v5p 2x2x1, 2x2x2, 2x2x4, 2x4x4, 4x4x4, 4x4x8 ...; v5e/v6e 1x1, 2x2, 2x4, 4x4, 4x8 ...
+    dims = [1] * rank if chips == 1 else ([2, 2] + [1] * (rank - 2))
+    while math.prod(dims) < chips:
+        smallest = min(dims)
+        last = max(i for i, d in enumerate(dims) if d == smallest)
+        dims[last] *= 2
+    if math.prod(dims) != chips:
+        raise ConfigError(f"--topology: {name!r} is not a power-of-two slice; give its chip grid as "
+                          f"{family}:{'x'.join(['A', 'B', 'C'][:rank])}")
+    return family, tuple(dims)
+
+
+def target(topology: str | None) -> Target:
+    """The devices to compile for; ConfigError (one line) when this machine cannot compile for them."""
+    if not topology:
+        devices = jax.devices()
+        return Target("this process", devices[0].platform, devices)
+    name = topology.strip()
+    m = re.fullmatch(r"cpu:(\d+)", name.lower())
+    if m:
+        n = int(m.group(1))
+        have = jax.devices("cpu")
+        if n < 1:
+            raise ConfigError(f"--topology: {name!r}, expected cpu:N with N >= 1")
+        if n > len(have):
+            raise ConfigError(
+                f"--topology {name}: this process has {len(have)} CPU devices, expected at least {n}; start it with "
+                f"XLA_FLAGS=--xla_force_host_platform_device_count={n} (JAX_PLATFORMS=cpu on a GPU/TPU host)"
+            )
+        return Target(name, "cpu", have[:n])
+    grid = tpu_grid(name)
+    if grid is not None:
+        if not libtpu_available():
+            raise ConfigError(
+                f"compiling for TPU topology {name} needs libtpu (pip install 'cpt_jax[tpu]'); "
+                f"on this machine only --topology cpu:N is available"
+            )
+        return _tpu_target(name, *grid)
+    if any(word in name.lower() for word in _GPU_WORDS):
+        raise ConfigError(
+            f"--topology {name}: JAX cannot compile for GPUs on a host without them (jax.experimental.topologies "
+            f"offers TPU topologies only); run --compile_only without --topology on one host of the target type, "
+            f"or use --topology cpu:N to check the sharding on N devices"
+        )
+    raise ConfigError(f"--topology: {name!r}, expected cpu:N or a TPU slice such as v5p-256, v5e-16, v6e-8, v4-32")
+
+
+def _tpu_target(name: str, family: str, dims: tuple[int, ...]) -> Target:
+    """Compile-only TPU devices for a slice (the chip grid, host bounds and wraparound as Cloud TPU has them)."""
+    from jax.experimental import topologies
+
+    prefix, _, rank, chip_config = _TPU_FAMILIES[family]
+    grid = "x".join(map(str, dims))
+    if rank == 3:
+        wrap = (all(d % 4 == 0 for d in dims),) * 3  # full tori from 4x4x4 up
+        host_bounds = (2, 2, 1)
+    else:
+        wrap = tuple(d == 16 for d in dims) + (False,)  # a side of 16 chips wraps around
+        host_bounds = (2, 2, 1) if math.prod(dims) >= 4 else (*dims, 1)
+    try:
+        desc = topologies.get_topology_desc(
+            topology_name=f"{prefix}:{grid}",
+            platform="tpu",
+            chip_config_name=chip_config,
+            chips_per_host_bounds=host_bounds,
+            num_slices=1,
+            wrap=wrap,
+        )
+    except Exception as e:  # libtpu present but the slice is unknown to it
+        reason = " ".join(str(e).split())[:200]
+        raise ConfigError(f"--topology {name}: libtpu cannot describe {prefix}:{grid} ({reason})") from None
+    return Target(name, "tpu", list(desc.devices), dims)
+
+
+def target_mesh(cfg_mesh, tgt: Target) -> jax.sharding.Mesh:
+    """The config's (data, fsdp, tensor) mesh over the target's devices (TPU: in physical order)."""
+    if tgt.platform != "tpu":
+        return sharding.make_mesh(cfg_mesh, tgt.devices)
+    from jax.experimental import mesh_utils
+
+    shape = sharding.mesh_shape(cfg_mesh, len(tgt.devices))
+    devices = mesh_utils.create_device_mesh(shape, tgt.devices)
+    return jax.sharding.Mesh(devices, sharding.AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(sharding.AXES))
+
+
+# ----------------------------------------------------------------------------- compiling
+
+
+def compile_only(run: Any, topology: str | None) -> dict[str, Any]:
+    """Compile the train step of `run` (a train.Run or `resolve`'s CompileRun) for `topology`.
+
+    Returns the report: target, mesh, per-device memory (bytes) and FLOPs. ConfigError for a
+    target this machine cannot compile for, or a config that does not fit the target's devices.
+    """
+    import cpt_jax.train as train  # train.main imports this module: import it when first needed
+
+    cfg, mc = run.cfg, run.model_config
+    B, T = int(cfg.train.batch_size), int(cfg.train.seq_len)
+    tgt = target(topology)
+    mesh = target_mesh(cfg.mesh, tgt)
+    rules = run.rules
+    param_shardings = sharding.param_shardings(model.abstract_params(mc), model.logical_axes(mc), mesh, rules)
+    divisor = sharding.batch_divisor(mesh, rules)
+    micro = B // cfg.train.micro_batches
+    if micro % divisor:
+        raise ConfigError(
+            f"train.batch_size: {B} ({cfg.train.micro_batches} micro-batches of {micro}) does not split over the "
+            f"{divisor} data-parallel devices of {tgt.name}, expected a multiple of {divisor}"
+        )
+    tx = optim.build(cfg.optim)
+    with jax.set_mesh(mesh):
+        abstract, shardings = train._abstract_state(_MeshView(mc, param_shardings, mesh), tx)
+        state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings["step"]), **abstract}
+        batch_sharding = sharding.batch_sharding(mesh, rules)
+        batch = {
+            k: jax.ShapeDtypeStruct((B, T), v, sharding=batch_sharding) for k, v in data_pipeline.BATCH_DTYPES.items()
+        }
+        step_fn = train_step.make_train_step(
+            mc,
+            tx,
+            run.schedule,
+            sharding.rules_tuple(rules),
+            cfg.train.micro_batches,
+            cfg.train.loss_chunk_tokens,
+            tuple(cfg.train.inject_nan_steps),
+        )
+        jitted = jax.jit(
+            step_fn,
+            in_shardings=(shardings, {k: batch_sharding for k in data_pipeline.BATCH_KEYS}),
+            out_shardings=(shardings, sharding.replicated(mesh)),
+            donate_argnums=(0,),
+        )
+        t0 = time.perf_counter()
+        compiled = jitted.lower(state, batch).compile()
+        seconds = time.perf_counter() - t0
+    return _report(tgt, mesh, compiled, seconds, B, T, mc)
+
+
+def _report(tgt: Target, mesh, compiled, seconds: float, B: int, T: int, mc) -> dict[str, Any]:
+    mem = compiled.memory_analysis()
+    memory = None
+    if mem is not None:
+        memory = {
+            "argument_bytes": int(mem.argument_size_in_bytes),
+            "output_bytes": int(mem.output_size_in_bytes),
+            "alias_bytes": int(mem.alias_size_in_bytes),
+            "temp_bytes": int(mem.temp_size_in_bytes),
+            "generated_code_bytes": int(mem.generated_code_size_in_bytes),
+        }
+        # Donated state is aliased: its buffers are counted once, as arguments.
+        memory["total_bytes"] = (
+            memory["argument_bytes"] + memory["output_bytes"] - memory["alias_bytes"] + memory["temp_bytes"]
+            + memory["generated_code_bytes"]
+        )
+        peak = getattr(mem, "peak_memory_in_bytes", 0)
+        if peak:
+            memory["peak_bytes"] = int(peak)
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
+        cost = cost[0] if cost else {}
+    xla_flops = float((cost or {}).get("flops", float("nan")))
+    model_flops = flops.flops_per_token(mc, T) * B * T
+    n = len(tgt.devices)
+    return {
+        "topology": tgt.name,
+        "platform": tgt.platform,
+        "devices": n,
+        "tpu_grid": list(tgt.tpu_grid) if tgt.tpu_grid else None,
+        "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "batch": [B, T],
+        "params": int(mc.num_params()),
+        "compile_secs": round(seconds, 3),
+        "memory_per_device": memory,
+        # XLA's count of the compiled per-device program. It counts a loop body once, so with
+        # model.scan_layers it covers one layer of the stack: compare with the model FLOPs.
+        "flops_per_device": xla_flops,
+        "flops_per_step": xla_flops * n if np.isfinite(xla_flops) else xla_flops,
+        "scan_layers": bool(mc.scan_layers),
+        # 6 x matmul weights + attention, per token (cpt_jax.flops: what MFU is computed from).
+        "model_flops_per_step": float(model_flops),
+        "model_flops_per_device": float(model_flops) / n,
+    }
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def format_report(report: dict[str, Any], workdir: str) -> str:
+    """The report as a few lines for a person."""
+    mesh = " ".join(f"{k}={v}" for k, v in report["mesh"].items())
+    lines = [
+        f"compile-only: {report['topology']} ({report['devices']} {report['platform']} devices), mesh {mesh}, "
+        f"batch {report['batch'][0]} x {report['batch'][1]}, {report['params']:,} parameters; "
+        f"compiled in {report['compile_secs']:.1f}s",
+    ]
+    m = report["memory_per_device"]
+    if m:
+        lines.append(
+            f"memory per device: arguments {_size(m['argument_bytes'])}, outputs {_size(m['output_bytes'])} "
+            f"(of which {_size(m['alias_bytes'])} reuse donated arguments), temporaries {_size(m['temp_bytes'])}, "
+            f"total {_size(m['total_bytes'])}"
+        )
+    else:
+        lines.append("memory per device: not reported by this backend")
+    lines.append(
+        f"FLOPs per step: {report['flops_per_device']:.4g} per device, {report['flops_per_step']:.4g} in all "
+        f"(XLA cost analysis of the compiled step"
+        + ("; it counts the scanned layer loop once" if report["scan_layers"] else "")
+        + f"); model FLOPs {report['model_flops_per_device']:.4g} per device, {report['model_flops_per_step']:.4g} "
+        f"in all (6 x matmul weights + attention per token)"
+    )
+    lines.append(f"nothing was written to {workdir}")
+    return "\n".join(lines)
