@@ -428,7 +428,7 @@ def _train(run: Run) -> int:
     try:
         for step, batch in run.pipeline.iterate(start, end):
             state, metrics = compiled(state, batch)
-            if run.evaluation is not None and run.evaluation.due(step + 1):
+            if run.evaluation is not None and (run.evaluation.due(step + 1) or step + 1 == steps):
                 writer.write(run.evaluation.run(state["params"], step + 1, log=log))  # all processes compute
             # Read the previous step's metrics only after this one is dispatched: the host never
             # waits for the device to drain.
