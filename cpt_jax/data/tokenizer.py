@@ -9,6 +9,7 @@ sentencepiece model in-process for users with a new domain (`python -m cpt_jax.t
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import io
 import json
@@ -42,7 +43,7 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """Common interface of both backends.
 
     Attributes:
@@ -71,13 +72,13 @@ class Tokenizer:
         """dtype of prepared examples made with this tokenizer (uint16 when the vocab fits)."""
         return token_dtype(self.vocab_size)
 
+    @abc.abstractmethod
     def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[np.ndarray]:
         """Token ids of each text (int32 arrays), without bos/eos. `num_threads` None: all cores."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:
         """The text of a sequence of ids (special tokens are kept in the text)."""
-        raise NotImplementedError
 
     def encode_documents(self, texts: Sequence[str], num_threads: int | None = None) -> np.ndarray:
         """All texts encoded and concatenated, each followed by eos, as one array of `self.dtype`.
