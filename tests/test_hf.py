@@ -61,6 +61,9 @@ def make_hf_model(directory, family, sp_path=None, seed=0):
             p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
     m = m.to(getattr(torch, spec["dtype"]))
     kwargs = {"max_shard_size": spec["shard"]} if spec["shard"] else {}
+    # transformers 5 draws a progress bar on stderr while writing shards; the tests that check our
+    # own stderr (one-line errors) must not see it.
+    transformers.utils.logging.disable_progress_bar()
     m.save_pretrained(directory, safe_serialization=True, **kwargs)
     if spec["tokenizer"] == "hf":
         make_hf_tokenizer(directory, vocab_size=300, config={"eos_token": "<|endoftext|>"})
