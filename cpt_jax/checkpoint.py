@@ -1,40 +1,76 @@
 """Checkpoints: an orbax CheckpointManager under WORKDIR/checkpoints/, and reading other runs'.
 
-A step directory holds three items: `params`, `opt_state` (orbax StandardSave) and `metadata` (a
-JSON file at <step>/metadata/metadata). The metadata carries the schedule (so a continued run can
-start at the checkpoint's lr_min), the model config, parameter shapes (to report a mismatch
-before anything is compiled), the step and tokens seen.
+A step directory (format 2) holds one orbax PyTree item, `state`, with the parameters and the
+optimizer state ({"params": ..., "opt_state": ...}; imported models have no optimizer state), and
+our metadata as the `custom_metadata` of orbax's own step metadata file (`_CHECKPOINT_METADATA`,
+JSON), which orbax commits together with the arrays. One item and no separate JSON item halve the
+per-save fixed cost of orbax. The metadata carries the schedule (so a continued run can start at
+the checkpoint's lr_min), the model config, parameter shapes (to report a mismatch before anything
+is compiled), the step and tokens seen.
+
+Format 1 (items `params`, `opt_state` and a JSON item `metadata`) is still read.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from cpt_jax.config import ConfigError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # Weight files that are Python pickles: loading one can execute arbitrary code.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _COMMIT_MARKER = "commit_success.txt"
+_STATE = "state"
+_STEP_METADATA = "_CHECKPOINT_METADATA"  # orbax's per-step file; ours is its "custom_metadata"
+_V1_METADATA = os.path.join("metadata", "metadata")
+# With one process, arrays up to this size are written whole (one chunk) rather than shard by
+# shard: orbax's cost per shard exceeds the write of a small shard, and a restore reads at most
+# this much per device for them. Larger arrays keep one chunk per shard (parallel writes, and a
+# restore reads only its own shards).
+_WHOLE_ARRAY_BYTES = 16 << 20
 
 
 # ----------------------------------------------------------------------------- reading any checkpoint
 
 
-def _metadata_file(step_dir: str) -> str:
-    return os.path.join(step_dir, "metadata", "metadata")
+def _step_metadata(step_dir: str) -> dict[str, Any] | None:
+    """Our metadata of a step directory (format 2, or format 1's JSON item); None if it has none.
+    Raises OSError or JSONDecodeError when the file is there but unreadable."""
+    v2 = os.path.join(step_dir, _STEP_METADATA)
+    if os.path.isfile(v2):
+        with open(v2) as f:
+            custom = json.load(f).get("custom_metadata") or {}
+        if "format_version" in custom:
+            return custom
+    v1 = os.path.join(step_dir, _V1_METADATA)
+    if os.path.isfile(v1):
+        with open(v1) as f:
+            return json.load(f)
+    return None
+
+
+def _has_metadata(step_dir: str) -> bool:
+    try:
+        return _step_metadata(step_dir) is not None
+    except (OSError, json.JSONDecodeError):
+        return True  # it is there; read_metadata reports what is wrong with it
 
 
 def is_step_dir(path: str) -> bool:
     """A complete step directory written by cpt_jax (named by its step, with metadata)."""
-    return os.path.basename(os.path.normpath(path)).isdigit() and os.path.isfile(_metadata_file(path))
+    return os.path.basename(os.path.normpath(path)).isdigit() and _has_metadata(path)
 
 
 def complete_steps(root: str) -> list[int]:
@@ -78,7 +114,7 @@ def resolve(path: str, key: str = "init_from") -> tuple[str, int]:
         return os.path.dirname(path), int(os.path.basename(path))
     if os.path.isdir(os.path.join(path, "checkpoints")) and not complete_steps(path):
         path = os.path.join(path, "checkpoints")
-    steps = [s for s in complete_steps(path) if os.path.isfile(_metadata_file(os.path.join(path, str(s))))]
+    steps = [s for s in complete_steps(path) if _has_metadata(os.path.join(path, str(s)))]
     if not steps:
         raise ConfigError(
             f"{key}: {path} holds no complete cpt_jax checkpoint, expected a checkpoints/ directory "
@@ -88,14 +124,26 @@ def resolve(path: str, key: str = "init_from") -> tuple[str, int]:
 
 
 def read_metadata(path: str, key: str = "init_from") -> dict[str, Any]:
-    """The metadata JSON of a checkpoint (a step directory, or a checkpoints/ directory's latest)."""
+    """The metadata of a checkpoint (a step directory, or a checkpoints/ directory's latest)."""
     root, step = resolve(path, key)
-    file = _metadata_file(os.path.join(root, str(step)))
+    step_dir = os.path.join(root, str(step))
     try:
-        with open(file) as f:
-            return json.load(f)
+        meta = _step_metadata(step_dir)
     except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{key}: {file} is unreadable ({e}), expected the checkpoint's metadata JSON") from None
+        raise ConfigError(f"{key}: {step_dir} has unreadable metadata ({e}), expected the checkpoint's "
+                          f"metadata JSON") from None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{key}: {step_dir} has metadata that is not a JSON object, expected cpt_jax metadata")
+    return meta
+
+
+def has_optimizer_state(path: str, key: str = "init_from") -> bool:
+    """Whether a checkpoint carries optimizer state (an imported model does not)."""
+    root, step = resolve(path, key)
+    step_dir = os.path.join(root, str(step))
+    if os.path.isdir(os.path.join(step_dir, _STATE)):
+        return bool(read_metadata(step_dir, key).get("has_opt_state", True))
+    return os.path.isdir(os.path.join(step_dir, "opt_state"))
 
 
 def param_shapes(params: Any) -> dict[str, list[int]]:
@@ -118,9 +166,14 @@ def check_param_shapes(saved: dict[str, list[int]], expected: Any, where: str) -
 
 
 def _restore(root: str, step: int, **items: Any) -> dict[str, Any]:
+    """The requested items (params=..., opt_state=...) of one step, into their abstract targets."""
     mngr = ocp.CheckpointManager(root)
     try:
-        args = {k: ocp.args.StandardRestore(v) for k, v in items.items()}
+        if os.path.isdir(os.path.join(root, str(step), _STATE)):
+            restore_args = ocp.checkpoint_utils.construct_restore_args(items)
+            args = ocp.args.PyTreeRestore(items, restore_args=restore_args, partial_restore=True)
+            return dict(mngr.restore(step, args=ocp.args.Composite(**{_STATE: args}))[_STATE])
+        args = {k: ocp.args.StandardRestore(v) for k, v in items.items()}  # format 1
         return dict(mngr.restore(step, args=ocp.args.Composite(**args)))
     finally:
         mngr.close()
@@ -168,23 +221,166 @@ def estimated_bytes(abstract_state: Any) -> int:
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract_state))
 
 
-# ----------------------------------------------------------------------------- this run's checkpoints
+# ----------------------------------------------------------------------------- writing
+
+
+def _array_registry(replica_parallel: bool):
+    """Orbax's type handlers, with replica-parallel writing of replicated arrays on or off.
+
+    Replica-parallel splits each replicated array between the processes holding a copy, which
+    spreads the write of a data-parallel state over hosts. With one process every replica is on
+    the same host, so it only adds a device slice per shard and array to each save (on 8 devices
+    that was most of a small model's save time).
+    """
+    th = ocp.type_handlers
+    return th.create_type_handler_registry(*[
+        (ty, th.ArrayHandler(use_replica_parallel=False) if ty is jax.Array and not replica_parallel
+         else th.get_type_handler(ty))
+        for ty in th.supported_types()
+    ])
+
+
+def _manager(root: str, *, max_to_keep: int | None, async_save: bool, multi_process: bool) -> ocp.CheckpointManager:
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_array_registry(replica_parallel=multi_process))
+    return ocp.CheckpointManager(
+        root,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=async_save,
+            enable_background_delete=True,  # removing old steps is not the save's business
+            cleanup_tmp_directories=True,  # what a killed save left half-written is never a checkpoint
+            create=True,
+        ),
+        item_handlers={_STATE: handler},
+    )
+
+
+def _save_args(items: dict[str, Any]) -> ocp.args.Composite:
+    return ocp.args.Composite(**{_STATE: ocp.args.PyTreeSave(items)})
+
+
+def write(root: str, step: int, items: dict[str, Any], metadata: dict[str, Any]) -> None:
+    """Save `items` ({"params": ...} and, for a run, "opt_state") and `metadata` as step `step` of
+    the checkpoints/ directory `root`, synchronously (an import writes its model this way)."""
+    meta = _jsonable(dict(metadata, format_version=FORMAT_VERSION, step=int(step),
+                          has_opt_state="opt_state" in items))
+    mngr = _manager(root, max_to_keep=None, async_save=False, multi_process=jax.process_count() > 1)
+    try:
+        mngr.save(int(step), args=_save_args(items), custom_metadata=meta, force=True)
+        mngr.wait_until_finished()
+    finally:
+        mngr.close()
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint was not written; the steps committed before it are intact."""
+
+
+class NonFiniteParameters(CheckpointError):
+    """The parameters to save hold a NaN or an infinity: that checkpoint is refused, never written."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed (a full disk, a lost mount, ...)."""
+
+
+class _HeldOrbaxErrors(logging.Filter):
+    """Holds back what orbax prints when a save fails (its ERROR records with tracebacks, and the
+    'Event loop is closed' its threads raise on the way out): the loop reports the failure once,
+    as one line. Held records that no raised error accounts for are printed at close, so nothing
+    is lost."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.accounted = False
+        self._previous_hook = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname:
+            self.records.append(record)
+            return False
+        return True
+
+    def _unraisable(self, info) -> None:
+        if isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed":
+            return  # orbax's helper threads, after a failed save, finding their loop gone
+        self._previous_hook(info)
+
+    def __enter__(self) -> _HeldOrbaxErrors:
+        logging.getLogger("absl").addFilter(self)
+        self._previous_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("absl").removeFilter(self)
+        sys.unraisablehook = self._previous_hook
+        if not self.accounted:
+            for record in self.records:
+                logging.getLogger("absl").handle(record)
+
+
+def _write_failure(step: int, e: BaseException) -> CheckpointWriteError:
+    text = f"{type(e).__name__}: {e}"
+    # tensorstore wraps the OS error in a long message; the OS's own words are what a user acts on
+    for os_error in ("No space left on device", "Read-only file system", "Permission denied",
+                     "Disk quota exceeded", "Input/output error"):
+        if os_error in text:
+            text = os_error
+            break
+    return CheckpointWriteError(f"checkpoint step {step} was not written ({text.splitlines()[0][:300]})")
+
+
+_all_finite = jax.jit(lambda tree: jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])))
+
+
+def _host_memory_kind() -> str | None:
+    kinds = {m.kind for m in jax.local_devices()[0].addressable_memories()}
+    return next((k for k in ("pinned_host", "unpinned_host") if k in kinds), None)
+
+
+def snapshot(tree: Any) -> Any:
+    """A copy of `tree` in host memory (same shardings), dispatched without waiting for it.
+
+    The train step donates the state's buffers, so a save that outlives the step must write from
+    a copy. The copy is ordered after the step that produced the values and before the next step
+    that reuses the buffers. On accelerators it lands in host memory (no device memory is spent on
+    it); on a CPU, host memory is device memory.
+    """
+    kind = _host_memory_kind()
+    if kind is None:  # a backend without host memory spaces: copy on the device
+        return jax.jit(lambda t: jax.tree.map(jnp.copy, t))(tree)
+    return jax.device_put(tree, jax.tree.map(lambda x: x.sharding.with_memory_kind(kind), tree))
+
+
+def _whole_if_small(x: Any) -> Any:
+    return np.asarray(x) if x.nbytes <= _WHOLE_ARRAY_BYTES else x
 
 
 class Checkpointer:
-    """Saves and restores this run's checkpoints (asynchronously, atomically, max_to_keep)."""
+    """Saves this run's checkpoints (asynchronously, atomically, keeping the last `max_to_keep`).
+
+    Asynchronous saves with one process: `save` waits for the previous write to finish, starts a
+    host copy of the state and returns; a writer thread checks that the parameters are finite and
+    has orbax write the copy synchronously (a temporary directory, then rename and commit marker).
+    The loop pays for the copy plus whatever part of the previous write is still running: the
+    write of step N overlaps the computation of step N+1. With several processes orbax's own
+    asynchronous save is used, since its barriers are made to run beside the train step's
+    collectives (a save on a thread of ours would interleave the two).
+    """
 
     def __init__(self, workdir: str, every_steps: int, max_to_keep: int, async_save: bool = True):
         self.root = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.every_steps = every_steps
         self.saves = 0
-        self.blocked_secs = 0.0  # time the training loop spent inside save() (device->host copies)
-        self._mngr = ocp.CheckpointManager(
-            self.root,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
-            ),
-        )
+        self.blocked_secs = 0.0  # time the training loop spent inside save()
+        self.write_secs = 0.0  # time the writes took (on the writer thread when asynchronous)
+        self._multi = jax.process_count() > 1
+        self._writer = ThreadPoolExecutor(1, "checkpoint-writer") if async_save and not self._multi else None
+        self._pending: Future | None = None
+        self._mngr = _manager(self.root, max_to_keep=max_to_keep, async_save=async_save and self._multi,
+                              multi_process=self._multi)
+        self._orbax_errors = _HeldOrbaxErrors().__enter__()
 
     def latest_step(self) -> int | None:
         steps = complete_steps(self.root)
@@ -194,30 +390,74 @@ class Checkpointer:
         return step == last_step or (self.every_steps > 0 and step % self.every_steps == 0)
 
     def save(self, step: int, state: dict[str, Any], metadata: dict[str, Any]) -> None:
-        """Start saving `state` (params, opt_state) at `step`; returns before the write finishes."""
-        meta = dict(metadata, format_version=FORMAT_VERSION, step=int(step))
+        """Start saving `state` (params, opt_state) at `step`; returns before the write finishes.
+
+        Raises what the previous asynchronous write raised (NonFiniteParameters, OSError, ...).
+        """
+        meta = _jsonable(dict(metadata, format_version=FORMAT_VERSION, step=int(step), has_opt_state=True))
+        items = {"params": state["params"], "opt_state": state["opt_state"]}
         t0 = time.perf_counter()
-        self._mngr.save(
-            int(step),
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(state["params"]),
-                opt_state=ocp.args.StandardSave(state["opt_state"]),
-                metadata=ocp.args.JsonSave(_jsonable(meta)),
-            ),
-            force=True,
-        )
+        self._finish_pending()
+        finite = _all_finite(items["params"])  # dispatched now, read when the write starts
+        if self._writer is None:
+            self._write(int(step), items, finite, meta)
+        else:
+            self._pending = self._writer.submit(self._write, int(step), snapshot(items), finite, meta)
         self.blocked_secs += time.perf_counter() - t0
         self.saves += 1
+
+    def _write(self, step: int, items: dict[str, Any], finite: jax.Array, meta: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
+        if not bool(finite):
+            raise NonFiniteParameters(f"parameters at step {step} are not finite; no checkpoint written")
+        if not self._multi:
+            items = jax.tree.map(_whole_if_small, items)
+        try:
+            self._mngr.save(step, args=_save_args(items), custom_metadata=meta, force=True)
+        except Exception as e:  # raised to the loop as one clear error, which stops the run
+            self._orbax_errors.accounted = True
+            raise _write_failure(step, e) from e
+        self.write_secs += time.perf_counter() - t0
+
+    def _finish_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()  # re-raises the writer's exception here, on the loop's thread
+
+    def check(self) -> None:
+        """Raise now, without waiting, if the last asynchronous write has failed: a run whose
+        checkpoints cannot be written stops at once rather than at its next save."""
+        if self._pending is not None and self._pending.done() and self._pending.exception() is not None:
+            self._finish_pending()
 
     def metadata(self, step: int) -> dict[str, Any]:
         return read_metadata(os.path.join(self.root, str(step)), key="checkpoint")
 
     def wait(self) -> None:
-        self._mngr.wait_until_finished()
+        """Block until every started save is committed; raises what a write raised."""
+        self._finish_pending()
+        try:
+            self._mngr.wait_until_finished()  # orbax's own asynchronous saves (several processes)
+        except Exception as e:
+            self._orbax_errors.accounted = True
+            raise _write_failure(self._mngr.latest_step() or 0, e) from e
 
     def close(self) -> None:
-        self._mngr.wait_until_finished()
-        self._mngr.close()
+        """Finish pending writes and release the manager. A write's failure is raised once: by
+        save(), check() or wait(), or else here."""
+        try:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+            self._pending = None
+            try:
+                self._mngr.wait_until_finished()
+            except Exception as e:
+                if not self._orbax_errors.accounted:  # else save() or wait() raised this failure already
+                    self._orbax_errors.accounted = True
+                    raise _write_failure(self._mngr.latest_step() or 0, e) from e
+            self._mngr.close()
+        finally:
+            self._orbax_errors.__exit__(None, None, None)
 
 
 def _jsonable(x: Any) -> Any:

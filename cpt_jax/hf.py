@@ -560,26 +560,11 @@ def _to_host_arrays(params: dict[str, Any]) -> None:
 def write_checkpoint(directory: str, params: Any, metadata: dict[str, Any]) -> None:
     """Save `params` and `metadata` as step `metadata['step']` of DIRECTORY/checkpoints (a run's layout).
 
-    There is no `opt_state` item: an imported model has no optimizer state (orbax refuses an empty
-    item), and `init_from` restores parameters only. orbax holds a transient copy of `params` while
-    it writes them (with numpy or jax leaves alike, whatever its concurrency limits say).
+    There is no optimizer state: an imported model has none, and `init_from` restores parameters
+    only. orbax holds a transient copy of `params` while it writes them (with numpy or jax leaves
+    alike, whatever its concurrency limits say).
     """
-    import orbax.checkpoint as ocp
-
-    meta = dict(metadata, format_version=checkpoint.FORMAT_VERSION)
-    mngr = ocp.CheckpointManager(
-        os.path.join(directory, "checkpoints"),
-        options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True),
-    )
-    try:
-        mngr.save(
-            int(meta["step"]),
-            args=ocp.args.Composite(params=ocp.args.StandardSave(params), metadata=ocp.args.JsonSave(meta)),
-            force=True,
-        )
-        mngr.wait_until_finished()
-    finally:
-        mngr.close()
+    checkpoint.write(os.path.join(directory, "checkpoints"), int(metadata["step"]), {"params": params}, metadata)
 
 
 def _import_metadata(plan: _ImportPlan) -> dict[str, Any]:

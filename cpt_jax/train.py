@@ -17,6 +17,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -143,6 +144,11 @@ def resolve_run(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
         init_from = cfg.init_from
         init_meta = checkpoint.read_metadata(init_from)
         checkpoint.check_param_shapes(init_meta.get("param_shapes", {}), abstract, f"init_from {init_from}")
+        if cfg.init_from_optimizer and not checkpoint.has_optimizer_state(init_from):
+            raise ConfigError(
+                f"init_from_optimizer: {init_from} has no optimizer state (an imported model has none), "
+                f"expected a checkpoint of a cpt_jax run or init_from_optimizer=False"
+            )
         if start_lr is None and cfg.schedule.name in ("recipe", "constant", "rewarm"):
             if init_meta.get("lr_min") is None:
                 raise ConfigError(
@@ -238,24 +244,34 @@ def initial_state(run: Run, tx) -> tuple[dict, dict]:
     return state, shardings
 
 
-def checkpoint_metadata(run: Run, step: int) -> dict[str, Any]:
-    """What a checkpoint carries besides arrays: enough to continue from it or to plan with it."""
+def checkpoint_metadata(run: Run) -> Callable[[int], dict[str, Any]]:
+    """step -> what a checkpoint of that step carries besides arrays: enough to continue from it or
+    to plan with it. What does not depend on the step is built once; the lr comes from a host table,
+    since evaluating the schedule on the device would wait for the step in flight."""
     cfg, sched = run.cfg, run.schedule
-    return {
-        "step": step,
-        "tokens_seen": step * cfg.train.batch_size * cfg.train.seq_len,
+    static = {
         "schedule": sched.metadata(),
         "lr_max": sched.lr_max,
         "lr_min": sched.lr_min,
-        "lr": float(sched.fn(step)),
         "model": run.model_config.to_dict(),
         "param_shapes": run.param_shapes,
         "tokenizer_fingerprint": run.pipeline.tokenizer_fingerprint,
         "phases": [dataclasses.asdict(p) for p in run.pipeline.phases],
-        "tokens_per_source": run.pipeline.tokens_per_source(step),
         "init_from": run.init_from,
         "config": json.loads(config.to_json(cfg)),
     }
+    lr = schedules.values(sched)  # lr at steps 0..steps
+
+    def at(step: int) -> dict[str, Any]:
+        return {
+            **static,
+            "step": step,
+            "tokens_seen": step * cfg.train.batch_size * cfg.train.seq_len,
+            "lr": float(lr[min(step, len(lr) - 1)]),
+            "tokens_per_source": run.pipeline.tokens_per_source(step),
+        }
+
+    return at
 
 
 # ============================================================================ loop
@@ -300,9 +316,6 @@ def _drop_records_from(path: str, step: int) -> None:
         with open(path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(path + ".tmp", path)
-
-
-_all_finite = jax.jit(lambda tree: jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])))
 
 
 def train(run: Run) -> int:
@@ -418,11 +431,10 @@ def _train(run: Run) -> int:
 
     def save(step: int) -> None:
         nonlocal saved_at
-        if not bool(_all_finite(state["params"])):
-            raise RuntimeError(f"parameters at step {step} are not finite; no checkpoint written")
-        ckpt.save(step, state, checkpoint_metadata(run, step))
+        ckpt.save(step, state, metadata_at(step))  # refuses non-finite parameters
         saved_at = step
 
+    metadata_at = checkpoint_metadata(run)
     preemption, status, step = Preemption(), 0, start
     loop_t0 = time.perf_counter()
     try:
@@ -436,6 +448,7 @@ def _train(run: Run) -> int:
                 status, pending = 1, None
                 break
             pending = (step, metrics)
+            ckpt.check()
             if ckpt.should_save(step + 1, end):
                 save(step + 1)
             if preemption.should_stop():
@@ -453,6 +466,7 @@ def _train(run: Run) -> int:
                 "step": saved_at,
                 "checkpoint_saves": ckpt.saves,
                 "checkpoint_blocked_sec": ckpt.blocked_secs,
+                "checkpoint_write_sec": ckpt.write_secs,
                 "checkpoint_final_wait_sec": time.perf_counter() - t0,
                 "loop_sec": time.perf_counter() - loop_t0,
                 "steps_run": step + 1 - start if end > start else 0,
@@ -499,6 +513,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # found only once arrays are read (e.g. every checkpoint step damaged)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except checkpoint.CheckpointError as e:  # diverged parameters, or a write that failed
+        root = os.path.join(run.workdir, "checkpoints")
+        steps = checkpoint.complete_steps(root)
+        last = f"step {steps[-1]} in {root}" if steps else f"none in {root}"
+        print(f"error: {e}; the last committed checkpoint is {last}", file=sys.stderr)
+        return 1
     except OSError as e:  # the disk filled up or went away mid-run: the last committed checkpoint is intact
         print(f"error: {e.filename or run.workdir}: {e.strerror or e}; the last committed checkpoint is intact",
               file=sys.stderr)

@@ -10,7 +10,7 @@ import data_helpers
 import pytest
 from train_helpers import SMALL_MODEL
 
-from cpt_jax import prepare, train
+from cpt_jax import checkpoint, model, prepare, train
 
 SMALL = [
     *SMALL_MODEL,
@@ -93,11 +93,21 @@ def _copy_source(world, tmp_path, edit):
 def _with_lr_min_removed(world, tmp_path):
     step_dir = tmp_path / "ckpt" / "4"
     shutil.copytree(os.path.join(world["ckpts"], "4"), step_dir)
-    meta_file = step_dir / "metadata" / "metadata"
+    meta_file = step_dir / "_CHECKPOINT_METADATA"  # orbax's step metadata; ours is its custom_metadata
     meta = json.loads(meta_file.read_text())
-    del meta["lr_min"]
+    del meta["custom_metadata"]["lr_min"]
     meta_file.write_text(json.dumps(meta))
     return str(step_dir)
+
+
+def _without_optimizer_state(world, tmp_path):
+    """The pretrained parameters saved as an import saves them: no optimizer state."""
+    meta = checkpoint.read_metadata(world["ckpts"])
+    abstract = model.abstract_params(model.ModelConfig.from_config(meta["model"]))
+    params = checkpoint.restore_from(world["ckpts"], params=abstract)["params"]
+    root = str(tmp_path / "imported" / "checkpoints")
+    checkpoint.write(root, 0, {"params": params}, dict(meta, step=0))
+    return root
 
 
 def _other_run_workdir(world, tmp_path):
@@ -157,6 +167,9 @@ CASES = [
     ("init_from of another model", lambda w, t: (SMALL + [f"--config.init_from={w['ckpts']}",
                                                           "--config.model.d_ff=192"], None),
      "parameter layers.w_down has shape (2, 128, 64) in the checkpoint, the model config expects shape (2, 192, 64)"),
+    ("init_from_optimizer without optimizer state", lambda w, t: (
+        SMALL + [f"--config.init_from={_without_optimizer_state(w, t)}", "--config.init_from_optimizer=True"], None),
+     "has no optimizer state (an imported model has none)"),
     ("init_from a pickle file", lambda w, t: (SMALL + ["--config.init_from="
                                                        + _file_with(t, "pytorch_model.bin", "not loaded")], None),
      "pickle-based weight file"),

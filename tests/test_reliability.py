@@ -125,7 +125,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(reference, tmp
     workdir = str(tmp_path / "run")
     assert train.main(["train", *SMALL, f"--workdir={workdir}", "--config.train.stop_at=10"]) == 0
     # Truncate every array file of step 10: it still looks complete (commit marker present).
-    for f in glob.glob(os.path.join(workdir, "checkpoints", "10", "params", "**", "d", "*"), recursive=True):
+    for f in glob.glob(os.path.join(workdir, "checkpoints", "10", "state", "**", "d", "*"), recursive=True):
         with open(f, "r+b") as fh:
             fh.truncate(3)
     capsys.readouterr()
