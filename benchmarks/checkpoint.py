@@ -44,8 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", default="configs/tiny.py")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3, help="alternate the two runs this many times")
-    parser.add_argument("overrides", nargs="*", help="extra --config.x=y overrides")
-    args = parser.parse_args(argv)
+    args, args.overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     pairs: list[tuple[dict, dict]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):

@@ -66,8 +66,9 @@ def make_tokenizer(directory: str) -> str:
 
 
 def write_source(directory: str, name: str, examples: int, seq_len: int, tokenizer_path: str,
-                 examples_per_shard: int, seed: int) -> str:
-    """A prepared source of random documents (mean 600 tokens, each ending in EOS)."""
+                 examples_per_shard: int, seed: int, vocab: int = VOCAB) -> str:
+    """A prepared source of random documents (mean 600 tokens, each ending in EOS) over a
+    vocabulary of `vocab` tokens."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     tok = load_tokenizer(tokenizer_path)
@@ -76,7 +77,7 @@ def write_source(directory: str, name: str, examples: int, seq_len: int, tokeniz
     length = seq_len + 1
     rng = np.random.default_rng(seed)
     total = examples + 1
-    tokens = rng.integers(1, VOCAB, size=total * length, dtype=np.uint16)
+    tokens = rng.integers(1, vocab, size=total * length, dtype=np.uint16)
     # EOS after documents of geometric length: about one boundary every 600 tokens.
     tokens[rng.random(total * length) < 1 / 600] = tok.eos_id
     rows = tokens.astype("<u2").reshape(total, length)
@@ -95,7 +96,7 @@ def write_source(directory: str, name: str, examples: int, seq_len: int, tokeniz
     writer.close()
     manifest = {
         "format_version": FORMAT_VERSION, "name": name, "inputs": ["benchmark"], **describe(tok),
-        "vocab_size": VOCAB, "seq_len": seq_len, "example_length": length, "dtype": "uint16",
+        "vocab_size": vocab, "seq_len": seq_len, "example_length": length, "dtype": "uint16",
         "byte_order": "little", "examples": examples, "val_examples": 1, "tokens": examples * length,
         "val_tokens": length, "documents": int(np.sum(tokens == tok.eos_id)), "empty_documents": 0,
         "document_tokens": total * length, "dropped_tokens": 0, "text_bytes": 4 * total * length,
@@ -157,7 +158,7 @@ def make_pipeline(directories: list[str], tokenizer_path: str, batch: int, seq_l
     return pipeline_lib.Pipeline(cfg, schedule, None)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq_len", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=64)
@@ -168,7 +169,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="data.num_threads")
     parser.add_argument("--rounds", type=int, default=3, help="passes over the data for each measurement")
     parser.add_argument("--dir", default=None, help="where to build the sources (default: a temp dir)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     root = args.dir or tempfile.mkdtemp(prefix="cpt_jax_loader_bench_")
     try:
@@ -245,6 +246,8 @@ def main() -> None:
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
+    return {"sequential_tokens_per_sec": rate_a, "mixed_tokens_per_sec": rate_b, "ratio": rate_b / rate_a,
+            "ratio_separate_passes": alone_b / alone_a, "iterate_tokens_per_sec": rate_c}
 
 
 if __name__ == "__main__":

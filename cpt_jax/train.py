@@ -278,24 +278,31 @@ def checkpoint_metadata(run: Run) -> Callable[[int], dict[str, Any]]:
 
 
 class Preemption:
-    """SIGTERM (what TPU and cloud preemption send) asks the loop to save and stop after a step."""
+    """SIGTERM (what TPU and cloud preemption send) asks the loop to save and stop after a step.
+
+    With several processes, JAX's preemption service (started by `jax.distributed.initialize`)
+    takes the signal on whichever host gets it and agrees on a step for all of them through the
+    coordination service, off the training path: no collective and no host sync per step.
+    """
 
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._multi = jax.process_count() > 1
+        self._previous = None if self._multi else signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
-    def should_stop(self) -> bool:
-        """True on every process once any process got the signal (they must save the same step)."""
-        if jax.process_count() == 1:
-            return self.requested
-        flags_all = multihost_utils.process_allgather(np.asarray(self.requested))
-        return bool(np.any(flags_all))
+    def should_stop(self, steps_done: int) -> bool:
+        """True once the run should save and stop after `steps_done` steps; every process gets
+        True at the same `steps_done`."""
+        if self._multi:
+            return multihost_utils.reached_preemption_sync_point(steps_done)
+        return self.requested
 
     def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _drop_records_from(path: str, step: int) -> None:
@@ -451,7 +458,7 @@ def _train(run: Run) -> int:
             ckpt.check()
             if ckpt.should_save(step + 1, end):
                 save(step + 1)
-            if preemption.should_stop():
+            if preemption.should_stop(step + 1):
                 if saved_at != step + 1:
                     save(step + 1)
                 status = 143

@@ -7,6 +7,7 @@ process with the 8 devices conftest.py gives it: the 1 x 8 side runs in it.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -305,3 +306,39 @@ def test_initialize_does_nothing_for_one_process():
     assert not jax.distributed.is_initialized() and jax.process_count() == 1
     with pytest.raises(ConfigError, match="out of range"):
         distributed.resolve(num_processes=3, process_id=3, coordinator_address="127.0.0.1:1")
+
+
+# ----------------------------------------------------------------------------- preemption
+
+
+def test_sigterm_to_one_process_saves_the_same_step_on_all_and_resumes(reference, env, tmp_path):
+    """What a preempted slice sees: SIGTERM reaches one host; every process finishes the agreed
+    step, they save one checkpoint together, exit with 143, and a restart continues the run."""
+    workdir = str(tmp_path / "run")
+    port = free_port()
+    args = [*SMALL, f"--workdir={workdir}", "--config.train.steps=400", "--config.checkpoint.every_steps=1000"]
+    procs = []
+    for i in range(2):
+        e = dict(env, CPT_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", CPT_NUM_PROCESSES="2", CPT_PROCESS_ID=str(i),
+                 XLA_FLAGS="--xla_force_host_platform_device_count=4")
+        procs.append(subprocess.Popen([sys.executable, "-m", "cpt_jax.train", *args], cwd=REPO, env=e,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        deadline = time.time() + 240
+        while not (os.path.exists(os.path.join(workdir, "metrics.jsonl")) and 3 in losses(workdir)[0]):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), procs[0].stderr.read()[-3000:]
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)  # the other process is never signalled
+        outs = [p.communicate(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            p.kill() if p.poll() is None else None
+    assert [p.returncode for p in procs] == [143, 143], [o[1][-2000:] for o in outs]
+    assert "preempted (SIGTERM)" in outs[0][1]
+    saved = checkpoint.complete_steps(os.path.join(workdir, "checkpoints"))
+    assert len(saved) == 1 and 4 <= saved[0] < 400, saved
+    got, order = losses(workdir)
+    assert order == list(range(saved[0])), "one record per finished step, none past the checkpoint"
+    # The checkpoint the two processes saved together continues (here in one process).
+    assert train.main(["train", *args, f"--config.train.stop_at={saved[0] + 2}"]) == 0
+    assert losses(workdir)[1] == list(range(saved[0] + 2))

@@ -1,0 +1,100 @@
+"""Every benchmark runs in a tiny mode and returns finite figures, so none of them can rot.
+
+The figures themselves are not asserted against targets here: timings on a shared CI machine are
+noise. BENCHMARKS.md records the real runs.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_TRAIN = ["--config=configs/tiny.py", "--config.model.n_layers=2", "--config.model.d_model=64",
+              "--config.model.d_ff=128", "--config.model.vocab_size=128", "--config.train.batch_size=8",
+              "--config.train.seq_len=32", "--config.schedule.warmup_steps=1"]
+
+
+def _benchmark(name):
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", os.path.join(REPO, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _finite_positive(*values):
+    return all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values)
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)  # the benchmarks name configs/ relative to the repository
+
+
+def test_throughput(capsys, tmp_path):
+    r = _benchmark("throughput").main(["--steps=2", f"--profile={tmp_path}", f"--json={tmp_path}/t.json", *TINY_TRAIN])
+    assert _finite_positive(r["compile_sec"], r["step_sec"], r["tokens_per_sec"], r["tflops_per_device"])
+    assert r["mfu"] is None  # no peak FLOP/s is known for a CPU: never a made-up MFU
+    assert "tokens/s" in capsys.readouterr().out
+    assert r["profile"]["top_ops"] and sum(r["profile"]["categories"].values()) == pytest.approx(1)
+    assert json.load(open(tmp_path / "t.json"))["tokens_per_sec"] == r["tokens_per_sec"]
+
+
+def test_throughput_depth():
+    r = _benchmark("throughput").main(["--depth", "--depth_layers=1,3", *TINY_TRAIN])
+    assert _finite_positive(r["scan_ratio"], r["unrolled_ratio"])
+    assert set(r["compile_sec"]) == {"scan_1", "scan_3", "unrolled_1", "unrolled_3"}
+
+
+def test_throughput_loss_memory():
+    r = _benchmark("throughput").main(["--loss_memory", "--loss_shape=4096,256,64,64"])
+    assert _finite_positive(r["plain_bytes"], r["chunked_bytes"]) and r["ratio"] < 1
+
+
+def test_end_to_end():
+    r = _benchmark("end_to_end").main(["--steps=4", "--repeats=1", *TINY_TRAIN])
+    assert _finite_positive(r["synthetic_step_sec"], r["end_to_end_step_sec"], r["ratio"])
+
+
+def test_checkpoint():
+    r = _benchmark("checkpoint").main(["--steps=3", "--repeats=1", *TINY_TRAIN])
+    assert _finite_positive(r["never_steps_per_sec"], r["every_steps_per_sec"], r["slowdown"], r["write_ms_per_save"],
+                            r["restore_ms"])
+
+
+def test_data_loader():
+    r = _benchmark("data_loader").main(["--seq_len=64", "--batch=8", "--examples=64", "--sources=2", "--rounds=1"])
+    assert _finite_positive(r["sequential_tokens_per_sec"], r["mixed_tokens_per_sec"], r["iterate_tokens_per_sec"])
+
+
+def test_prepare_throughput():
+    r = _benchmark("prepare_throughput").main(["--docs=300", "--words=60", "--seq_len=64", "--vocab_size=400",
+                                               "--repeats=1"])
+    assert _finite_positive(r["bare_tokens_per_sec"], r["prepare_tokens_per_sec"], r["ratio"])
+
+
+def test_attention():
+    rows = _benchmark("attention").main(["--batch=1", "--seq=64", "--heads=4", "--kv_heads=2", "--head_dim=16",
+                                         "--repeats=1"])
+    assert max(rows["xla"]["errors"].values()) < 2e-2 and _finite_positive(rows["xla"]["ms"])
+
+
+def test_gpu_script_runs_its_calls_in_tiny_mode(tmp_path):
+    """benchmarks/gpu_h200.sh (the H200 figures) with a tiny model on this machine's devices."""
+    from test_launch import shellcheck
+
+    lint = subprocess.run([shellcheck(), "-x", "--shell=bash", "benchmarks/gpu_h200.sh"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout
+    env = dict(os.environ, CPT_BENCH_TINY="1", PYTHON=sys.executable)
+    done = subprocess.run(["bash", "benchmarks/gpu_h200.sh", str(tmp_path)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {"devices.txt", "attention.txt", "1b.json", "7b.json", "end_to_end_1b.txt"} <= set(os.listdir(tmp_path))
+    table = done.stdout.strip().splitlines()
+    assert table[-3].split()[:2] == ["preset", "params"] and table[-1].startswith("7b")
