@@ -373,8 +373,11 @@ class Checkpointer:
         self.root = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.every_steps = every_steps
         self.saves = 0
-        self.blocked_secs = 0.0  # time the training loop spent inside save()
-        self.write_secs = 0.0  # time the writes took (on the writer thread when asynchronous)
+        # Where a save's time goes. wait: the loop waiting in save() for the previous write to finish
+        # (the stall asynchronous saving cannot hide); start: the loop starting this save (the host
+        # copy and the finiteness check; on a CPU this includes waiting for the step's own result);
+        # write: the writes themselves (on the writer thread when asynchronous).
+        self.wait_secs = self.start_secs = self.write_secs = 0.0
         self._multi = jax.process_count() > 1
         self._writer = ThreadPoolExecutor(1, "checkpoint-writer") if async_save and not self._multi else None
         self._pending: Future | None = None
@@ -398,12 +401,15 @@ class Checkpointer:
         items = {"params": state["params"], "opt_state": state["opt_state"]}
         t0 = time.perf_counter()
         self._finish_pending()
-        finite = _all_finite(items["params"])  # dispatched now, read when the write starts
+        t1 = time.perf_counter()
+        self.wait_secs += t1 - t0
         if self._writer is None:
-            self._write(int(step), items, finite, meta)
+            self._write(int(step), items, _all_finite(items["params"]), meta)
         else:
-            self._pending = self._writer.submit(self._write, int(step), snapshot(items), finite, meta)
-        self.blocked_secs += time.perf_counter() - t0
+            copy = snapshot(items)  # before the finiteness check: it may wait for the step on a CPU
+            finite = _all_finite(items["params"])  # dispatched now, read when the write starts
+            self._pending = self._writer.submit(self._write, int(step), copy, finite, meta)
+        self.start_secs += time.perf_counter() - t1
         self.saves += 1
 
     def _write(self, step: int, items: dict[str, Any], finite: jax.Array, meta: dict[str, Any]) -> None:

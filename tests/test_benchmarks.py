@@ -64,7 +64,8 @@ def test_end_to_end():
 def test_checkpoint():
     r = _benchmark("checkpoint").main(["--steps=3", "--repeats=1", *TINY_TRAIN])
     assert _finite_positive(r["never_steps_per_sec"], r["every_steps_per_sec"], r["slowdown"], r["write_ms_per_save"],
-                            r["restore_ms"])
+                            r["start_ms_per_save"], r["restore_ms"])
+    assert r["wait_ms_per_save"] >= 0
 
 
 def test_data_loader():
