@@ -385,10 +385,6 @@ class Checkpointer:
                               multi_process=self._multi)
         self._orbax_errors = _HeldOrbaxErrors().__enter__()
 
-    def latest_step(self) -> int | None:
-        steps = complete_steps(self.root)
-        return steps[-1] if steps else None
-
     def should_save(self, step: int, last_step: int) -> bool:
         return step == last_step or (self.every_steps > 0 and step % self.every_steps == 0)
 
@@ -435,9 +431,6 @@ class Checkpointer:
         checkpoints cannot be written stops at once rather than at its next save."""
         if self._pending is not None and self._pending.done() and self._pending.exception() is not None:
             self._finish_pending()
-
-    def metadata(self, step: int) -> dict[str, Any]:
-        return read_metadata(os.path.join(self.root, str(step)), key="checkpoint")
 
     def wait(self) -> None:
         """Block until every started save is committed; raises what a write raised."""
