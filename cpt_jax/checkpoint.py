@@ -259,11 +259,17 @@ def _save_args(items: dict[str, Any]) -> ocp.args.Composite:
     return ocp.args.Composite(**{_STATE: ocp.args.PyTreeSave(items)})
 
 
+def _stamped(metadata: dict[str, Any], step: int, items: dict[str, Any]) -> dict[str, Any]:
+    """The metadata a step is saved with: the caller's, plus the format, the step and whether the
+    step carries optimizer state (JSON-able)."""
+    return _jsonable(dict(metadata, format_version=FORMAT_VERSION, step=int(step),
+                          has_opt_state="opt_state" in items))
+
+
 def write(root: str, step: int, items: dict[str, Any], metadata: dict[str, Any]) -> None:
     """Save `items` ({"params": ...} and, for a run, "opt_state") and `metadata` as step `step` of
     the checkpoints/ directory `root`, synchronously (an import writes its model this way)."""
-    meta = _jsonable(dict(metadata, format_version=FORMAT_VERSION, step=int(step),
-                          has_opt_state="opt_state" in items))
+    meta = _stamped(metadata, step, items)
     mngr = _manager(root, max_to_keep=None, async_save=False, multi_process=jax.process_count() > 1)
     try:
         mngr.save(int(step), args=_save_args(items), custom_metadata=meta, force=True)
@@ -307,12 +313,12 @@ class _HeldOrbaxErrors(logging.Filter):
             return  # orbax's helper threads, after a failed save, finding their loop gone
         self._previous_hook(info)
 
-    def __enter__(self) -> _HeldOrbaxErrors:
+    def hold(self) -> _HeldOrbaxErrors:
         logging.getLogger("absl").addFilter(self)
         self._previous_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
         return self
 
-    def __exit__(self, *exc) -> None:
+    def release(self) -> None:
         logging.getLogger("absl").removeFilter(self)
         sys.unraisablehook = self._previous_hook
         if not self.accounted:
@@ -381,9 +387,10 @@ class Checkpointer:
         self._multi = jax.process_count() > 1
         self._writer = ThreadPoolExecutor(1, "checkpoint-writer") if async_save and not self._multi else None
         self._pending: Future | None = None
+        self._last_step = 0  # the latest step a save was started for
         self._mngr = _manager(self.root, max_to_keep=max_to_keep, async_save=async_save and self._multi,
                               multi_process=self._multi)
-        self._orbax_errors = _HeldOrbaxErrors().__enter__()
+        self._orbax_errors = _HeldOrbaxErrors().hold()
 
     def should_save(self, step: int, last_step: int) -> bool:
         return step == last_step or (self.every_steps > 0 and step % self.every_steps == 0)
@@ -393,8 +400,9 @@ class Checkpointer:
 
         Raises what the previous asynchronous write raised (NonFiniteParameters, OSError, ...).
         """
-        meta = _jsonable(dict(metadata, format_version=FORMAT_VERSION, step=int(step), has_opt_state=True))
         items = {"params": state["params"], "opt_state": state["opt_state"]}
+        meta = _stamped(metadata, step, items)
+        self._last_step = int(step)
         t0 = time.perf_counter()
         self._finish_pending()
         t1 = time.perf_counter()
@@ -439,7 +447,7 @@ class Checkpointer:
             self._mngr.wait_until_finished()  # orbax's own asynchronous saves (several processes)
         except Exception as e:
             self._orbax_errors.accounted = True
-            raise _write_failure(self._mngr.latest_step() or 0, e) from e
+            raise _write_failure(self._last_step, e) from e
 
     def close(self) -> None:
         """Finish pending writes and release the manager. A write's failure is raised once: by
@@ -453,10 +461,10 @@ class Checkpointer:
             except Exception as e:
                 if not self._orbax_errors.accounted:  # else save() or wait() raised this failure already
                     self._orbax_errors.accounted = True
-                    raise _write_failure(self._mngr.latest_step() or 0, e) from e
+                    raise _write_failure(self._last_step, e) from e
             self._mngr.close()
         finally:
-            self._orbax_errors.__exit__(None, None, None)
+            self._orbax_errors.release()
 
 
 def _jsonable(x: Any) -> Any:
