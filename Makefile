@@ -1,30 +1,41 @@
-# `make demo` and `make test` work on a fresh clone: the first use creates .venv with everything.
+# `make demo` and `make test` work on a fresh clone and in either order: the first use creates .venv.
+# `make demo` installs only the runtime dependencies (setup.py install_requires); the test extra
+# (pytest, ruff, torch, transformers, ...) comes with `make test` (or `make install`).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
-export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+RUNTIME := $(VENV)/.runtime-installed
+TESTING := $(VENV)/.test-installed
+# Tests and benchmarks run on 8 fake CPU devices (sharding on one machine); the demo on the real ones.
+FAKE_DEVICES := --xla_force_host_platform_device_count=8
 export JAX_PLATFORMS ?= cpu
 
 .PHONY: install test demo lint bench clean
 
-install: $(STAMP)
+install: $(TESTING)
 
-# Re-installs only when the package's requirements change.
-$(STAMP): setup.py constraints.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+$(PY):
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
+
+# Each stamp re-installs only when the package's requirements change.
+$(RUNTIME): setup.py constraints.txt | $(PY)
+	$(PY) -m pip install -q -c constraints.txt -e .
+	touch $@
+
+$(TESTING): $(RUNTIME) setup.py constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
-	touch $(STAMP)
+	touch $@
 
-test: install
+test: export XLA_FLAGS ?= $(FAKE_DEVICES)
+test: $(TESTING)
 	$(PY) -m ruff check cpt_jax configs tests benchmarks
-	$(PY) -m pytest -q -n 2 --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 tests
 
-demo: install
+demo: $(RUNTIME)
 	$(PY) -m cpt_jax.demo --workdir demo_out
 
-lint: install
+lint: $(TESTING)
 	$(PY) -m ruff check cpt_jax configs tests benchmarks
 
 clean:

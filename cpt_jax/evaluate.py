@@ -3,7 +3,7 @@
     python -m cpt_jax.evaluate --checkpoint DIR [--sources name=prepared_dir,...] \\
         [--tasks name=file.jsonl,...] [--out results.json] [--batch_size N] [--seq_len N] \\
         [--examples_per_source N] [--tokenizer FILE] [--fewshot K] [--template T] [--add_bos] \\
-        [--dtype float32]
+        [--dtype float32] [--log_samples]
 
 Parameters are restored sharded (FSDP) over every local device. User errors print one line,
 `error: ...`, and exit with status 2; a progress line per source and task goes to stderr.
@@ -28,7 +28,9 @@ are the choice's. No BOS is added (prepared training data has none; `add_bos` ad
 tokenizer's), except that an empty prompt is preceded by EOS, the document separator. A sequence
 longer than seq_len + 1 tokens loses tokens from the left of its context. `acc` is the fraction
 of questions where the highest sum is the gold choice; `acc_norm` the same with each sum divided
-by the choice's length in UTF-8 bytes. Ties go to the first choice.
+by the choice's length in UTF-8 bytes. Ties go to the first choice. `--log_samples` adds, per
+question, the choices' log-likelihoods, the prediction and the gold to the --out JSON (what paired
+comparisons of two checkpoints on the same questions need).
 
 Both evaluators read and tokenize everything once, into numpy rows, at construction (that is
 where every input error surfaces); each call puts the fixed batches on the devices (with the
@@ -293,16 +295,23 @@ class SourceEvaluator:
 # ----------------------------------------------------------------------------------------------
 
 
+def choice_predictions(logliks: Sequence[Sequence[float]],
+                       choice_bytes: Sequence[Sequence[int]] | None = None) -> list[int]:
+    """The predicted choice of every question: the highest summed log-likelihood (divided by the
+    choice's UTF-8 length when `choice_bytes` is given: acc_norm's prediction); ties go to the first."""
+    if choice_bytes is None:
+        return [int(np.argmax(np.asarray(ll, np.float64))) for ll in logliks]
+    return [int(np.argmax(np.asarray(ll, np.float64) / np.maximum(np.asarray(nbytes, np.float64), 1.0)))
+            for ll, nbytes in zip(logliks, choice_bytes, strict=True)]
+
+
 def choice_metrics(logliks: Sequence[Sequence[float]], choice_bytes: Sequence[Sequence[int]],
                    golds: Sequence[int]) -> tuple[float, float]:
     """(acc, acc_norm) of questions given each choice's summed log-likelihood and UTF-8 length."""
     if not golds:
         return 0.0, 0.0
-    acc = norm = 0
-    for ll, nbytes, gold in zip(logliks, choice_bytes, golds, strict=True):
-        ll = np.asarray(ll, np.float64)
-        acc += int(np.argmax(ll)) == gold
-        norm += int(np.argmax(ll / np.maximum(np.asarray(nbytes, np.float64), 1.0))) == gold
+    acc = sum(p == g for p, g in zip(choice_predictions(logliks), golds, strict=True))
+    norm = sum(p == g for p, g in zip(choice_predictions(logliks, choice_bytes), golds, strict=True))
     return acc / len(golds), norm / len(golds)
 
 
@@ -436,13 +445,21 @@ class TaskEvaluator:
         ll = -self._runner.row_nll(params, len(s.tokens), s.length, s.batch)[: s.rows]
         return [ll[s.offsets[q]:s.offsets[q + 1]] for q in range(len(s.golds))]
 
-    def evaluate(self, params: Any, log: Log | None = None) -> dict[str, dict[str, Any]]:
-        """{name: {acc, acc_norm, n}} of every task for these parameters."""
+    def evaluate(self, params: Any, log: Log | None = None, samples: bool = False) -> dict[str, dict[str, Any]]:
+        """{name: {acc, acc_norm, n}} of every task for these parameters; with `samples`, also
+        `samples`: per question (in file order) its line in the task file, the choices' summed
+        log-likelihoods, the predicted choice (acc's), the gold and whether they agree."""
         results = {}
         for name, s in self.sets.items():
             t0 = time.perf_counter()
-            acc, acc_norm = choice_metrics(self.loglikelihoods(params, name), s.choice_bytes, s.golds)
+            logliks = self.loglikelihoods(params, name)
+            acc, acc_norm = choice_metrics(logliks, s.choice_bytes, s.golds)
             results[name] = {"acc": acc, "acc_norm": acc_norm, "n": len(s.golds)}
+            if samples:
+                results[name]["samples"] = [
+                    {"line": ex.line, "loglikelihoods": [float(x) for x in ll], "pred": pred, "gold": ex.gold,
+                     "correct": pred == ex.gold}
+                    for ex, ll, pred in zip(s.task.examples, logliks, choice_predictions(logliks), strict=True)]
             if log is not None:
                 cut = f", {s.truncated} truncated" if s.truncated else ""
                 log(f"eval task {name}: acc {acc:.4f} acc_norm {acc_norm:.4f} ({len(s.golds)} questions, "
@@ -644,6 +661,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--add_bos", action="store_true", help="put the tokenizer's BOS token before every prompt")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="compute dtype (default: the checkpoint's model.dtype)")
+    p.add_argument("--log_samples", action="store_true",
+                   help="with --out: every question's choice log-likelihoods, prediction and gold in the JSON")
     return p
 
 
@@ -756,7 +775,7 @@ def run_cli(args: argparse.Namespace, log: Log) -> dict[str, Any]:
         f"{time.perf_counter() - t0:.1f}s")
     return {
         "sources": source_eval.evaluate(params, log) if source_eval is not None else {},
-        "tasks": task_eval.evaluate(params, log) if task_eval is not None else {},
+        "tasks": task_eval.evaluate(params, log, samples=args.log_samples) if task_eval is not None else {},
         "checkpoint": ckpt,
         "step": meta.get("step"),
     }
@@ -781,6 +800,8 @@ def main(argv: list[str] | None = None) -> int:
             print(message, file=sys.stderr, flush=True)
 
     try:
+        if args.log_samples and not args.out:
+            raise ConfigError("--log_samples: no --out, expected --out FILE to write the per-question records to")
         if args.out:
             out = os.path.abspath(os.path.expanduser(args.out))
             if os.path.isdir(out):

@@ -1,6 +1,9 @@
-"""The end-to-end demo at tiny scale (every stage and every number of its report), one ablation reusing
-its base model, and the corpus generator (held-out questions never trained on; determinism)."""
+"""The end-to-end demo at tiny scale with two seeds (every stage, every number of its report), an
+ablation that reuses its base and runs, and the accuracy groups themselves: a model trained on their
+facts scores high, an untrained one near chance."""
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -8,29 +11,33 @@ import re
 
 import pytest
 
-from cpt_jax import checkpoint, demo, demo_corpus, schedules
-from cpt_jax.config import default_config
+from cpt_jax import checkpoint, demo
+from cpt_jax.demo import corpus as corpus_lib
+from cpt_jax.demo import report, runs, stats
 
-S = demo.SCALES["tiny"]
-RUNS = ("baseline", "recipe", "rewarm")
+S = runs.SCALES["tiny"]
+SEEDS = (0, 1)
+# One worker runs this module's tests (make test: --dist loadgroup), so the demo runs once.
+pytestmark = pytest.mark.xdist_group("demo")
+
+
+def _main(*argv):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = demo.main(list(argv))
+    return status, out.getvalue()
 
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("demo") / "out")
-    return workdir
+    return str(tmp_path_factory.mktemp("demo") / "out")
 
 
 @pytest.fixture(scope="module")
 def demo_run(demo_dir):
-    import contextlib
-    import io
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        status = demo.main(["--workdir", demo_dir, "--scale", "tiny"])
-    assert status == 0, out.getvalue()
-    return out.getvalue()
+    status, out = _main("--workdir", demo_dir, "--scale", "tiny")
+    assert status == 0, out
+    return out
 
 
 def _records(workdir, kind):
@@ -38,182 +45,205 @@ def _records(workdir, kind):
         return [r for r in map(json.loads, f) if r["kind"] == kind]
 
 
-def _final_eval(workdir, steps):
-    return [r for r in _records(workdir, "eval") if r["step"] == steps][-1]
+def _samples(workdir):
+    with open(os.path.join(workdir, "tasks.json")) as f:
+        return {name: [q["correct"] for q in t["samples"]] for name, t in json.load(f)["tasks"].items()}
 
 
-def _row(report, name):
-    """The cells of the first table row of `name` in the report."""
-    line = next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
+def _run_dir(demo_dir, seed, name):
+    return os.path.join(demo_dir, f"seed_{seed}", "base" if name == "base" else os.path.join("runs", name))
+
+
+def _row(text, name):
+    line = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
     return [c.strip() for c in line.strip("|").split("|")]
 
 
-def test_every_stage_ran(demo_dir, demo_run):
-    for stage in ("corpus", "tokenizer", "prepare", "base", "continue", "report"):
-        assert f"[demo] {stage}:" in demo_run
+def test_every_stage_ran_for_every_seed(demo_dir, demo_run):
+    assert S.seeds == 2  # the default runs two seeds
+    for seed in SEEDS:
+        tag = f"seed {seed + 1}/2"
+        assert f"[demo] {tag} corpus:" in demo_run and f"[demo] {tag} base" in demo_run
+        seed_dir = os.path.join(demo_dir, f"seed_{seed}")
+        for name in corpus_lib.SOURCES:
+            manifest = json.load(open(os.path.join(seed_dir, "prepared", name, "manifest.json")))
+            assert manifest["examples"] > 0
+            assert manifest["val_examples"] == 0 if name == "qa" else manifest["val_examples"] > 0
+        meta = checkpoint.read_metadata(os.path.join(seed_dir, "base", "checkpoints"))
+        assert meta["step"] == S.base_steps
+        assert meta["lr_max"] == pytest.approx(S.peak_lr) and meta["lr_min"] == pytest.approx(S.min_lr)
+        for name in runs.MAIN:
+            assert f"[demo] {tag} {name}: done in" in demo_run
+            workdir = _run_dir(demo_dir, seed, name)
+            assert [r["step"] for r in _records(workdir, "train")] == list(range(S.run_steps))
+            # Each run is a config file for the trainer, scored by the evaluator question by question.
+            assert "python -m cpt_jax.train --config" in open(os.path.join(workdir, "demo_config.py")).read()
+            samples = _samples(workdir)
+            assert {k: len(v) for k, v in samples.items()} == {"retention": 4 * S.people_a,
+                                                                "acquisition": 4 * S.people_b,
+                                                                "heldout_qa": 4 * S.people_b}
+    # The whole comparison is repeated: another corpus and another base per seed.
+    corpora = [open(os.path.join(demo_dir, f"seed_{s}", "corpus", "A.jsonl")).read() for s in SEEDS]
+    assert corpora[0] != corpora[1]
     assert f"report: {os.path.join(demo_dir, 'report.md')}" in demo_run
-    assert os.path.isfile(os.path.join(demo_dir, "tokenizer.model"))
-    for name in demo.SOURCES:
-        manifest = json.load(open(os.path.join(demo_dir, "prepared", name, "manifest.json")))
-        assert manifest["tokens"] > 0 and manifest["examples"] > 0 and manifest["val_examples"] > 0
-    meta = checkpoint.read_metadata(os.path.join(demo_dir, "base", "checkpoints"))
-    assert meta["step"] == S.base_steps
-    assert meta["lr_max"] == pytest.approx(S.peak_lr) and meta["lr_min"] == pytest.approx(S.min_lr)
-    for run in RUNS:
-        train = _records(os.path.join(demo_dir, "runs", run), "train")
-        assert [r["step"] for r in train] == list(range(S.cpt_steps))
-        _final_eval(os.path.join(demo_dir, "runs", run), S.cpt_steps)
     with open(os.path.join(demo_dir, "report.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_schedules_start_from_the_base_checkpoint(demo_dir, demo_run):
-    meta = checkpoint.read_metadata(os.path.join(demo_dir, "base", "checkpoints"))
-    start = meta["lr_min"]
-    baseline = [r["lr"] for r in _records(os.path.join(demo_dir, "runs", "baseline"), "train")]
-    assert baseline == pytest.approx([start] * S.cpt_steps, rel=1e-6)
-    recipe = [r["lr"] for r in _records(os.path.join(demo_dir, "runs", "recipe"), "train")]
-    assert recipe[0] == pytest.approx(start, rel=1e-6) and recipe == sorted(recipe, reverse=True)
-    assert recipe[-1] < start / 50
-    rewarm = [r["lr"] for r in _records(os.path.join(demo_dir, "runs", "rewarm"), "train")]
-    assert rewarm[0] == pytest.approx(start, rel=1e-6) and max(rewarm) == pytest.approx(meta["lr_max"], rel=1e-6)
-    baseline_tokens = _records(os.path.join(demo_dir, "runs", "baseline"), "train")[-1]["tokens_per_source"]
-    assert baseline_tokens["B"] == baseline_tokens["qa"] == 0
+    for seed in SEEDS:
+        meta = checkpoint.read_metadata(os.path.join(demo_dir, f"seed_{seed}", "base", "checkpoints"))
+        start = meta["lr_min"]
+        lrs = {name: [r["lr"] for r in _records(_run_dir(demo_dir, seed, name), "train")] for name in runs.MAIN}
+        for name in ("baseline", "recipe"):  # the same LR schedule: the data alone differs
+            assert lrs[name][0] == pytest.approx(start, rel=1e-6) and lrs[name] == sorted(lrs[name], reverse=True)
+            assert lrs[name][-1] < start / 50
+        assert lrs["rewarm"][0] == pytest.approx(start, rel=1e-6)
+        assert max(lrs["rewarm"]) == pytest.approx(meta["lr_max"], rel=1e-6)
+        tokens = {name: _records(_run_dir(demo_dir, seed, name), "train")[-1]["tokens_per_source"]
+                  for name in runs.MAIN}
+        assert tokens["baseline"]["B"] == tokens["baseline"]["qa"] == 0
+        assert tokens["recipe"]["B"] > 0 and tokens["recipe"]["qa"] > 0
+        for t in tokens.values():
+            assert sum(t.values()) == S.run_steps * S.batch_size * S.seq_len
 
 
-def test_report_holds_every_number(demo_dir, demo_run):
-    report = open(os.path.join(demo_dir, "report.md")).read()
-    meta = checkpoint.read_metadata(os.path.join(demo_dir, "base", "checkpoints"))
-    numbers = {}
-    for run in RUNS:
-        workdir = os.path.join(demo_dir, "runs", run)
-        final = _final_eval(workdir, S.cpt_steps)
-        numbers[run] = (final["sources"]["A"]["loss"], final["sources"]["B"]["loss"],
-                        final["tasks"]["heldout_qa"]["acc"])
-        cells = _row(report, run)
-        assert cells[1:4] == [f"{x:.3f}" for x in numbers[run]]
-        assert cells[4] == f"{final['sources']['qa']['loss']:.3f}"
-
-        train = _records(workdir, "train")
-        actual = next((r["step"] for r in train if r["phase"] == 1), None)
-        if run == "baseline":
-            assert actual is None and cells[5:7] == ["-", "-"]
-        else:
-            cfg = default_config().schedule
-            cfg.update(json.load(open(os.path.join(workdir, "config.json")))["schedule"])
-            sched = schedules.build(cfg, S.cpt_steps, meta["lr_min"])
-            planned = schedules.crossing_step(sched, 0.2 * meta["lr_min"])
-            assert planned == actual and 0 < actual < S.cpt_steps
-            assert cells[5:7] == [str(planned), str(actual)]
-            assert f"- {run}: planned switch step {planned}, actual {actual}: agree" in report
-
-        tokens = train[-1]["tokens_per_source"]
-        total = S.cpt_steps * S.batch_size * S.seq_len
-        assert sum(tokens.values()) == total
-        token_row = next(line for line in report.splitlines() if line.startswith(f"| {run} | ")
-                         and line.endswith(f" | {total} |"))
-        assert token_row == f"| {run} | {tokens['A']} | {tokens['B']} | {tokens['qa']} | {total} |"
-
-    # Every "better/worse" comes from the numbers: lower loss, higher accuracy is better.
-    def verdict(value, reference, lower):
-        if round(value, 3) == round(reference, 3):
-            return "same"
-        return "better" if (round(value, 3) < round(reference, 3)) == lower else "worse"
-
-    for run in ("recipe", "rewarm"):
-        expected = [verdict(v, r, lower) for v, r, lower in zip(numbers[run], numbers["baseline"],
-                                                                 (True, True, False), strict=True)]
-        assert _row(report, run)[7] == ", ".join(expected)
-    for (label, _, lower), v, r in zip(demo.METRICS, numbers["recipe"], numbers["baseline"], strict=True):
-        assert f"- {label}: recipe {v:.3f} vs baseline {r:.3f} -> the recipe is **{verdict(v, r, lower)}**" in report
-    # The table is printed at the end of the run too.
-    assert _row(report, "recipe") == _row(demo_run, "recipe")
+def test_report_numbers_come_from_the_runs(demo_dir, demo_run):
+    text = open(os.path.join(demo_dir, "report.md")).read()
+    correct = {name: [_samples(_run_dir(demo_dir, s, name)) for s in SEEDS] for name in ("base", *runs.MAIN)}
+    for name, per_seed in correct.items():
+        cells = _row(text, name)
+        accs = []
+        for i, group in enumerate(corpus_lib.TASKS, start=1):
+            pooled = [x for seed in per_seed for x in seed[group]]
+            k, n = sum(pooled), len(pooled)
+            lo, hi = stats.wilson(k, n)
+            assert cells[i] == f"{k / n:.3f} [{lo:.3f}, {hi:.3f}]"
+            accs.append(k / n)
+        assert cells[4].startswith(f"{sum(accs) / 3:.3f} [")
+        assert _row(demo_run, name) == cells  # the table is printed at the end too
+    # The differences and the answer to the first question follow from the same samples.
+    diffs = [stats.paired_difference([s[g] for s in correct["recipe"]], [s[g] for s in correct["baseline"]])
+             for g in corpus_lib.TASKS]
+    avg = stats.average_difference(diffs)
+    cells = _row(text.split("| run - baseline |", 1)[1], "recipe")
+    assert cells[4] == f"{100 * avg.value:+.1f} [{100 * avg.lo:+.1f}, {100 * avg.hi:+.1f}] {stats.outcome(avg)}"
+    verdict = stats.verdict([stats.outcome(avg)])
+    assert re.search(r"1\. \*\*The recipe against continuing on the pretraining data\*\* \(the paper: [^)]*\): "
+                     r"\*\*" + verdict + r"\*\* at this scale", text)
+    for key in runs.ABLATIONS:
+        assert f"`python -m cpt_jax.demo --ablations {key}` runs it" in text
+    assert "Every run's switch to the QA Blend happened at the step the plan computed" in text
 
 
-def test_training_text_never_asks_a_heldout_question(demo_dir, demo_run):
-    heldout = [json.loads(line) for line in open(os.path.join(demo_dir, "corpus", "heldout_qa.jsonl"))]
-    assert heldout and all(len(r["choices"]) == 4 for r in heldout)
-    text = ""
-    for name in demo.SOURCES:
-        text += "".join(json.loads(line)["text"] + "\n" for line in open(os.path.join(demo_dir, "corpus",
-                                                                                         f"{name}.jsonl")))
-    for r in heldout:
-        question = r["context"].removesuffix(" A:")
-        assert question.startswith("Q: ") and question not in text
-        name = re.search(r"(?:of|was) (\w+ \w+)", question).group(1)
-        assert name in text  # the facts are in the biographies
+def test_report_shows_the_base_plateau(demo_dir, demo_run):
+    text = open(os.path.join(demo_dir, "report.md")).read()
+    for seed in SEEDS:
+        evals = _records(_run_dir(demo_dir, seed, "base"), "eval")
+        curve = [(r["step"], r["sources"]["A"]["loss"]) for r in evals]
+        assert [s for s, _ in curve] == list(range(S.base_steps // 10, S.base_steps + 1, S.base_steps // 10))
+        rel = stats.relative_improvement(curve)
+        cells = _row(text, str(seed))
+        assert cells[1:] == [f"{curve[-2][1]:.4f}", f"{curve[-1][1]:.4f}", f"{100 * rel:+.2f}%",
+                             "yes" if rel < 0.01 else "NO"]
+        assert rel < 0.01, "the tiny base must finish pretraining too"
+    assert "Its validation loss on A had flattened in every seed." in text
 
 
-def test_wrong_scale_for_the_workdir_is_refused(demo_dir, demo_run, capsys):
+def test_another_scale_in_the_same_workdir_is_refused(demo_dir, demo_run, capsys):
     assert demo.main(["--workdir", demo_dir, "--scale", "small"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "scale 'tiny'" in err[0]
 
 
-def test_floor_ablation_reuses_the_base(demo_dir, demo_run, capsys):
-    base_metrics = os.path.join(demo_dir, "base", "metrics.jsonl")
-    before = os.stat(base_metrics).st_mtime_ns
-    assert demo.main(["--workdir", demo_dir, "--scale", "tiny", "--ablation", "floor"]) == 0
-    out = capsys.readouterr().out
-    assert os.stat(base_metrics).st_mtime_ns == before
-    assert "reusing" in out and "[demo] corpus: reusing" in out
-    meta = checkpoint.read_metadata(os.path.join(demo_dir, "base", "checkpoints"))
-    dirs = {"floor_10pct": os.path.join(demo_dir, "ablations", "floor_10pct"),
-            "floor_1pct": os.path.join(demo_dir, "runs", "recipe"),  # the same setting as the main recipe run
-            "floor_0.1pct": os.path.join(demo_dir, "ablations", "floor_0.1pct")}
-    assert not os.path.exists(os.path.join(demo_dir, "ablations", "floor_1pct"))
-    report = open(os.path.join(demo_dir, "report.md")).read()
-    assert "## Main comparison" in report and "## Ablation: floor" in report
-    section = report.split("## Ablation: floor", 1)[1]
-    numbers = {}
-    for name, workdir in dirs.items():
-        final = _final_eval(workdir, S.cpt_steps)
-        numbers[name] = (final["sources"]["A"]["loss"], final["sources"]["B"]["loss"],
-                         final["tasks"]["heldout_qa"]["acc"])
-        assert _row(section, name)[1:4] == [f"{x:.3f}" for x in numbers[name]]
-    ratio = {"floor_10pct": 0.1, "floor_0.1pct": 0.001}
-    for name, r in ratio.items():
-        lr = [rec["lr"] for rec in _records(dirs[name], "train")]
-        cosine_end = meta["lr_min"] * (r + (1 - r) * (1 + math.cos(math.pi * (S.cpt_steps - 1) / S.cpt_steps)) / 2)
-        assert lr[-1] == pytest.approx(cosine_end, rel=1e-4)
-    for i, (label, _, lower) in enumerate(demo.METRICS):
-        values = {name: v[i] for name, v in numbers.items()}
-        best = (min if lower else max)(values, key=values.get)
-        agrees = "agrees" if best == "floor_1pct" else "does not agree"
-        assert f"- by {label}: best is `{best}` -> {agrees}" in section
-    assert os.path.isfile(os.path.join(demo_dir, "report_floor.png"))
+@pytest.mark.parametrize("argv, message", [(["--ablations", "warmup,bogus"], "--ablations: 'bogus'"),
+                                           (["--seeds", "0"], "--seeds: 0")])
+def test_bad_flags_are_one_line(tmp_path, capsys, argv, message):
+    workdir = tmp_path / "out"
+    assert demo.main(["--workdir", str(workdir), "--scale", "tiny", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {message}")
+    assert not workdir.exists()
 
 
-def test_corpus_holds_out_questions():
-    c = demo_corpus.generate(7, people_a=40, people_b=30, filler_docs=20)
-    names_a = {p.name for p in c.people_a}
-    names_b = {p.name for p in c.people_b}
-    assert not names_a & names_b and len(names_a) == 40 and len(names_b) == 30
-    assert c.heldout_names <= names_b and len(c.heldout) == 4 * len(c.heldout_names) == 4 * 6
-    assert len(c.qa_train) == 4 * (30 - 6)
-    training = "\n".join(c.training_texts())
-    for rec in c.heldout:
-        assert rec["name"] in c.heldout_names
-        assert rec["context"].removesuffix(" A:") not in training
-        assert all(rec["name"] not in qa for qa in c.qa_train)
-        person = next(p for p in c.people_b if p.name == rec["name"])
-        assert rec["choices"][rec["gold"]] == person.attribute(rec["attribute"])
-        assert len(set(rec["choices"])) == 4 and set(rec["choices"]) <= set(demo_corpus.VOCABULARY[rec["attribute"]])
-        # the answer is in the person's biographies (B), stated with the person's name
-        assert any(rec["name"] in bio and person.attribute(rec["attribute"]) in bio for bio in c.b_bios)
-    assert not any("Q:" in t for t in (*c.a_bios, *c.b_bios, *c.filler))
-    assert all(re.fullmatch(r"Q: .+\? A: \S+", qa) for qa in c.qa_train)
+def test_an_ablation_reuses_the_base_and_the_main_runs(demo_dir, demo_run):
+    base_metrics = os.path.join(demo_dir, "seed_0", "base", "metrics.jsonl")
+    recipe_metrics = os.path.join(_run_dir(demo_dir, 0, "recipe"), "metrics.jsonl")
+    before = os.stat(base_metrics).st_mtime_ns, os.stat(recipe_metrics).st_mtime_ns
+    status, out = _main("--workdir", demo_dir, "--scale", "tiny", "--ablations", "floor", "--seeds", "1")
+    assert status == 0, out
+    assert (os.stat(base_metrics).st_mtime_ns, os.stat(recipe_metrics).st_mtime_ns) == before
+    assert "[demo] seed 1/1 base (pretraining on A, 300 steps): reused" in out
+    assert "[demo] seed 1/1 recipe: reused" in out and "[demo] seed 1/1 floor_10pct: done in" in out
+    results = {name: [runs.load_result(_run_dir(demo_dir, 0, name), S.run_steps)]
+               for name in ("recipe", "floor_10pct", "floor_0.1pct")}
+    for name, ratio in (("floor_10pct", 0.1), ("floor_0.1pct", 0.001)):
+        start = results[name][0].first_lr
+        last = start * (ratio + (1 - ratio) * (1 + math.cos(math.pi * (S.run_steps - 1) / S.run_steps)) / 2)
+        assert results[name][0].last_lr == pytest.approx(last, rel=1e-4)
+    question = next(q for q in runs.QUESTIONS if q.key == "floor")
+    verdict, lines = report.answer(question, results)
+    text = open(os.path.join(demo_dir, "report.md")).read()
+    assert f"3. **How far the cosine decays** (the paper: {question.paper}): **{verdict}** at this scale." in text
+    for line in lines:
+        assert f"   - {line}" in text
+    assert "| floor_10pct |" in text and "--ablations floor` runs it" not in text
 
 
-def test_corpus_is_deterministic(tmp_path):
-    a, b = demo_corpus.generate(3, people_a=30, people_b=20), demo_corpus.generate(3, people_a=30, people_b=20)
-    assert a == b
-    assert demo_corpus.generate(4, people_a=30, people_b=20) != a
-    paths_1 = demo_corpus.write(a, str(tmp_path / "one"))
-    paths_2 = demo_corpus.write(b, str(tmp_path / "two"))
-    for name in paths_1:
-        assert open(paths_1[name], "rb").read() == open(paths_2[name], "rb").read()
-    # prepare takes the val split from the end of B: the held-out people's bios come first (trained on).
-    b_docs = [json.loads(line)["text"] for line in open(paths_1["B"])]
-    flags = [any(n in d for n in a.heldout_names) for d in b_docs]
-    assert flags == sorted(flags, reverse=True) and any(flags)
+def _fact_task_files(root, people, seed):
+    """A corpus of `people` + `people` people: its task files, its tokenizer, and the texts of every
+    fact the tasks ask (A and B biographies, the held-out questions with their answers)."""
+    from cpt_jax.data.tokenizer import train_sentencepiece
+
+    c = corpus_lib.generate(seed, people_a=people, people_b=people, bios_per_person=10, val_people=2)
+    paths = corpus_lib.write(c, str(root / "corpus"))
+    answers = [f"{r['context']} {r['choices'][r['gold']]}" for r in c.tasks["heldout_qa"]]
+    texts = [*c.a_bios, *c.b_bios, *answers, *answers]
+    tok_path = str(root / "tokenizer.model")
+    train_sentencepiece([*texts, *c.a_val], tok_path, S.vocab_size, model_type="bpe", byte_fallback=False,
+                        num_threads=2)
+    return c, {t: paths[t] for t in corpus_lib.TASKS}, tok_path, texts
+
+
+@pytest.fixture(scope="module")
+def trained_on_the_facts(tmp_path_factory):
+    """Every task of an 8 + 8 people corpus scored (python -m cpt_jax.evaluate --log_samples, as the
+    demo scores its runs) on a tiny model trained on every fact the tasks ask."""
+    from cpt_jax.data.prepare import prepare
+    from cpt_jax.data.tokenizer import load_tokenizer
+
+    root = tmp_path_factory.mktemp("facts")
+    c, tasks, tok_path, texts = _fact_task_files(root, 8, 11)
+    docs = [*texts, *c.a_val]  # the validation biographies last: the source's val split
+    with open(root / "facts.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in docs)
+    counts = [len(ids) + 1 for ids in load_tokenizer(tok_path).encode_batch(docs)]
+    val = corpus_lib.validation_examples(counts, len(c.a_val), S.seq_len + 1)
+    prepare([f"jsonl:{root / 'facts.jsonl'}"], tok_path, S.seq_len, str(root / "facts"), val_examples=val)
+    data = runs.Data(tok_path, {"facts": str(root / "facts")}, tasks)
+    workdir = str(root / "trained")
+    runs.train_run(workdir, S, data, 0, 400, dict(name="warmup_cosine", peak_lr=1e-2, min_lr=1e-3, warmup_steps=40),
+                   (dict(weights={"facts": 1.0}),), evals=1)
+    return _samples(workdir)
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory):
+    """Every task of a 50 + 50 people corpus scored on freshly initialised parameters."""
+    from cpt_jax import evaluate, model
+
+    _, tasks, tok_path, _ = _fact_task_files(tmp_path_factory.mktemp("chance"), 50, 12)
+    mc = model.ModelConfig.from_config(dict(S.model, dtype="float32", vocab_size=S.vocab_size, max_seq_len=64))
+    evaluator = evaluate.TaskEvaluator(tasks, tok_path, mc, seq_len=64, batch_size=64)
+    results = evaluator.evaluate(model.init_params(mc, 0), samples=True)
+    return {name: [q["correct"] for q in r["samples"]] for name, r in results.items()}
+
+
+@pytest.mark.parametrize("group", corpus_lib.TASKS)
+def test_each_group_scores_knowledge_high_and_an_untrained_model_near_chance(trained_on_the_facts, untrained,
+                                                                             group):
+    known = trained_on_the_facts[group]
+    assert len(known) == 32 and sum(known) / len(known) >= 0.8  # chance: 0.25
+    guessed, chance = untrained[group], 1 / corpus_lib.CHOICES
+    assert len(guessed) == 200
+    assert abs(sum(guessed) / len(guessed) - chance) <= 3 * math.sqrt(chance * (1 - chance) / len(guessed))

@@ -1,0 +1,5 @@
+import sys
+
+from cpt_jax.demo.cli import main
+
+sys.exit(main())
