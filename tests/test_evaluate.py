@@ -381,8 +381,28 @@ def test_cli_end_to_end_writes_the_results(ckpt, data, mc, tmp_path, capsys):
     assert "b " in captured.out and "eval source b:" in captured.err
 
 
+def test_cli_log_samples_give_every_questions_scores(ckpt, mc, sp_path, tmp_path, capsys):
+    out = tmp_path / "samples.json"
+    status = evaluate.main(["--checkpoint", ckpt, "--tasks", f"mc={mc['path']}", "--template", TEMPLATE,
+                            "--seq_len", "64", "--out", str(out), "--log_samples"])
+    assert status == 0, capsys.readouterr().err
+    res = json.loads(out.read_text())["tasks"]["mc"]
+    samples = res["samples"]
+    records = [json.loads(line) for line in open(mc["path"])]
+    assert len(samples) == res["n"] == len(records)
+    ev = evaluate.TaskEvaluator({"mc": {"path": mc["path"], "template": TEMPLATE}}, sp_path, C, seq_len=64,
+                                batch_size=8)
+    direct = ev.loglikelihoods(mc["trained"], "mc")
+    for i, (q, ll) in enumerate(zip(samples, direct, strict=True)):
+        assert q["line"] == i + 1 and q["gold"] == records[i]["gold"]
+        assert q["loglikelihoods"] == pytest.approx(list(ll), rel=1e-4, abs=1e-4)
+        assert q["pred"] == int(np.argmax(q["loglikelihoods"])) and q["correct"] == (q["pred"] == q["gold"])
+    assert sum(q["correct"] for q in samples) / len(samples) == pytest.approx(res["acc"])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--checkpoint", "{tmp}/missing"], r"--checkpoint: .*missing does not exist"),
+    (["--checkpoint", "{ckpt}", "--log_samples"], r"--log_samples: no --out, expected --out FILE"),
     (["--checkpoint", "{ckpt}", "--sources", "a"], r"--sources: 'a', expected name=path"),
     (["--checkpoint", "{ckpt}", "--sources", "a={tmp}/x"], r"x/manifest.json: missing"),
     (["--checkpoint", "{ckpt}", "--tasks", "mc={tmp}/none.jsonl"], r"none.jsonl: no such file"),

@@ -94,8 +94,8 @@ def answer(q: Question, results: dict[str, Sequence[RunResult]]) -> tuple[str, l
         o = stats.outcome(d)
         outcomes.append(o)
         seeds = ", ".join(f"{100 * x:+.1f}" for x in d.per_seed)
-        lines.append(f"the paper's choice ({q.choice}) against {what} ({alt}): average accuracy {_points(d)} "
-                     f"points, per seed {seeds}: {o}")
+        lines.append(f"{q.choice_label} (`{q.choice}`) - {what} (`{alt}`): average accuracy {_points(d)} points, "
+                     f"per seed {seeds}: {o}")
     return stats.verdict(outcomes), lines
 
 
@@ -191,8 +191,8 @@ def build(workdir: str, scale_name: str, s: Scale, seeds: Sequence[int], base: S
         verdicts.append((q, v))
         lines += [f"{i}. **{q.title}** (the paper: {q.paper}): **{v}** at this scale.", "",
                   *(f"   - {d}" for d in detail), ""]
-    lines += ["## Checks", "", *check_lines(results, seeds), "", "## Method", "", *method_lines(), "",
-              "![evidence](report.png)", ""]
+    lines += ["## What this scale reproduces", "", *summary_lines(verdicts), "", "## Checks", "",
+              *check_lines(results, seeds), "", "## Method", "", *method_lines(), "", "![evidence](report.png)", ""]
     figure(os.path.join(workdir, "report.png"), base, results, table, seeds)
     path = os.path.join(workdir, "report.md")
     with open(path, "w") as f:
@@ -201,6 +201,18 @@ def build(workdir: str, scale_name: str, s: Scale, seeds: Sequence[int], base: S
     printed += [f"{q.title}: {v} (the paper: {q.paper})" for q, v in verdicts]
     printed.append("base flattened in every seed" if ok else "WARNING: the base had not flattened in every seed")
     return path, printed
+
+
+def summary_lines(verdicts: Sequence[tuple[Question, str]]) -> list[str]:
+    said = {stats.AGREE: "reproduced (its direction; the sizes are above)",
+            stats.DISAGREE: "not reproduced: the measurement points the other way",
+            stats.CANNOT_TELL: "not decided at this scale: the differences are within the noise or not in every seed"}
+    lines = [f"- {q.title} (the paper: {q.paper}): {said[v]}." for q, v in verdicts]
+    asked = {q.key for q, _ in verdicts}
+    missing = [q.key for q in QUESTIONS if q.key not in asked]
+    if missing:
+        lines.append(f"- Not run: {', '.join(missing)} (`--ablations {','.join(missing)}`).")
+    return lines
 
 
 def _item_note(table: Table, base: Sequence[RunResult]) -> str:

@@ -43,7 +43,7 @@ class Scale:
     filler_docs: int  # filler documents in source A
     val_people: int  # people of each population with one validation biography
     vocab_size: int
-    model: dict
+    model: dict  # model config keys (dtype float32 unless given: CPUs emulate bf16 slowly)
     seq_len: int
     batch_size: int
     base_steps: int  # pretraining of the base (a multiple of BASE_EVALS)
@@ -63,15 +63,15 @@ SCALES = {
                   seq_len=64, batch_size=8, base_steps=300, run_steps=40, peak_lr=1e-2, min_lr=1e-3,
                   eval_examples=8, seeds=2, ablation_seeds=2),
     # The default: the main comparison with 2 seeds in under 5 minutes on 2 CPU cores.
-    "small": Scale(people_a=80, people_b=80, bios_per_person=10, filler_docs=0, val_people=16, vocab_size=400,
+    "small": Scale(people_a=80, people_b=80, bios_per_person=10, filler_docs=0, val_people=32, vocab_size=400,
                    model=dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=192),
                    seq_len=64, batch_size=16, base_steps=400, run_steps=300, peak_lr=1e-2, min_lr=1e-3,
-                   eval_examples=16, seeds=2, ablation_seeds=3),
-    # One GPU: more people, a deeper model, longer runs.
-    "medium": Scale(people_a=300, people_b=300, bios_per_person=4, filler_docs=600, val_people=32, vocab_size=512,
-                    model=dict(n_layers=8, d_model=512, n_heads=8, n_kv_heads=4, d_ff=1536),
-                    seq_len=256, batch_size=32, base_steps=4000, run_steps=2000, peak_lr=1e-3, min_lr=1e-4,
-                    eval_examples=64, seeds=5, ablation_seeds=5),
+                   eval_examples=32, seeds=2, ablation_seeds=8),
+    # One GPU (not run on a GPU yet): 1,200 questions per group and seed, a 6-layer model in bf16.
+    "medium": Scale(people_a=300, people_b=300, bios_per_person=20, filler_docs=0, val_people=64, vocab_size=512,
+                    model=dict(n_layers=6, d_model=384, n_heads=6, n_kv_heads=2, d_ff=1024, dtype="bfloat16"),
+                    seq_len=128, batch_size=32, base_steps=1000, run_steps=600, peak_lr=3e-3, min_lr=3e-4,
+                    eval_examples=64, seeds=3, ablation_seeds=3),
 }
 
 
@@ -124,20 +124,22 @@ class Question:
     title: str
     paper: str
     choice: str  # the variant with the paper's setting
-    alternatives: dict[str, str]  # variant -> what it is, in the question's terms
+    choice_label: str  # the paper's setting, in the question's terms
+    alternatives: dict[str, str]  # variant -> its setting, in the question's terms
 
 
 QUESTIONS = (
     Question("recipe", "The recipe against continuing on the pretraining data",
-             "+9% average accuracy over continuing on the pretraining data", "recipe", {"baseline": "A only"}),
+             "+9% average accuracy over continuing on the pretraining data", "recipe", "the recipe's blends",
+             {"baseline": "A only"}),
     Question("switch", "Where to switch to the QA Blend",
-             "switching at LR start/5 is best of start/2, /5, /10, /50", "recipe",
+             "switching at LR start/5 is best of start/2, /5, /10, /50", "recipe", "start/5",
              {"switch_2": "start/2", "switch_10": "start/10", "switch_50": "start/50"}),
     Question("floor", "How far the cosine decays",
-             "decaying to 1% of the start is best of 10%, 1%, 0.1%", "recipe",
+             "decaying to 1% of the start is best of 10%, 1%, 0.1%", "recipe", "1%",
              {"floor_10pct": "10%", "floor_0.1pct": "0.1%"}),
-    Question("warmup", "Warmup", "every warmup is worse than none", "recipe",
-             {"rewarm": "to the base's peak LR", "warmup_2x": "to 2x the base's final LR"}),
+    Question("warmup", "Warmup", "every warmup is worse than none", "recipe", "no warmup",
+             {"rewarm": "warmup to the base's peak LR", "warmup_2x": "warmup to 2x the base's final LR"}),
 )
 MAIN = ("baseline", "recipe", "rewarm")
 ABLATIONS = tuple(q.key for q in QUESTIONS[1:])
@@ -205,7 +207,7 @@ from cpt_jax.presets import preset_config
 def get_config():
     c = preset_config("tiny")
     c.seed = {seed}
-    c.model.update({dict(s.model, dtype="float32", vocab_size=s.vocab_size, max_seq_len=max(64, s.seq_len))!r})
+    c.model.update({dict(dict(dtype="float32"), **s.model, vocab_size=s.vocab_size, max_seq_len=s.seq_len)!r})
     c.train.update(steps={steps}, batch_size={s.batch_size}, seq_len={s.seq_len}, log_every_steps=1)
     c.schedule.update({schedule!r})
     c.checkpoint.update(every_steps={steps}, max_to_keep=1)
