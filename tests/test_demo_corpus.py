@@ -12,7 +12,7 @@ def _person(c, name):
 
 
 def test_populations_and_task_sizes():
-    c = corpus_lib.generate(7, people_a=20, people_b=15, bios_per_person=4, val_people=5)
+    c = corpus_lib.generate(7, people_a=20, people_b=15, bios_per_person=4, val_bios=5)
     names_a, names_b = {p.name for p in c.people_a}, {p.name for p in c.people_b}
     assert not names_a & names_b and len(names_a) == 20 and len(names_b) == 15
     assert len(c.a_bios) == 80 and len(c.b_bios) == 60 and len(c.a_val) == len(c.b_val) == 5
@@ -24,7 +24,7 @@ def test_populations_and_task_sizes():
 
 
 def test_every_question_asks_a_fact_the_texts_state():
-    c = corpus_lib.generate(3, people_a=20, people_b=15, val_people=5)
+    c = corpus_lib.generate(3, people_a=20, people_b=15, val_bios=5)
     training = "\n".join(c.training_texts())
     for task, records in c.tasks.items():
         bios = c.a_bios if task == "retention" else c.b_bios
@@ -49,7 +49,7 @@ def test_every_question_asks_a_fact_the_texts_state():
 
 
 def test_validation_documents_are_never_trained_on():
-    c = corpus_lib.generate(5, people_a=30, people_b=30, val_people=10)
+    c = corpus_lib.generate(5, people_a=30, people_b=30, val_bios=10)
     training = set(c.training_texts())
     assert not training & set(c.a_val) and not training & set(c.b_val)
     docs = corpus_lib.source_documents(c)
@@ -70,11 +70,11 @@ def test_validation_examples_hold_out_only_validation_documents():
 
 
 def test_the_corpus_is_a_function_of_the_seed(tmp_path):
-    a = corpus_lib.generate(3, people_a=30, people_b=20, val_people=5)
-    assert a == corpus_lib.generate(3, people_a=30, people_b=20, val_people=5)
-    assert a != corpus_lib.generate(4, people_a=30, people_b=20, val_people=5)
+    a = corpus_lib.generate(3, people_a=30, people_b=20, val_bios=5)
+    assert a == corpus_lib.generate(3, people_a=30, people_b=20, val_bios=5)
+    assert a != corpus_lib.generate(4, people_a=30, people_b=20, val_bios=5)
     one = corpus_lib.write(a, str(tmp_path / "one"))
-    two = corpus_lib.write(corpus_lib.generate(3, people_a=30, people_b=20, val_people=5), str(tmp_path / "two"))
+    two = corpus_lib.write(corpus_lib.generate(3, people_a=30, people_b=20, val_bios=5), str(tmp_path / "two"))
     assert set(one) == {*corpus_lib.SOURCES, *corpus_lib.TASKS}
     for name in one:
         assert open(one[name], "rb").read() == open(two[name], "rb").read()

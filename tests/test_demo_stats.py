@@ -85,16 +85,23 @@ def test_verdict():
 
 
 def test_plateau_check():
-    flat = [(s, 1.0 + 0.5 * math.exp(-s / 50)) for s in range(0, 1001, 100)]
-    assert stats.relative_improvement(flat) == pytest.approx((flat[-2][1] - flat[-1][1]) / flat[-2][1])
-    assert stats.plateaued(flat)
-    falling = [(s, 2.0 - s / 1000) for s in range(100, 1001, 100)]  # 1.1 -> 1.0 over the last tenth
-    assert stats.relative_improvement(falling) == pytest.approx(0.1 / 1.1) and not stats.plateaued(falling)
-    rising = [(100, 0.9), (900, 0.80), (1000, 0.82)]  # overfitting: no improvement left
-    assert stats.relative_improvement(rising) < 0 and stats.plateaued(rising)
-    # The reference is the last evaluation at or before 90% of the run, in any input order.
-    assert stats.relative_improvement([(1000, 1.0), (500, 2.0), (950, 1.5)]) == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="at least two"):
-        stats.relative_improvement([(10, 1.0)])
-    with pytest.raises(ValueError, match="no evaluation"):
+    # Means of the evaluations in the last tenth and in the tenth before it.
+    curve = [(s, 10.0 - s / 100) for s in range(50, 1001, 50)]  # 9.5 ... 0.0: falling 0.5 per 50 steps
+    before, last = (1.5 + 1.0) / 2, (0.5 + 0.0) / 2  # steps 850, 900 | 950, 1000
+    assert stats.relative_improvement(curve) == pytest.approx((before - last) / before)
+    assert not stats.plateaued(curve)
+    flat = [(s, 1.0 + 0.5 * math.exp(-s / 50)) for s in range(0, 1001, 50)]
+    assert 0 < stats.relative_improvement(flat) < 1e-6 and stats.plateaued(flat)
+    # One evaluation's wobble is averaged with its neighbours.
+    wobbly = [(s, 1.0) for s in range(50, 1001, 50)]
+    wobbly[-4] = (850, 1.03)
+    assert stats.relative_improvement(wobbly) == pytest.approx(0.015 / 1.015) and not stats.plateaued(wobbly)
+    wobbly[-2] = (950, 1.03)
+    assert stats.relative_improvement(wobbly) == pytest.approx(0.0) and stats.plateaued(wobbly)
+    rising = [(800, 0.9), (900, 0.80), (1000, 0.82)]  # overfitting: no improvement left
+    assert stats.relative_improvement(rising) == pytest.approx(-0.025) and stats.plateaued(rising)
+    assert stats.relative_improvement([(1000, 1.0), (850, 2.0), (950, 1.5)]) == pytest.approx(0.375)  # any order
+    with pytest.raises(ValueError, match="no evaluation in steps"):
         stats.relative_improvement([(950, 1.0), (1000, 1.0)])
+    with pytest.raises(ValueError, match="no evaluation in steps"):
+        stats.relative_improvement([(10, 1.0)])

@@ -10,9 +10,9 @@ the three multiple-choice tasks that measure what a model knows.
 
 Every person has four attributes (city, profession, year, hobby) drawn from small vocabularies; a
 biography states each of them once, in a random one of three phrasings, in random order. Besides
-its training biographies, each of the first `val_people` people of a population has one more
-biography that is written at the end of the source's file, where `prepare` takes the validation
-split from: validation loss measures the facts, never a document that was trained on.
+its training biographies, each population has `val_bios` more (its people in turn) that are
+written at the end of the source's file, where `prepare` takes the validation split from:
+validation loss measures the facts, never a document that was trained on.
 
 The tasks (lm-eval-harness records: context, choices, gold; plus name and attribute):
   retention    a cloze over every fact of A in the biographies' own phrasing ("NAME was born in"
@@ -174,14 +174,14 @@ def filler_document(rng: random.Random, sentences: int) -> str:
 
 
 def generate(seed: int = 0, *, people_a: int = 80, people_b: int = 80, bios_per_person: int = 3,
-             filler_docs: int = 0, val_people: int = 16) -> Corpus:
+             filler_docs: int = 0, val_bios: int = 16) -> Corpus:
     """The corpus for `seed`. Names are drawn without replacement, so A and B are disjoint."""
     names = [f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES]
     if people_a + people_b > len(names):
         raise ValueError(f"people_a + people_b: {people_a + people_b}, expected at most {len(names)} names")
-    if min(people_a, people_b, bios_per_person) < 1 or not 1 <= val_people <= min(people_a, people_b):
-        raise ValueError("expected at least one person per population and one biography per person, and "
-                         "1 <= val_people <= the smaller population")
+    if min(people_a, people_b, bios_per_person, val_bios) < 1:
+        raise ValueError("expected at least one person per population, one biography per person and one "
+                         "validation biography")
     rng = random.Random(seed)
     chosen = rng.sample(names, people_a + people_b)
 
@@ -192,8 +192,8 @@ def generate(seed: int = 0, *, people_a: int = 80, people_b: int = 80, bios_per_
     pop_b = tuple(person(n) for n in chosen[people_a:])
     a_bios = tuple(biography(p, rng) for p in pop_a for _ in range(bios_per_person))
     b_bios = tuple(biography(p, rng) for p in pop_b for _ in range(bios_per_person))
-    a_val = tuple(biography(p, rng) for p in pop_a[:val_people])
-    b_val = tuple(biography(p, rng) for p in pop_b[:val_people])
+    a_val = tuple(biography(pop_a[i % people_a], rng) for i in range(val_bios))
+    b_val = tuple(biography(pop_b[i % people_b], rng) for i in range(val_bios))
     filler = tuple(filler_document(rng, rng.randint(3, 6)) for _ in range(filler_docs))
     qa_train = [qa_pair(key, p) for p in pop_a for key in ATTRIBUTES]
     rng.shuffle(qa_train)

@@ -100,15 +100,18 @@ def answer(q: Question, results: dict[str, Sequence[RunResult]]) -> tuple[str, l
 
 
 def plateau_lines(base: Sequence[RunResult], seeds: Sequence[int], s: Scale) -> tuple[bool, list[str]]:
-    lines = [f"| seed | val loss A at step {int(s.base_steps * (1 - stats.PLATEAU_FRACTION))} | at step {s.base_steps} "
-             "| relative improvement over the last 10% | flattened (< 1%) |", "|---|---|---|---|---|"]
+    tenth = int(s.base_steps * stats.PLATEAU_FRACTION)
+    lines = [f"| seed | mean val loss A, steps {s.base_steps - 2 * tenth + 1}-{s.base_steps - tenth} | steps "
+             f"{s.base_steps - tenth + 1}-{s.base_steps} | relative improvement over the last 10% | flattened (< 1%) |",
+             "|---|---|---|---|---|"]
     ok = True
     for seed, r in zip(seeds, base, strict=True):
         rel = stats.relative_improvement(r.curve)
         flat = stats.plateaued(r.curve)
         ok &= flat
-        earlier = [loss for step, loss in sorted(r.curve) if step <= s.base_steps * (1 - stats.PLATEAU_FRACTION)]
-        lines.append(f"| {seed} | {earlier[-1]:.4f} | {r.curve[-1][1]:.4f} | {100 * rel:+.2f}% | "
+        last = [loss for step, loss in r.curve if step > s.base_steps - tenth]
+        before = [loss for step, loss in r.curve if s.base_steps - 2 * tenth < step <= s.base_steps - tenth]
+        lines.append(f"| {seed} | {sum(before) / len(before):.4f} | {sum(last) / len(last):.4f} | {100 * rel:+.2f}% | "
                      f"{'yes' if flat else 'NO'} |")
     return ok, lines
 

@@ -16,7 +16,8 @@
 - A finding of the paper is answered `agree` when its choice is better than every alternative,
   `disagree` when some alternative is better than its choice, `cannot tell` otherwise.
 - The base has finished pretraining when its validation loss improved by less than 1% (relative)
-  over the last 10% of its steps.
+  over the last 10% of its steps: the mean of its evaluations in the last tenth of the run against
+  the mean of those in the tenth before (means, so that one evaluation's wobble decides nothing).
 """
 
 from __future__ import annotations
@@ -126,17 +127,23 @@ def verdict(outcomes: Sequence[str]) -> str:
 
 
 def relative_improvement(curve: Sequence[tuple[int, float]], fraction: float = PLATEAU_FRACTION) -> float:
-    """(L(t0) - L(end)) / L(t0) of a loss curve [(step, loss)], t0 the last evaluation at or before
-    the final step minus `fraction` of it: how much the loss still fell over the last stretch."""
-    if len(curve) < 2:
-        raise ValueError("relative_improvement: expected at least two evaluations")
+    """How much a loss curve [(step, loss)] still fell over its last `fraction` of steps, relative:
+    (mean loss of the evaluations in the stretch before the last - mean in the last stretch) / the
+    former. The last stretch is (end - fraction x end, end], the one before it the same length
+    earlier; each must hold an evaluation."""
     curve = sorted(curve)
-    end_step, end_loss = curve[-1]
-    cut = end_step * (1.0 - fraction)
-    earlier = [loss for step, loss in curve[:-1] if step <= cut + 1e-9]
-    if not earlier:
-        raise ValueError(f"relative_improvement: no evaluation at or before step {cut:g}")
-    return (earlier[-1] - end_loss) / earlier[-1]
+    end = curve[-1][0] if curve else 0
+    span = end * fraction
+
+    def mean_in(lo: float, hi: float) -> float:
+        losses = [loss for step, loss in curve if lo + 1e-9 < step <= hi + 1e-9]
+        if not losses:
+            raise ValueError(f"relative_improvement: no evaluation in steps ({lo:g}, {hi:g}], expected at least "
+                             f"one in each of the last two stretches of {fraction:.0%} of the run")
+        return sum(losses) / len(losses)
+
+    before, last = mean_in(end - 2 * span, end - span), mean_in(end - span, end)
+    return (before - last) / before
 
 
 def plateaued(curve: Sequence[tuple[int, float]], fraction: float = PLATEAU_FRACTION,
