@@ -1,8 +1,8 @@
 """The demo's generated corpus: biographies of two disjoint populations, question-answer pairs, and
 the three multiple-choice tasks that measure what a model knows.
 
-- Population A ("pretraining"): biographies, optionally mixed with filler text. The base model is
-  pretrained on them until it knows their facts.
+- Population A ("pretraining"): biographies. The base model is pretrained on them until it knows
+  their facts.
 - Population B (the new domain): biographies of other people (no name is in both populations).
   They appear only in the continued runs' data.
 - QA: "Q: What is the profession of NAME? A: PROFESSION" about the people of A, one pair per
@@ -75,13 +75,6 @@ QUESTION_TEMPLATES = {
 }
 ANSWER = " A:"
 
-FILLER_SUBJECTS = ("The river", "A small dog", "The old bridge", "Our neighbour", "The morning train", "A red kite",
-                   "The market", "The library", "A quiet street", "The tall tower", "The wind", "An orange cat")
-FILLER_VERBS = ("crosses", "watches", "follows", "greets", "passes", "circles", "reaches", "leaves")
-FILLER_OBJECTS = ("the valley", "the harbour", "a wooden fence", "the green hills", "the station", "the bakery",
-                  "a narrow path", "the sleepy town", "the open field", "the stone wall")
-FILLER_TIMES = ("at dawn", "every evening", "in the rain", "after lunch", "before winter", "on Sundays")
-
 SOURCES = ("A", "B", "qa")  # the prepared training sources
 TASKS = ("retention", "acquisition", "heldout_qa")  # the accuracy groups, in report order
 
@@ -115,13 +108,12 @@ class Corpus:
     b_bios: tuple[str, ...]
     a_val: tuple[str, ...]
     b_val: tuple[str, ...]
-    filler: tuple[str, ...]
     qa_train: tuple[str, ...]
     tasks: dict[str, tuple[dict[str, Any], ...]]
 
     def training_texts(self) -> list[str]:
         """Every text any run may train on (the sources A, B and qa without their validation docs)."""
-        return [*self.a_bios, *self.filler, *self.b_bios, *self.qa_train]
+        return [*self.a_bios, *self.b_bios, *self.qa_train]
 
 
 def question(attribute: str, name: str) -> str:
@@ -168,13 +160,8 @@ def question_task(people: Sequence[Person], rng: random.Random) -> tuple[dict[st
     return tuple(choice_record(question(key, p.name) + ANSWER, key, p, rng) for p in people for key in ATTRIBUTES)
 
 
-def filler_document(rng: random.Random, sentences: int) -> str:
-    return " ".join(f"{rng.choice(FILLER_SUBJECTS)} {rng.choice(FILLER_VERBS)} {rng.choice(FILLER_OBJECTS)} "
-                    f"{rng.choice(FILLER_TIMES)}." for _ in range(sentences))
-
-
 def generate(seed: int = 0, *, people_a: int = 80, people_b: int = 80, bios_per_person: int = 3,
-             filler_docs: int = 0, val_bios: int = 16) -> Corpus:
+             val_bios: int = 16) -> Corpus:
     """The corpus for `seed`. Names are drawn without replacement, so A and B are disjoint."""
     names = [f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES]
     if people_a + people_b > len(names):
@@ -194,12 +181,11 @@ def generate(seed: int = 0, *, people_a: int = 80, people_b: int = 80, bios_per_
     b_bios = tuple(biography(p, rng) for p in pop_b for _ in range(bios_per_person))
     a_val = tuple(biography(pop_a[i % people_a], rng) for i in range(val_bios))
     b_val = tuple(biography(pop_b[i % people_b], rng) for i in range(val_bios))
-    filler = tuple(filler_document(rng, rng.randint(3, 6)) for _ in range(filler_docs))
     qa_train = [qa_pair(key, p) for p in pop_a for key in ATTRIBUTES]
     rng.shuffle(qa_train)
     tasks = {"retention": cloze_task(pop_a, rng), "acquisition": cloze_task(pop_b, rng),
              "heldout_qa": question_task(pop_b, rng)}
-    return Corpus(seed, pop_a, pop_b, a_bios, b_bios, a_val, b_val, filler, tuple(qa_train), tasks)
+    return Corpus(seed, pop_a, pop_b, a_bios, b_bios, a_val, b_val, tuple(qa_train), tasks)
 
 
 def _write_jsonl(path: str, records: Sequence[dict[str, Any]]) -> None:
@@ -212,10 +198,10 @@ def _write_jsonl(path: str, records: Sequence[dict[str, Any]]) -> None:
 
 def source_documents(corpus: Corpus) -> dict[str, tuple[list[str], int]]:
     """{source: (its documents in file order, how many of the last ones are validation documents)}.
-    A: A's biographies and the filler, shuffled, then A's validation biographies; B likewise; qa:
+    A: A's biographies, shuffled, then A's validation biographies; B likewise; qa:
     the QA pairs (no validation documents: the questions the tasks ask are not in it)."""
     rng = random.Random(corpus.seed + 1)
-    a_docs = [*corpus.a_bios, *corpus.filler]
+    a_docs = list(corpus.a_bios)
     rng.shuffle(a_docs)
     b_docs = list(corpus.b_bios)
     rng.shuffle(b_docs)

@@ -40,7 +40,6 @@ class Scale:
     people_a: int  # population A: 4 retention questions each
     people_b: int  # population B: 4 acquisition and 4 held-out QA questions each
     bios_per_person: int  # training biographies per person
-    filler_docs: int  # filler documents in source A
     val_bios: int  # validation biographies per population (never trained on)
     vocab_size: int
     model: dict  # model config keys (dtype float32 unless given: CPUs emulate bf16 slowly)
@@ -58,18 +57,18 @@ class Scale:
 SCALES = {
     # CI: every stage, two seeds, in well under a minute on 2 CPU cores. Too few questions for
     # intervals of +-4 points: the report says so.
-    "tiny": Scale(people_a=12, people_b=12, bios_per_person=10, filler_docs=0, val_bios=24, vocab_size=160,
+    "tiny": Scale(people_a=12, people_b=12, bios_per_person=10, val_bios=24, vocab_size=160,
                   model=dict(n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64),
                   seq_len=64, batch_size=8, base_steps=400, run_steps=40, peak_lr=1e-2, min_lr=1e-3,
                   eval_examples=24, seeds=2, ablation_seeds=2),
     # The default: 320 questions per group and seed; the main comparison with 2 seeds in under 5
     # minutes on 2 CPU cores, --ablations all with 8 seeds in under 30.
-    "small": Scale(people_a=80, people_b=80, bios_per_person=20, filler_docs=0, val_bios=160, vocab_size=400,
+    "small": Scale(people_a=80, people_b=80, bios_per_person=20, val_bios=160, vocab_size=400,
                    model=dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=192),
                    seq_len=64, batch_size=16, base_steps=800, run_steps=300, peak_lr=1e-2, min_lr=1e-3,
                    eval_examples=128, seeds=2, ablation_seeds=8),
     # One GPU (not run on a GPU yet): 1,200 questions per group and seed, a 6-layer model in bf16.
-    "medium": Scale(people_a=300, people_b=300, bios_per_person=20, filler_docs=0, val_bios=600, vocab_size=512,
+    "medium": Scale(people_a=300, people_b=300, bios_per_person=20, val_bios=600, vocab_size=512,
                     model=dict(n_layers=6, d_model=384, n_heads=6, n_kv_heads=2, d_ff=1024, dtype="bfloat16"),
                     seq_len=128, batch_size=32, base_steps=1000, run_steps=600, peak_lr=3e-3, min_lr=3e-4,
                     eval_examples=256, seeds=3, ablation_seeds=3),
@@ -175,8 +174,7 @@ def prepare_data(seed_dir: str, s: Scale, seed: int, say: Callable[[str], None])
     corpus_dir = os.path.join(seed_dir, "corpus")
     paths = {name: os.path.join(corpus_dir, f"{name}.jsonl") for name in (*SOURCES, *TASKS)}
     generated = corpus_lib.generate(seed, people_a=s.people_a, people_b=s.people_b,
-                                    bios_per_person=s.bios_per_person, filler_docs=s.filler_docs,
-                                    val_bios=s.val_bios)
+                                    bios_per_person=s.bios_per_person, val_bios=s.val_bios)
     documents = corpus_lib.source_documents(generated)
     if not all(os.path.exists(p) for p in paths.values()):
         corpus_lib.write(generated, corpus_dir)
@@ -194,7 +192,7 @@ def prepare_data(seed_dir: str, s: Scale, seed: int, say: Callable[[str], None])
         docs, val_docs = documents[name]
         counts = [len(ids) + 1 for ids in tok.encode_batch(docs)]  # + EOS, as prepare appends it
         val = corpus_lib.validation_examples(counts, val_docs, s.seq_len + 1)
-        with contextlib.redirect_stderr(open(os.devnull, "w")):
+        with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
             prepare([f"jsonl:{paths[name]}"], tok_path, s.seq_len, out, val_examples=val, workers=1, name=name)
     return Data(tok_path, sources, {name: paths[name] for name in TASKS})
 
