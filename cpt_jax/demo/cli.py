@@ -34,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale", default="small", choices=sorted(runs.SCALES),
                         help="tiny: CI, in seconds; small (default): 2 CPU cores, minutes; medium: one GPU.")
     parser.add_argument("--seeds", type=int, default=None,
-                        help="Repeat everything (corpus, base, runs) over seeds 0..N-1 (default: the scale's, 2 for "
-                             "small; more with --ablations).")
+                        help="Repeat everything (corpus, base, runs) over seeds 0..N-1 (default: the scale's; for "
+                             "small 3, and 8 with --ablations).")
     parser.add_argument("--ablations", default="", metavar="all|" + ",".join(runs.ABLATIONS),
                         help="Also the runs that answer the paper's other questions: where to switch blends, how far "
                              "to decay, whether to warm up.")
