@@ -158,6 +158,9 @@ def build(workdir: str, scale_name: str, s: Scale, seeds: Sequence[int], base: S
         "",
         *plateau,
         "",
+        "Relative improvement: the mean of the evaluations in the last tenth against the mean in the tenth before; "
+        "negative when the loss rose.",
+        "",
         ("Its validation loss on A had flattened in every seed." if ok else
          "**The base had NOT flattened in every seed: its continuations start from an unfinished model.**"),
         "",
