@@ -30,7 +30,7 @@ $(TESTING): $(RUNTIME) setup.py constraints.txt
 test: export XLA_FLAGS ?= $(FAKE_DEVICES)
 test: $(TESTING)
 	$(PY) -m ruff check cpt_jax configs tests benchmarks
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadscope --durations=15 tests
 
 demo: $(RUNTIME)
 	$(PY) -m cpt_jax.demo --workdir demo_out

@@ -17,8 +17,6 @@ from cpt_jax.demo import report, runs, stats
 
 S = runs.SCALES["tiny"]
 SEEDS = (0, 1)
-# One worker runs this module's tests (make test: --dist loadgroup), so the demo runs once.
-pytestmark = pytest.mark.xdist_group("demo")
 
 
 def _main(*argv):
