@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -135,6 +136,40 @@ def read_metadata(path: str, key: str = "init_from") -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise ConfigError(f"{key}: {step_dir} has metadata that is not a JSON object, expected cpt_jax metadata")
     return meta
+
+
+def metadata_chain(meta: dict[str, Any], limit: int = 8) -> Iterator[dict[str, Any]]:
+    """A checkpoint's metadata, then that of the checkpoint it was initialised from, and so on (a
+    continued run keeps what its imported ancestor knew: architecture, tokenizer, source dtype)."""
+    for _ in range(limit):
+        yield meta
+        parent = meta.get("init_from")
+        if not parent:
+            return
+        try:
+            meta = read_metadata(parent)
+        except ConfigError:
+            return
+
+
+def widest_dtype(dtypes: str) -> str:
+    """Of the dtypes weights came in ('bfloat16', or several joined by '+'), the one that holds all
+    of them exactly: bfloat16 and float16 together need float32."""
+    names = set(dtypes.split("+"))
+    return names.pop() if len(names) == 1 and names <= {"bfloat16", "float16", "float32"} else "float32"
+
+
+def source_dtype(meta: dict[str, Any] | None) -> str:
+    """The dtype of the weights a model came from: what an import recorded (`source_dtype`, or its
+    source's dtypes, the widest when several), carried along the init_from chain; float32 for a
+    model that cpt_jax pretrained itself."""
+    for m in metadata_chain(meta) if meta else ():
+        if isinstance(m.get("source_dtype"), str):
+            return m["source_dtype"]
+        source = m.get("source")
+        if isinstance(source, dict) and isinstance(source.get("dtype"), str):
+            return widest_dtype(source["dtype"])
+    return "float32"
 
 
 def has_optimizer_state(path: str, key: str = "init_from") -> bool:

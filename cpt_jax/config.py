@@ -61,9 +61,18 @@ def model_defaults() -> ml_collections.ConfigDict:
     m.rope_low_freq_factor = 1.0  # llama3 scaling: wavelengths above original/low are divided by factor.
     m.rope_high_freq_factor = 4.0  # llama3 scaling: wavelengths below original/high are kept.
     m.rope_original_max_seq_len = 8192  # llama3 scaling: the context length before extension.
+    # Fraction of each head's width that RoPE rotates, the rest passing through (Nemotron: 0.5).
+    m.partial_rotary_factor = 1.0
     m.mlp = "swiglu"  # 'swiglu' (Llama) or 'squared_relu' (Nemotron: no gate).
-    m.norm = "rmsnorm"  # 'rmsnorm' (Llama) or 'layernorm' (Nemotron).
+    # 'rmsnorm' (Llama), 'layernorm', or 'layernorm1p' (Nemotron: LayerNorm with a 1 + w scale).
+    m.norm = "rmsnorm"
     m.norm_eps = 1e-5  # Epsilon added to the variance in RMSNorm/LayerNorm.
+    # 'pre' (norm each sublayer's input) or 'post' (OLMo 2: norm the attention and MLP outputs
+    # before they join the residual stream; no input norms).
+    m.norm_position = "pre"
+    # RMSNorm on queries and keys before RoPE: 'none', 'head' (Qwen3: over each head) or
+    # 'projection' (OLMo 2: over the whole q and k projections).
+    m.qk_norm = "none"
     m.qkv_bias = False  # Bias on q/k/v projections (Qwen2).
     m.tie_embeddings = False  # Output head shares the input embedding.
     m.dtype = "bfloat16"  # Compute dtype of matmuls and activations.
@@ -157,6 +166,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 8  # Sequences per evaluation batch.
     c.eval.sources = ml_collections.ConfigDict()  # Extra eval-only {name: prepared directory}.
     c.eval.tasks = ml_collections.ConfigDict()  # Multiple-choice tasks {name: file.jsonl}.
+    # Prompts continued greedily at every evaluation (needs data.tokenizer); the continuations go
+    # into metrics.jsonl and TensorBoard's text tab.
+    c.eval.sample_prompts = ()
+    c.eval.sample_max_new_tokens = 32  # Tokens generated per sample prompt.
 
     c.tensorboard = True  # TensorBoard event files in WORKDIR/tb/.
     c.wandb = ml_collections.ConfigDict()
@@ -242,7 +255,9 @@ def _flat_plain(d: dict, prefix: str = "") -> dict[str, Any]:
 
 _CHOICES = {
     "model.mlp": ("swiglu", "squared_relu"),
-    "model.norm": ("rmsnorm", "layernorm"),
+    "model.norm": ("rmsnorm", "layernorm", "layernorm1p"),
+    "model.norm_position": ("pre", "post"),
+    "model.qk_norm": ("none", "head", "projection"),
     "model.rope_scaling": ("none", "linear", "llama3"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
@@ -267,6 +282,7 @@ _POSITIVE_INTS = (
     "train.max_nonfinite_steps",
     "checkpoint.max_to_keep",
     "data.synthetic_branching",
+    "eval.sample_max_new_tokens",
 )
 
 
@@ -299,8 +315,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             f"model.d_model: {m.d_model} is not divisible by model.n_heads {m.n_heads}, "
             f"expected a multiple (or set model.head_dim)"
         )
-    if (m.head_dim or m.d_model // m.n_heads) % 2:
-        raise ConfigError(f"model.head_dim: {m.head_dim or m.d_model // m.n_heads}, expected an even width for RoPE")
+    head_dim = m.head_dim or m.d_model // m.n_heads
+    if not 0.0 < m.partial_rotary_factor <= 1.0:
+        raise ConfigError(f"model.partial_rotary_factor: {m.partial_rotary_factor}, expected a fraction in (0, 1]")
+    rotary = int(head_dim * m.partial_rotary_factor)
+    if m.partial_rotary_factor == 1.0 and head_dim % 2:
+        raise ConfigError(f"model.head_dim: {head_dim}, expected an even width for RoPE")
+    if rotary < 2 or rotary % 2:
+        raise ConfigError(f"model.partial_rotary_factor: {m.partial_rotary_factor} of head_dim {head_dim} rotates "
+                          f"{rotary} dimensions, expected an even number of at least 2")
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len: {t.seq_len}, expected at most model.max_seq_len {m.max_seq_len}")
     if t.batch_size % t.micro_batches:

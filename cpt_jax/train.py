@@ -61,10 +61,15 @@ class Run:
     schedule: schedules.Schedule
     pipeline: data_pipeline.Pipeline
     resume_step: int | None  # this run's own latest checkpoint, if any
-    init_from: str | None  # another run's checkpoint to take parameters from
+    init_from: str | None  # the checkpoint the run started from (restored only when resume_step is None)
     init_metadata: dict | None
     param_shapes: dict  # name -> shape, written into every checkpoint's metadata
     evaluation: evaluate.Evaluation | None  # per-source validation and tasks every eval.every_steps
+    source_dtype: str  # the dtype the weights came in (an import's), what an export writes by default
+
+
+class RunFinished(Exception):
+    """The workdir's latest checkpoint is the run's last step: there is nothing to do."""
 
 
 # ============================================================================ parse
@@ -133,16 +138,23 @@ def resolve_run(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
             f"does not split over the {divisor} data-parallel devices, expected a multiple of {divisor}"
         )
 
-    resume_step = checkpoint.complete_steps(os.path.join(workdir, "checkpoints"))
+    root = os.path.join(workdir, "checkpoints")
+    resume_step = checkpoint.complete_steps(root)
     resume_step = resume_step[-1] if resume_step else None
-    init_from, init_meta, start_lr = None, None, cfg.schedule.start_lr
+    end = cfg.train.stop_at or cfg.train.steps
+    if resume_step is not None and resume_step >= end:
+        more = "raise train.stop_at to continue" if cfg.train.stop_at else "use a new --workdir for another run"
+        raise RunFinished(f"{root}: the run is finished (step {resume_step} of {cfg.train.steps} is checkpointed); "
+                          f"nothing to do, nothing written ({more})")
+    init_from, init_meta, lineage, start_lr = None, None, None, cfg.schedule.start_lr
     if resume_step is not None:
-        own = checkpoint.read_metadata(os.path.join(workdir, "checkpoints", str(resume_step)), key="checkpoint")
+        own = lineage = checkpoint.read_metadata(os.path.join(root, str(resume_step)), key="checkpoint")
         checkpoint.check_param_shapes(own.get("param_shapes", {}), abstract, f"checkpoint step {resume_step}")
         start_lr = own["schedule"]["start_lr"]
+        init_from = own.get("init_from")  # named again in this run's checkpoints: export follows it
     elif cfg.init_from:
         init_from = cfg.init_from
-        init_meta = checkpoint.read_metadata(init_from)
+        init_meta = lineage = checkpoint.read_metadata(init_from)
         checkpoint.check_param_shapes(init_meta.get("param_shapes", {}), abstract, f"init_from {init_from}")
         if cfg.init_from_optimizer and not checkpoint.has_optimizer_state(init_from):
             raise ConfigError(
@@ -163,7 +175,7 @@ def resolve_run(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
     check_workdir(workdir, checkpoint.estimated_bytes(abstract) * 3)  # params + Adam's two moments
     return Run(
         cfg, workdir, mesh, rules, mc, param_shardings, schedule, pipeline, resume_step, init_from, init_meta,
-        checkpoint.param_shapes(abstract), evaluation,
+        checkpoint.param_shapes(abstract), evaluation, checkpoint.source_dtype(lineage),
     )
 
 
@@ -258,6 +270,7 @@ def checkpoint_metadata(run: Run) -> Callable[[int], dict[str, Any]]:
         "tokenizer_fingerprint": run.pipeline.tokenizer_fingerprint,
         "phases": [dataclasses.asdict(p) for p in run.pipeline.phases],
         "init_from": run.init_from,
+        "source_dtype": run.source_dtype,
         "config": json.loads(config.to_json(cfg)),
     }
     lr = schedules.values(sched)  # lr at steps 0..steps
@@ -513,6 +526,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(aot.format_report(report, workdir), flush=True)
             return 0
         run = resolve_run(cfg, workdir)
+    except RunFinished as e:
+        log(str(e))
+        return 0
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
