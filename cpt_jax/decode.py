@@ -20,12 +20,14 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cpt_jax import model, sharding
+from cpt_jax.config import ConfigError
 from cpt_jax.model import ModelConfig, Params
 
 Cache = dict[str, jax.Array]
@@ -190,3 +192,61 @@ class Generator:
                 new, cache = step(params, cache, new, self._put(lengths + t, ("batch",)),
                                   jax.random.fold_in(key, t + 1))
         return [Continuation(tokens, why) for tokens, why in zip(out, stopped, strict=True)]
+
+
+# ============================================================================ prompts as text
+
+
+def prompt_tokens(tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int, max_seq_len: int,
+                  add_bos: bool = False, prompt_key: str = "--prompt",
+                  tokens_key: str = "--max_new_tokens") -> list[list[int]]:
+    """Token ids of each prompt (after the tokenizer's BOS with `add_bos`). ConfigError, naming the
+    keys, for a prompt that tokenizes to nothing or one whose length plus max_new_tokens exceeds
+    max_seq_len."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ConfigError(f"{tokens_key}: {max_new_tokens!r}, expected a positive integer")
+    if add_bos and tokenizer.bos_id is None:
+        raise ConfigError(f"--add_bos: tokenizer {tokenizer.path} has no BOS token, expected one")
+    out = []
+    for i, (text, ids) in enumerate(zip(prompts, tokenizer.encode_batch(list(prompts), num_threads=1),
+                                        strict=True)):
+        ids = ([tokenizer.bos_id] if add_bos else []) + [int(t) for t in ids]
+        if not ids:
+            raise ConfigError(f"{prompt_key} {i + 1} ({text!r}): tokenizes to no tokens, expected a prompt with at "
+                              "least one token")
+        if len(ids) + max_new_tokens > max_seq_len:
+            raise ConfigError(f"{tokens_key}: {max_new_tokens} after the {len(ids)} tokens of {prompt_key} {i + 1} "
+                              f"exceeds the model's max_seq_len {max_seq_len}, expected at most "
+                              f"{max(max_seq_len - len(ids), 0)}")
+        out.append(ids)
+    return out
+
+
+class SampleEvaluator:
+    """Greedy continuations of fixed prompts, for a run's periodic evaluation (eval.sample_prompts):
+    the prompts are tokenized and checked at construction, before anything is compiled."""
+
+    def __init__(self, prompts: Sequence[str], tokenizer: Any, model_config: ModelConfig, *, max_new_tokens: int,
+                 mesh: jax.sharding.Mesh | None = None, rules: dict | None = None):
+        if tokenizer.vocab_size > model_config.vocab_size:
+            raise ConfigError(f"eval.sample_prompts: tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, "
+                              f"expected at most model.vocab_size {model_config.vocab_size}")
+        self.prompts = [str(p) for p in prompts]
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.ids = prompt_tokens(tokenizer, self.prompts, max_new_tokens=max_new_tokens,
+                                 max_seq_len=model_config.max_seq_len, prompt_key="eval.sample_prompts",
+                                 tokens_key="eval.sample_max_new_tokens")
+        self.generator = Generator(model_config, mesh=mesh, rules=rules, vocab_limit=tokenizer.vocab_size)
+
+    def evaluate(self, params: Params) -> list[dict[str, str]]:
+        """[{"prompt", "continuation"}] (the continuation's text, without its EOS)."""
+        outs = self.generator.generate(params, self.ids, self.max_new_tokens, eos_id=self.tokenizer.eos_id)
+        return [{"prompt": p, "continuation": text_of(self.tokenizer, o)} for p, o in zip(self.prompts, outs,
+                                                                                          strict=True)]
+
+
+def text_of(tokenizer: Any, continuation: Continuation) -> str:
+    """The text of a continuation, without the EOS that ended it."""
+    ids = continuation.tokens[:-1] if continuation.stopped == "eos" else continuation.tokens
+    return tokenizer.decode(ids)

@@ -38,8 +38,9 @@ host, so the result does not depend on the mesh or the batch size (beyond float3
 each row). Sources share one compiled program ([batch_size, seq_len]); a task runs at the next
 power of two (>= 16, <= seq_len) above its longest row, compiled once per such length.
 
-`from_config` builds both from a run's config (what the trainer calls); `eval_record` makes the
-metrics.jsonl record.
+`from_config` builds both from a run's config (what the trainer calls), with the greedy
+continuations of `eval.sample_prompts` (cpt_jax.decode.SampleEvaluator) when there are any;
+`eval_record` makes the metrics.jsonl record.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from cpt_jax import losses, model, sharding
+from cpt_jax import decode, losses, model, sharding
 from cpt_jax import tasks as tasks_lib
 from cpt_jax.config import ConfigError
 from cpt_jax.data import pipeline as pipeline_lib
@@ -456,14 +457,18 @@ class TaskEvaluator:
 
 
 def eval_record(step: int, sources_result: Mapping[str, Mapping[str, Any]] | None,
-                tasks_result: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
+                tasks_result: Mapping[str, Mapping[str, Any]] | None,
+                samples: Sequence[Mapping[str, str]] | None = None) -> dict[str, Any]:
     """The metrics.jsonl record of one evaluation:
     {"kind": "eval", "step", "sources": {name: {loss, perplexity, bits_per_byte}},
-     "tasks": {name: {acc, acc_norm, n}}}."""
+     "tasks": {name: {acc, acc_norm, n}}}, plus "samples": [{prompt, continuation}] when there are
+    sample prompts."""
 
     def num(x):
         return None if x is None else float(x)
 
+    extra = {"samples": [{"prompt": str(r["prompt"]), "continuation": str(r["continuation"])} for r in samples]
+             } if samples else {}
     return {
         "kind": "eval",
         "step": int(step),
@@ -471,6 +476,7 @@ def eval_record(step: int, sources_result: Mapping[str, Mapping[str, Any]] | Non
                     for n, r in (sources_result or {}).items()},
         "tasks": {str(n): {"acc": float(r["acc"]), "acc_norm": float(r["acc_norm"]), "n": int(r["n"])}
                   for n, r in (tasks_result or {}).items()},
+        **extra,
     }
 
 
@@ -481,6 +487,7 @@ class Evaluation:
     every_steps: int
     sources: SourceEvaluator | None
     tasks: TaskEvaluator | None
+    samples: decode.SampleEvaluator | None = None  # eval.sample_prompts, continued greedily
 
     def due(self, step: int) -> bool:
         """True when the parameters after `step` optimizer steps should be evaluated."""
@@ -490,7 +497,7 @@ class Evaluation:
         """Evaluate and return the metrics.jsonl record (see eval_record)."""
         s = self.sources.evaluate(params, log) if self.sources is not None else {}
         t = self.tasks.evaluate(params, log) if self.tasks is not None else {}
-        return eval_record(step, s, t)
+        return eval_record(step, s, t, self.samples.evaluate(params) if self.samples is not None else None)
 
 
 def from_config(cfg: Any, model_config: ModelConfig, *, mesh: Any = None, rules: Any = None,
@@ -527,9 +534,10 @@ def from_config(cfg: Any, model_config: ModelConfig, *, mesh: Any = None, rules:
             raise ConfigError(f"eval.sources.{name}: {directory!r}, expected a prepared directory")
         sources[name] = directory
     task_specs = e.tasks.to_dict() if hasattr(e.tasks, "to_dict") else dict(e.tasks)
-    if not sources and not task_specs:
+    prompts = list(e.sample_prompts)
+    if not sources and not task_specs and not prompts:
         raise ConfigError(f"eval.every_steps: {every} with nothing to evaluate, expected data.kind 'mixture' "
-                          "(its sources' val splits), eval.sources or eval.tasks")
+                          "(its sources' val splits), eval.sources, eval.tasks or eval.sample_prompts")
     tok = tokenizer or cfg.data.tokenizer or None
     if tok is not None and not hasattr(tok, "encode_batch"):
         tok = load_tokenizer(tok)
@@ -544,7 +552,14 @@ def from_config(cfg: Any, model_config: ModelConfig, *, mesh: Any = None, rules:
             raise ConfigError("eval.tasks: no tokenizer to tokenize the questions, expected data.tokenizer to name "
                               "the model's tokenizer file")
         task_eval = TaskEvaluator(task_specs, tok, model_config, **common)
-    return Evaluation(every, source_eval, task_eval)
+    samples = None
+    if prompts:
+        if tok is None:
+            raise ConfigError("eval.sample_prompts: no tokenizer to tokenize the prompts, expected data.tokenizer to "
+                              "name the model's tokenizer file")
+        samples = decode.SampleEvaluator(prompts, tok, model_config, max_new_tokens=e.sample_max_new_tokens,
+                                         mesh=mesh, rules=dict(_rules_tuple(rules)) or None)
+    return Evaluation(every, source_eval, task_eval, samples)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -647,7 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _mesh_for(mc: ModelConfig) -> tuple[Any, dict, Any]:
+def mesh_for(mc: ModelConfig) -> tuple[Any, dict, Any]:
     """(mesh, rules, parameter shardings) over every device: FSDP when the parameters divide,
     else data parallel with replicated parameters."""
     abstract, names = model.abstract_params(mc), model.logical_axes(mc)
@@ -661,7 +676,9 @@ def _mesh_for(mc: ModelConfig) -> tuple[Any, dict, Any]:
     raise AssertionError("replicated parameters always fit a data-parallel mesh")
 
 
-def _restore_params(checkpoint_dir: str, meta: dict[str, Any], mc: ModelConfig, shardings: Any) -> Any:
+def restore_params(checkpoint_dir: str, meta: dict[str, Any], mc: ModelConfig, shardings: Any) -> Any:
+    """The checkpoint's parameters restored with `shardings` (ConfigError naming --checkpoint when
+    their shapes differ from the model's or the arrays fail to restore)."""
     from cpt_jax import checkpoint
 
     abstract = model.abstract_params(mc)
@@ -721,7 +738,7 @@ def run_cli(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     if args.fewshot < 0:
         raise ConfigError(f"--fewshot: {args.fewshot}, expected an integer >= 0")
 
-    mesh, rules, param_shardings = _mesh_for(mc)
+    mesh, rules, param_shardings = mesh_for(mc)
     ways = sharding.batch_divisor(mesh, rules)
     batch_size = args.batch_size or _round_up(8, ways)
     if batch_size % ways:
@@ -750,7 +767,7 @@ def run_cli(args: argparse.Namespace, log: Log) -> dict[str, Any]:
                                   **common)
 
     t0 = time.perf_counter()
-    params = _restore_params(ckpt, meta, mc, param_shardings)
+    params = restore_params(ckpt, meta, mc, param_shardings)
     n = jax.device_count()
     log(f"restored {ckpt} (step {meta.get('step')}) onto {n} device{'s' if n != 1 else ''} in "
         f"{time.perf_counter() - t0:.1f}s")

@@ -176,6 +176,16 @@ CASES = [
     ("workdir of another run", lambda w, t: (SMALL + ["--config.optim.weight_decay=0.5"], _other_run_workdir(w, t)),
      "holds a different run (optim.weight_decay"),
     ("workdir is a file", lambda w, t: (SMALL, _file_with(t, "afile", "x")), "is not a directory"),
+    ("eval sample prompt that tokenizes to nothing", lambda w, t: (SMALL + [
+        "--config.model.vocab_size=320", f"--config.data.tokenizer={w['tok']}", "--config.eval.every_steps=2",
+        "--config.eval.sample_prompts=('data', '')"], None), "eval.sample_prompts 2 (''): tokenizes to no tokens"),
+    ("eval sample longer than the model", lambda w, t: (SMALL + [
+        "--config.model.vocab_size=320", f"--config.data.tokenizer={w['tok']}", "--config.eval.every_steps=2",
+        "--config.eval.sample_prompts=('data',)", "--config.eval.sample_max_new_tokens=300"], None),
+     "eval.sample_max_new_tokens: 300 after the"),
+    ("model option out of range", lambda w, t: (SMALL + ["--config.model.partial_rotary_factor=0.01"], None),
+     "model.partial_rotary_factor: 0.01 of head_dim 16 rotates 0 dimensions"),
+    ("unknown qk_norm", lambda w, t: (SMALL + ["--config.model.qk_norm=layer"], None), "model.qk_norm: 'layer'"),
     ("mixture: manifest missing", lambda w, t: ([_mixture_file(w, t, qa=_copy_source(w, t, None))], None),
      "manifest.json"),
     ("mixture: manifest seq_len edited by hand", lambda w, t: (

@@ -55,6 +55,9 @@ def test_nnx_module_call_matches_functional_apply(params):
         dict(mlp="squared_relu", norm="layernorm"),
         dict(qkv_bias=True, tie_embeddings=True),
         dict(rope_scaling="llama3", rope_factor=8.0, rope_original_max_seq_len=16),
+        dict(qk_norm="head"),
+        dict(qk_norm="projection", norm_position="post"),
+        dict(mlp="squared_relu", norm="layernorm1p", partial_rotary_factor=0.5),
     ],
 )
 def test_variants_run_and_count_parameters(variant):
@@ -63,6 +66,31 @@ def test_variants_run_and_count_parameters(variant):
     assert sum(x.size for x in jax.tree.leaves(p)) == c.num_params()
     out = _logits(p, jnp.zeros((1, 8), jnp.int32), c)
     assert out.shape == (1, 8, c.vocab_size) and np.isfinite(out).all()
+
+
+def test_new_parameters_carry_logical_axes():
+    c = dataclasses.replace(TINY, qk_norm="projection", norm_position="post", norm="layernorm1p")
+    names = model.logical_axes(c)["layers"]
+    assert names["q_norm_scale"] == ("layers", "heads", "head_dim")
+    assert names["k_norm_scale"] == ("layers", "kv_heads", "head_dim")
+    assert names["attn_norm_bias"] == ("layers", "norm")
+    assert model.logical_axes(dataclasses.replace(TINY, qk_norm="head"))["layers"]["q_norm_scale"] == (
+        "layers", "head_dim")
+    # layernorm1p stores w of its 1 + w scale: the init is the identity scale.
+    p = model.init_params(c, 0)
+    assert float(np.abs(np.asarray(p["layers"]["attn_norm_scale"])).max()) == 0.0
+
+
+def test_partial_rotary_leaves_the_rest_of_each_head_alone():
+    c = dataclasses.replace(TINY, partial_rotary_factor=0.5)  # head_dim 8: dims 0-3 rotate, 4-7 pass
+    x = jax.random.normal(jax.random.key(7), (1, 5, 2, 8))
+    positions = jnp.arange(5)[None]
+    cos, sin = model.rope_tables(positions, c)
+    y = np.asarray(model._rope(x, cos, sin))
+    np.testing.assert_array_equal(y[..., 4:], np.asarray(x)[..., 4:])
+    assert np.abs(y[:, 1:, :, :4] - np.asarray(x)[:, 1:, :, :4]).max() > 1e-3
+    np.testing.assert_allclose(np.linalg.norm(y[..., :4], axis=-1), np.linalg.norm(np.asarray(x)[..., :4], axis=-1),
+                               rtol=1e-5)
 
 
 def test_scan_unrolled_and_remat_agree(params):

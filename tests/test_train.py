@@ -72,6 +72,28 @@ def test_resume_continues_steps_lr_and_losses_exactly(pretrained, tmp_path):
         assert a["lr"] == b["lr"] and a["loss"] == b["loss"], (a, b)
 
 
+def _files(root):
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            with open(os.path.join(d, n), "rb") as f:
+                out[os.path.join(d, n)] = f.read()
+    return out
+
+
+def test_rerunning_a_finished_run_says_so_and_writes_nothing(pretrained, capsys):
+    before = _files(pretrained)
+    root = os.path.join(pretrained, "checkpoints")
+    capsys.readouterr()
+    for extra, hint in (([], "use a new --workdir for another run"),
+                        (["--config.train.stop_at=10"], "raise train.stop_at to continue")):
+        assert run(pretrained, "--config.train.steps=20", "--config.checkpoint.every_steps=10", *extra) == 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"{root}: the run is finished (step 20 of 20 is checkpointed); nothing to do, nothing "
+                       f"written ({hint})"]
+    assert _files(pretrained) == before
+
+
 def test_init_from_starts_at_the_checkpoints_lr_min(pretrained, tmp_path):
     cpt = str(tmp_path / "cpt")
     status = run(cpt, "--config.schedule.name=recipe", f"--config.init_from={pretrained}/checkpoints",
