@@ -28,6 +28,7 @@ import jax
 from cpt_jax import checkpoint, decode, evaluate, model
 from cpt_jax.config import ConfigError
 from cpt_jax.data.tokenizer import load_tokenizer
+from cpt_jax.metrics import log
 
 DEFAULT_NEW_TOKENS = 64
 
@@ -91,18 +92,12 @@ def run(args: argparse.Namespace, log) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    primary = jax.process_index() == 0
-
-    def log(message: str) -> None:
-        if primary:
-            print(message, file=sys.stderr, flush=True)
-
     try:
         records = run(args, log)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if primary:
+    if jax.process_index() == 0:
         for i, r in enumerate(records):
             if args.json:
                 print(json.dumps(r, ensure_ascii=False))

@@ -143,8 +143,9 @@ def resolve_run(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
     resume_step = resume_step[-1] if resume_step else None
     end = cfg.train.stop_at or cfg.train.steps
     if resume_step is not None and resume_step >= end:
-        more = "raise train.stop_at to continue" if cfg.train.stop_at else "use a new --workdir for another run"
-        raise RunFinished(f"{root}: the run is finished (step {resume_step} of {cfg.train.steps} is checkpointed); "
+        at, more = ("", "use a new --workdir for another run") if resume_step >= cfg.train.steps else (
+            f", train.stop_at {cfg.train.stop_at}", "raise train.stop_at to continue")
+        raise RunFinished(f"{root}: the run is finished (step {resume_step} of {cfg.train.steps} is checkpointed{at}); "
                           f"nothing to do, nothing written ({more})")
     init_from, init_meta, lineage, start_lr = None, None, None, cfg.schedule.start_lr
     if resume_step is not None:

@@ -60,11 +60,19 @@ def test_checkpoint_metadata_carries_the_schedule(pretrained):
     assert meta["model"]["d_model"] == 64 and "layers.wq" in meta["param_shapes"]
 
 
-def test_resume_continues_steps_lr_and_losses_exactly(pretrained, tmp_path):
+def test_resume_continues_steps_lr_and_losses_exactly(pretrained, tmp_path, capsys):
     interrupted = str(tmp_path / "interrupted")
     assert run(interrupted, "--config.train.steps=20", "--config.checkpoint.every_steps=10",
                "--config.train.stop_at=10") == 0
     assert [r["step"] for r in records(interrupted)] == list(range(10))
+    before = _files(interrupted)
+    capsys.readouterr()
+    assert run(interrupted, "--config.train.steps=20", "--config.checkpoint.every_steps=10",
+               "--config.train.stop_at=10") == 0  # the same stop_at again: nothing to do
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"{interrupted}/checkpoints: the run is finished (step 10 of 20 is checkpointed, train.stop_at 10); "
+        "nothing to do, nothing written (raise train.stop_at to continue)"]
+    assert _files(interrupted) == before
     assert run(interrupted, "--config.train.steps=20", "--config.checkpoint.every_steps=10") == 0
     resumed, straight = records(interrupted), records(pretrained)
     assert [r["step"] for r in resumed] == list(range(20))
@@ -85,12 +93,11 @@ def test_rerunning_a_finished_run_says_so_and_writes_nothing(pretrained, capsys)
     before = _files(pretrained)
     root = os.path.join(pretrained, "checkpoints")
     capsys.readouterr()
-    for extra, hint in (([], "use a new --workdir for another run"),
-                        (["--config.train.stop_at=10"], "raise train.stop_at to continue")):
+    for extra in ([], ["--config.train.stop_at=10"]):
         assert run(pretrained, "--config.train.steps=20", "--config.checkpoint.every_steps=10", *extra) == 0
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"{root}: the run is finished (step 20 of 20 is checkpointed); nothing to do, nothing "
-                       f"written ({hint})"]
+                       "written (use a new --workdir for another run)"]
     assert _files(pretrained) == before
 
 
