@@ -15,10 +15,9 @@ from cpt_jax.data.tokenizer import load_tokenizer
 
 BASE = model.ModelConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=96, max_seq_len=64,
                          dtype="float32")
-VARIANTS = {  # each covers the Llama path plus what its family adds
-    "qwen2_tied_llama3_rope": dict(qkv_bias=True, tie_embeddings=True, rope_scaling="llama3", rope_factor=8.0,
-                                   rope_original_max_seq_len=16),
-    "qwen3": dict(qk_norm="head"),
+VARIANTS = {  # every model option, in three models
+    "qwen3_qkv_bias_tied_llama3_rope": dict(qk_norm="head", qkv_bias=True, tie_embeddings=True, rope_scaling="llama3",
+                                            rope_factor=8.0, rope_original_max_seq_len=16),
     "olmo2": dict(qk_norm="projection", norm_position="post"),
     "nemotron": dict(mlp="squared_relu", norm="layernorm1p", partial_rotary_factor=0.5, head_dim=12),
 }
@@ -72,7 +71,7 @@ def _greedy_reference(params, c, prompt, n, eos_id, width=16):
 
 
 def test_greedy_generation_on_a_sharded_mesh_is_the_argmax_of_the_full_forward():
-    c = dataclasses.replace(BASE, **VARIANTS["qwen3"])
+    c = dataclasses.replace(BASE, qk_norm="head")
     cfg = config.default_config()
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 4, 2
     mesh, rules = sharding.make_mesh(cfg.mesh), sharding.rules_from_config(cfg.mesh)

@@ -1,14 +1,13 @@
 """python -m cpt_jax.sample: greedy decoding of imported models matches transformers' generate token
-for token, sampling is seeded, bad input is one line (exit 2); eval.sample_prompts in a run."""
+for token, sampling is seeded, bad input is one line (exit 2); eval.sample_prompts in the eval record."""
 
 import json
 import os
 
-import numpy as np
 import pytest
-from train_helpers import SMALL_MODEL
 
-from cpt_jax import checkpoint, hf, model, sample, train
+from cpt_jax import checkpoint, hf, model, sample
+from cpt_jax.config import ConfigError
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -98,22 +97,34 @@ def test_bad_input_is_one_line(zoo, tmp_path, capsys, case):
     assert (sorted(os.walk(ckpt)) if os.path.exists(ckpt) else None) == before
 
 
-def test_a_run_writes_sample_continuations_at_every_evaluation(tmp_path, sp_path):
-    wd = str(tmp_path / "run")
-    status = train.main([
-        "train", *SMALL_MODEL, f"--workdir={wd}", "--config.model.vocab_size=320", f"--config.data.tokenizer={sp_path}",
-        "--config.train.steps=4", "--config.schedule.name=constant", "--config.schedule.start_lr=1e-3",
-        "--config.eval.every_steps=2", "--config.eval.sample_prompts=('the model', 'data and')",
-        "--config.eval.sample_max_new_tokens=5", "--config.tensorboard=True",
-    ])
-    assert status == 0
-    with open(os.path.join(wd, "metrics.jsonl")) as f:
-        evals = [r for r in map(json.loads, f) if r["kind"] == "eval"]
-    assert [r["step"] for r in evals] == [2, 4]
-    for r in evals:
-        assert [s["prompt"] for s in r["samples"]] == ["the model", "data and"]
-        assert all(isinstance(s["continuation"], str) for s in r["samples"])
-    events = [os.path.join(wd, "tb", n) for n in os.listdir(os.path.join(wd, "tb"))]
-    assert any(b"eval/samples" in open(e, "rb").read() for e in events)  # TensorBoard's text tab
-    assert np.isfinite([r["loss"] for r in map(json.loads, open(os.path.join(wd, "metrics.jsonl")))
-                        if r["kind"] == "train"]).all()
+def test_eval_sample_prompts_go_into_the_eval_record_and_tensorboard(tmp_path, sp_path):
+    """What a run does at each evaluation (train.py calls Evaluation.run, then MetricsWriter.write)."""
+    import jax
+
+    from cpt_jax import config, evaluate, sharding
+    from cpt_jax.metrics import MetricsWriter
+
+    cfg = config.default_config()
+    cfg.model.update(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=320, max_seq_len=64)
+    cfg.data.tokenizer = sp_path
+    cfg.eval.every_steps = 2
+    cfg.eval.sample_prompts = ("the model", "data and")
+    cfg.eval.sample_max_new_tokens = 5
+    mc = model.ModelConfig.from_config(cfg.model)
+    mesh, rules = sharding.make_mesh(cfg.mesh), sharding.rules_from_config(cfg.mesh)
+    params = jax.device_put(model.init_params(mc, 0), sharding.param_shardings(
+        model.abstract_params(mc), model.logical_axes(mc), mesh, rules))
+    evaluation = evaluate.from_config(cfg, mc, mesh=mesh, rules=rules)
+    record = evaluation.run(params, 2)
+    assert [s["prompt"] for s in record["samples"]] == ["the model", "data and"]
+    assert all(isinstance(s["continuation"], str) for s in record["samples"])
+    writer = MetricsWriter(str(tmp_path), tensorboard=True)
+    writer.write(record)
+    writer.close()
+    assert json.loads(open(tmp_path / "metrics.jsonl").read())["samples"] == record["samples"]
+    events = b"".join(open(os.path.join(tmp_path, "tb", n), "rb").read() for n in os.listdir(tmp_path / "tb"))
+    assert b"eval/samples" in events and b"**prompt 2**" in events  # a text summary: TensorBoard's text tab
+
+    cfg.data.tokenizer = ""
+    with pytest.raises(ConfigError, match=r"^eval.sample_prompts: no tokenizer"):
+        evaluate.from_config(cfg, mc, mesh=mesh, rules=rules)
