@@ -328,6 +328,7 @@ def embed(params: Params, tokens_BT: jax.Array, c: ModelConfig, rules: tuple = (
 
 
 def final_norm(params: Params, x_BTD: jax.Array, c: ModelConfig) -> jax.Array:
+    """The final norm of the residual stream (before the output head)."""
     return _norm(x_BTD, params["final_norm_scale"], params.get("final_norm_bias"), c)
 
 
