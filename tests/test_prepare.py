@@ -53,12 +53,14 @@ def read_split(out, manifest):
     return (np.stack(train) if train else np.empty((0, length))), (np.stack(val) if val else np.empty((0, length)))
 
 
-def decode_documents(tok, stream):
-    """Split a token stream after each EOS and decode every complete document."""
+def decode_documents(tok, stream, bos=False):
+    """Split a token stream after each EOS and decode every complete document (without its BOS)."""
     ends = np.flatnonzero(stream == tok.eos_id)
     docs, start = [], 0
     for end in ends:
-        docs.append(tok.decode(stream[start:end]))
+        if bos:
+            assert stream[start] == tok.bos_id
+        docs.append(tok.decode(stream[start + bos:end]))
         start = end + 1
     return docs
 
@@ -70,12 +72,12 @@ def assert_round_trip(out, manifest, tok, docs):
     assert train.shape == (manifest["examples"], length)
     assert val.shape == (manifest["val_examples"], length)
     stream = np.concatenate([train.reshape(-1), val.reshape(-1)])
-    expected = tok.encode_documents(docs, num_threads=1)
+    expected = tok.encode_documents(docs, num_threads=1, add_bos=manifest["add_bos"])
     assert expected.size == manifest["document_tokens"]
     # The stream is the tokenizer's own document stream, cut after whole examples.
     np.testing.assert_array_equal(stream, expected[: stream.size])
     assert manifest["dropped_tokens"] == expected.size - stream.size < length
-    decoded = decode_documents(tok, stream)
+    decoded = decode_documents(tok, stream, manifest["add_bos"])
     assert decoded == list(docs[: len(decoded)])
     assert len(decoded) >= len(docs) - 1 - manifest["dropped_tokens"]
 
