@@ -72,7 +72,9 @@ class _Shards(grain.sources.ArrayRecordDataSource):
     reader's own error names neither the file nor the record)."""
 
     def __init__(self, paths: list[str], counts: list[int]):
-        super().__init__(paths)
+        # Each read is served in the calling thread: reads are single records, for which the
+        # reader's own thread pool costs more than it saves (and competes with the train step).
+        super().__init__(paths, reader_options={"max_parallelism": "0"})
         self._starts = [0, *itertools.accumulate(counts)]
 
     def __getitem__(self, key: int) -> bytes:
