@@ -17,6 +17,11 @@ when that is achievable, e.g. for two sources; Tijdeman's 1 - 1/(2n-2) bound oth
 (source, k) is then O(1): full periods times the per-period count plus the rank inside the period.
 A source's `k` carries across phases: a source picked up again in a later phase continues where
 it left off, so it does not repeat records it already served.
+
+The trainer reads through grain: `Mixture.selection_map` is this sampler as the selection map of
+`grain.MapDataset.select_from_datasets`, on the global indices of one process's rows (a selection
+on global indices, unlike a mixer inside grain's worker processes, does not depend on how many
+workers read). `from_config` is the one place a run's mixture is made (trainer, plan, benchmarks).
 """
 
 from __future__ import annotations

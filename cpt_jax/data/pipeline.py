@@ -151,8 +151,10 @@ class Pipeline:
         selection = self.mixture.selection_map(self.rows, cfg.train.steps)
         examples = grain.MapDataset.select_from_datasets(draws, selection)
         rows = self.rows.stop - self.rows.start
-        # index s: this process's rows of step s
-        self.batches = examples.batch(rows, drop_remainder=True, batch_fn=batch_fn).map(BatchFields(eos_id))
+        # index s: this process's rows of step s, as examples [rows, seq_len + 1] and as batch fields
+        self.examples = examples.batch(rows, drop_remainder=True, batch_fn=batch_fn)
+        self.fields = BatchFields(eos_id)
+        self.batches = self.examples.map(self.fields)
 
     def _check_topology(self) -> slice:
         B = self.batch_size
@@ -264,13 +266,18 @@ class Batches:
 
     def __init__(self, pipeline: Pipeline, start: int, end: int, to_devices: bool = True):
         data = pipeline.cfg.data
-        ds = pipeline.batches[start:end].to_iter_dataset(grain.ReadOptions(
-            num_threads=data.num_threads, prefetch_buffer_size=max(data.prefetch, data.num_threads)))
-        if data.workers > 0:
+        read = grain.ReadOptions(num_threads=data.num_threads,
+                                 prefetch_buffer_size=max(data.prefetch, data.num_threads))
+        if data.workers == 0:
+            ds = pipeline.batches[start:end].to_iter_dataset(read)
+        else:
             if not flags.FLAGS.is_parsed():  # grain 0.2.18 reads an absl flag there and fails if unparsed
                 flags.FLAGS.mark_as_parsed()
-            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.workers,
-                                                              per_worker_buffer_size=data.prefetch))
+            # Workers send the examples (2 bytes a token), this process makes the fields (18 bytes a
+            # token): between processes, bytes cost more than the few array passes of the fields.
+            ds = pipeline.examples[start:end].to_iter_dataset(read).mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=data.workers, per_worker_buffer_size=data.prefetch)
+            ).map(pipeline.fields)
         self._to_global = pipeline.to_global if to_devices else lambda host: host
         self._start = self._next = start
         self._iterator = iter(ds)
