@@ -150,7 +150,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.phases = ()  # mixture: ({'weights': {...}}, {'weights': {...}, 'start_at': {...}}, ...)
     c.data.max_epochs_warning = 4.0  # plan: warn when a source repeats more epochs than this.
     c.data.num_threads = 2  # Reading threads per process (in each worker when data.workers > 0).
-    c.data.prefetch = 2  # Batches prepared ahead of the device (per worker when data.workers > 0).
+    c.data.prefetch = 2  # Batches read ahead (at least one per thread; per worker when data.workers > 0).
     # Worker processes that read and batch (grain's mp_prefetch); 0: threads of this process only.
     # Batches are identical for any number of threads and workers.
     c.data.workers = 0

@@ -183,8 +183,6 @@ class Pipeline:
                 "data.tokenizer: empty, expected the tokenizer file the sources were prepared with "
                 "(when data.kind is 'mixture')"
             )
-        if not len(cfg.data.sources):
-            raise ConfigError("data.sources: empty, expected {name: prepared directory} when data.kind is 'mixture'")
         tokenizer = load_tokenizer(cfg.data.tokenizer)
         self.tokenizer_fingerprint = tokenizer.fingerprint
         for directory in cfg.data.sources.values():
