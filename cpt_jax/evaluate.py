@@ -26,10 +26,9 @@ log-likelihood of its tokens given the prompt. The prompt and prompt+choice are 
 separately (as lm-eval-harness does); the tokens of prompt+choice past the prompt's token count
 are the choice's. `add_bos` puts the tokenizer's BOS first (in-loop evaluation does when the
 training sources were prepared with BOS); an empty prompt without it is preceded by EOS, the
-document separator. A sequence
-longer than seq_len + 1 tokens loses tokens from the left of its context. `acc` is the fraction
-of questions where the highest sum is the gold choice; `acc_norm` the same with each sum divided
-by the choice's length in UTF-8 bytes. Ties go to the first choice.
+document separator. A sequence longer than seq_len + 1 tokens loses tokens from the left of its
+context. `acc` is the fraction of questions where the highest sum is the gold choice; `acc_norm`
+the same with each sum divided by the choice's length in UTF-8 bytes. Ties go to the first choice.
 
 Both evaluators read and tokenize everything once, into numpy rows, at construction (that is
 where every input error surfaces); each call puts the fixed batches on the devices (with the

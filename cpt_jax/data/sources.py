@@ -253,7 +253,9 @@ def epoch_seed(seed: int, name: str, epoch: int) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
-@functools.lru_cache(maxsize=8)
+# Examples are looked up one at a time: keep the permutations of the current (and next) epoch of
+# up to 16 sources.
+@functools.lru_cache(maxsize=32)
 def _permutation(seed: int, name: str, epoch: int, n: int) -> np.ndarray:
     # Argsort of raw 64-bit draws rather than Generator.permutation: a BitGenerator's raw stream is
     # fixed by its algorithm, while Generator methods may change between numpy versions, and a
