@@ -241,9 +241,7 @@ def compile_only(run: Any, topology: str | None) -> dict[str, Any]:
         abstract, shardings = train._abstract_state(_MeshView(mc, param_shardings, mesh), tx)
         state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings["step"]), **abstract}
         batch_sharding = sharding.batch_sharding(mesh, rules)
-        batch = {
-            k: jax.ShapeDtypeStruct((B, T), v, sharding=batch_sharding) for k, v in data_pipeline.BATCH_DTYPES.items()
-        }
+        batch = data_pipeline.batch_specs(B, T, batch_sharding)
         step_fn = train_step.make_train_step(
             mc,
             tx,

@@ -27,6 +27,7 @@ OPERATIONAL_KEYS = (
     "eval",
     "data.num_threads",
     "data.prefetch",
+    "data.workers",
     "init_from",
     "init_from_optimizer",
     "tensorboard",
@@ -157,8 +158,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.sources = ml_collections.ConfigDict()  # mixture: {name: prepared directory}.
     c.data.phases = ()  # mixture: ({'weights': {...}}, {'weights': {...}, 'start_at': {...}}, ...)
     c.data.max_epochs_warning = 4.0  # plan: warn when a source repeats more epochs than this.
-    c.data.num_threads = 2  # Reading threads per process.
-    c.data.prefetch = 2  # Batches prepared ahead of the device.
+    c.data.num_threads = 2  # Reading threads per process (in each worker when data.workers > 0).
+    c.data.prefetch = 2  # Batches read ahead (at least one per thread; per worker when data.workers > 0).
+    # Worker processes that read and batch (grain's mp_prefetch); 0: threads of this process only.
+    # Batches are identical for any number of threads and workers.
+    c.data.workers = 0
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 0  # 0: no in-loop evaluation.
@@ -346,6 +350,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"optim.{key}: {o[key]}, expected a value >= 0")
     if t.stop_at < 0 or t.stop_at > t.steps:
         raise ConfigError(f"train.stop_at: {t.stop_at}, expected 0 (run to the end) or a step in [1, {t.steps}]")
+    d = cfg.data
+    for key, least, what in (("num_threads", 1, "thread"), ("prefetch", 1, "batch"), ("workers", 0, "workers")):
+        if isinstance(d[key], bool) or not isinstance(d[key], int) or d[key] < least:
+            raise ConfigError(f"data.{key}: {d[key]!r}, expected at least {least} {what}"
+                              + (" (0: read in this process)" if key == "workers" else ""))
     if cfg.checkpoint.every_steps < 0:
         raise ConfigError(f"checkpoint.every_steps: {cfg.checkpoint.every_steps}, expected a value >= 0")
     if cfg.wandb.project:

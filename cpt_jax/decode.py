@@ -227,7 +227,7 @@ class SampleEvaluator:
     the prompts are tokenized and checked at construction, before anything is compiled."""
 
     def __init__(self, prompts: Sequence[str], tokenizer: Any, model_config: ModelConfig, *, max_new_tokens: int,
-                 mesh: jax.sharding.Mesh | None = None, rules: dict | None = None):
+                 mesh: jax.sharding.Mesh | None = None, rules: dict | None = None, add_bos: bool = False):
         if tokenizer.vocab_size > model_config.vocab_size:
             raise ConfigError(f"eval.sample_prompts: tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, "
                               f"expected at most model.vocab_size {model_config.vocab_size}")
@@ -236,7 +236,7 @@ class SampleEvaluator:
         self.max_new_tokens = max_new_tokens
         self.ids = prompt_tokens(tokenizer, self.prompts, max_new_tokens=max_new_tokens,
                                  max_seq_len=model_config.max_seq_len, prompt_key="eval.sample_prompts",
-                                 tokens_key="eval.sample_max_new_tokens")
+                                 tokens_key="eval.sample_max_new_tokens", add_bos=add_bos)
         self.generator = Generator(model_config, mesh=mesh, rules=rules, vocab_limit=tokenizer.vocab_size)
 
     def evaluate(self, params: Params) -> list[dict[str, str]]:

@@ -24,11 +24,11 @@ loss on held-out data. Reported per source:
 Tasks (`TaskEvaluator`, formats in `cpt_jax.tasks`): each choice is scored by the summed
 log-likelihood of its tokens given the prompt. The prompt and prompt+choice are tokenized
 separately (as lm-eval-harness does); the tokens of prompt+choice past the prompt's token count
-are the choice's. No BOS is added (prepared training data has none; `add_bos` adds the
-tokenizer's), except that an empty prompt is preceded by EOS, the document separator. A sequence
-longer than seq_len + 1 tokens loses tokens from the left of its context. `acc` is the fraction
-of questions where the highest sum is the gold choice; `acc_norm` the same with each sum divided
-by the choice's length in UTF-8 bytes. Ties go to the first choice.
+are the choice's. `add_bos` puts the tokenizer's BOS first (in-loop evaluation does when the
+training sources were prepared with BOS); an empty prompt without it is preceded by EOS, the
+document separator. A sequence longer than seq_len + 1 tokens loses tokens from the left of its
+context. `acc` is the fraction of questions where the highest sum is the gold choice; `acc_norm`
+the same with each sum divided by the choice's length in UTF-8 bytes. Ties go to the first choice.
 
 Both evaluators read and tokenize everything once, into numpy rows, at construction (that is
 where every input error surfaces); each call puts the fixed batches on the devices (with the
@@ -70,8 +70,6 @@ from cpt_jax.model import ModelConfig
 LN2 = math.log(2.0)
 Log = Callable[[str], None]
 MIN_TASK_LENGTH = 16
-_BATCH_DTYPES = {"inputs": np.int32, "targets": np.int32, "segment_ids": np.int32, "positions": np.int32,
-                 "loss_mask": np.float32}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,7 +175,7 @@ def _row_nll_step(c: ModelConfig, rules: tuple, chunk_tokens: int, out_sharding:
 
 def _empty_rows(rows: int, length: int) -> dict[str, np.ndarray]:
     """Padding: token 0, segment 0, positions 0..length-1, loss mask 0."""
-    arrays = {k: np.zeros((rows, length), dt) for k, dt in _BATCH_DTYPES.items()}
+    arrays = {k: np.zeros((rows, length), dt) for k, dt in pipeline_lib.BATCH_DTYPES.items()}
     arrays["positions"][:] = np.arange(length, dtype=np.int32)
     return arrays
 
@@ -261,14 +259,11 @@ class SourceEvaluator:
             raise ConfigError(f"{path}: seq_len {length}, expected at most the eval seq_len {self.seq_len} "
                               "(prepare the source with a shorter --seq_len, or evaluate with a longer one)")
         n = min(self.examples_per_source, src.num_examples)
-        tokens = np.stack([np.asarray(src.dataset[i]) for i in range(n)]).astype(np.int32)  # [n, length + 1]
-        segment_ids, positions = pipeline_lib.example_segments(tokens, int(m["eos_id"]))
+        # The first n val examples through grain with the trainer's batch fields (segments from EOS).
+        fields = src.dataset[:n].batch(n).map(pipeline_lib.BatchFields(int(m["eos_id"])))[0]
         arrays = _empty_rows(_round_up(n, self.batch_size), self.seq_len)
-        arrays["inputs"][:n, :length] = tokens[:, :-1]
-        arrays["targets"][:n, :length] = tokens[:, 1:]
-        arrays["segment_ids"][:n, :length] = segment_ids
-        arrays["positions"][:n, :length] = positions
-        arrays["loss_mask"][:n, :length] = 1.0
+        for key, value in fields.items():
+            arrays[key][:n, :length] = value
         bpt = m.get("bytes_per_token")
         bpt = float(bpt) if isinstance(bpt, (int, float)) and not isinstance(bpt, bool) and bpt > 0 else None
         return _SourceSet(name, src.directory, n, n * length, bpt, arrays)
@@ -520,9 +515,10 @@ def from_config(cfg: Any, model_config: ModelConfig, *, mesh: Any = None, rules:
     if every == 0:
         return None
     data_sources = dict(cfg.data.sources) if cfg.data.kind == "mixture" else {}
+    manifests = {name: sources_lib.read_manifest(directory) for name, directory in data_sources.items()}
     sources: dict[str, str] = {}
     for name, directory in data_sources.items():
-        if sources_lib.read_manifest(directory)["val_examples"] <= 0:
+        if manifests[name]["val_examples"] <= 0:
             if log is not None:
                 log(f"note: data.sources.{name} has no val split; it is not evaluated")
             continue
@@ -543,6 +539,8 @@ def from_config(cfg: Any, model_config: ModelConfig, *, mesh: Any = None, rules:
         tok = load_tokenizer(tok)
     common = dict(batch_size=e.batch_size, seq_len=cfg.train.seq_len, mesh=mesh, rules=rules,
                   batch_sharding=batch_sharding, chunk_tokens=cfg.train.loss_chunk_tokens)
+    # Prompts begin the way the training documents do (with BOS when prepare added it).
+    add_bos = sources_lib.starts_with_bos([(data_sources[n], m) for n, m in manifests.items()])
     source_eval = task_eval = None
     if sources:
         source_eval = SourceEvaluator(sources, model_config, examples_per_source=e.examples_per_source,
@@ -551,14 +549,14 @@ def from_config(cfg: Any, model_config: ModelConfig, *, mesh: Any = None, rules:
         if tok is None:
             raise ConfigError("eval.tasks: no tokenizer to tokenize the questions, expected data.tokenizer to name "
                               "the model's tokenizer file")
-        task_eval = TaskEvaluator(task_specs, tok, model_config, **common)
+        task_eval = TaskEvaluator(task_specs, tok, model_config, add_bos=add_bos, **common)
     samples = None
     if prompts:
         if tok is None:
             raise ConfigError("eval.sample_prompts: no tokenizer to tokenize the prompts, expected data.tokenizer to "
                               "name the model's tokenizer file")
         samples = decode.SampleEvaluator(prompts, tok, model_config, max_new_tokens=e.sample_max_new_tokens,
-                                         mesh=mesh, rules=dict(_rules_tuple(rules)) or None)
+                                         mesh=mesh, rules=dict(_rules_tuple(rules)) or None, add_bos=add_bos)
     return Evaluation(every, source_eval, task_eval, samples)
 
 

@@ -356,6 +356,8 @@ def _train(run: Run) -> int:
     tx = optim.build(cfg.optim)
     state, shardings = initial_state(run, tx)
     start = int(jax.device_get(state["step"]))
+    if run.resume_step is not None:  # the saved iterator state must stand where the restored step does
+        run.pipeline.check_resumed(start, *checkpoint.read_data_state(os.path.join(workdir, "checkpoints"), start))
 
     # ---------------------------------------------------------------- outputs
     if jax.process_index() == 0:
@@ -387,19 +389,15 @@ def _train(run: Run) -> int:
         cfg.train.loss_chunk_tokens,
         tuple(cfg.train.inject_nan_steps),
     )
-    batch_shardings = {k: run.pipeline.batch_sharding for k in data_pipeline.BATCH_KEYS}
+    batch_specs = data_pipeline.batch_specs(B, T, run.pipeline.batch_sharding)
     jitted = jax.jit(
         step_fn,
-        in_shardings=(shardings, batch_shardings),
+        in_shardings=(shardings, {k: v.sharding for k, v in batch_specs.items()}),
         out_shardings=(shardings, sharding.replicated(run.mesh)),
         donate_argnums=(0,),
     )
     t0 = time.time()
-    batch_shapes = {
-        k: jax.ShapeDtypeStruct((B, T), v, sharding=run.pipeline.batch_sharding)
-        for k, v in data_pipeline.BATCH_DTYPES.items()
-    }
-    compiled = jitted.lower(state, batch_shapes).compile()
+    compiled = jitted.lower(state, batch_specs).compile()
     log(f"compiled the train step in {time.time() - t0:.1f}s; steps {start} -> {end} of {steps}")
 
     # ---------------------------------------------------------------- loop
@@ -452,14 +450,15 @@ def _train(run: Run) -> int:
 
     def save(step: int) -> None:
         nonlocal saved_at
-        ckpt.save(step, state, metadata_at(step))  # refuses non-finite parameters
+        ckpt.save(step, state, metadata_at(step), batches.get_state())  # refuses non-finite parameters
         saved_at = step
 
     metadata_at = checkpoint_metadata(run)
     preemption, status, step = Preemption(), 0, start
+    batches = run.pipeline.iterate(start, end)
     loop_t0 = time.perf_counter()
     try:
-        for step, batch in run.pipeline.iterate(start, end):
+        for step, batch in batches:
             state, metrics = compiled(state, batch)
             if run.evaluation is not None and (run.evaluation.due(step + 1) or step + 1 == steps):
                 writer.write(run.evaluation.run(state["params"], step + 1, log=log))  # all processes compute
@@ -495,6 +494,7 @@ def _train(run: Run) -> int:
             }
         )
     finally:
+        batches.close()
         progress.close()
         preemption.restore()
         ckpt.close()

@@ -58,7 +58,7 @@ def test_throughput_loss_memory():
 
 def test_end_to_end():
     r = _benchmark("end_to_end").main(["--steps=4", "--repeats=1", *TINY_TRAIN])
-    assert _finite_positive(r["synthetic_step_sec"], r["end_to_end_step_sec"], r["ratio"])
+    assert _finite_positive(r["synthetic_tokens_per_sec"], r["end_to_end_tokens_per_sec"], r["ratio"])
 
 
 def test_checkpoint():
@@ -69,8 +69,10 @@ def test_checkpoint():
 
 
 def test_data_loader():
-    r = _benchmark("data_loader").main(["--seq_len=64", "--batch=8", "--examples=64", "--sources=2", "--rounds=1"])
-    assert _finite_positive(r["sequential_tokens_per_sec"], r["mixed_tokens_per_sec"], r["iterate_tokens_per_sec"])
+    r = _benchmark("data_loader").main(["--seq_len=64", "--batch=8", "--examples=64", "--sources=2", "--rounds=1",
+                                        "--steps=6", "--settings=1:0,2:0"])
+    assert set(r["tokens_per_sec"]) == {"1:0", "2:0"}
+    assert _finite_positive(*r["tokens_per_sec"].values(), r["best_tokens_per_sec"])
 
 
 def test_prepare_throughput():
