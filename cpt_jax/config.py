@@ -81,7 +81,9 @@ def model_defaults() -> ml_collections.ConfigDict:
     m.init_std = 0.02  # Stddev of the normal init of weights; output projections are scaled by depth.
     m.scan_layers = True  # Run the blocks with lax.scan: compile time independent of depth.
     m.remat = "none"  # Rematerialization of each block: 'none', 'full' or 'save_dots'.
-    m.attention = "auto"  # 'auto' (cuDNN on GPU when it applies, else XLA), 'xla' or 'cudnn'.
+    # 'auto' (XLA on every platform until cuDNN's path has been checked on a GPU), 'xla', or 'cudnn'
+    # (NVIDIA GPUs, bfloat16/float16, head width a multiple of 8 up to 128; not yet run here).
+    m.attention = "auto"
     return m
 
 

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cpt_jax.config import ConfigError
+
 Params = dict[str, Any]
 
 
@@ -259,12 +261,33 @@ def _rope(x_BTnH, cos_BT1h, sin_BT1h):
     return out.astype(x_BTnH.dtype)
 
 
-def _attention_impl(c: ModelConfig) -> str:
-    if c.attention != "auto":
-        return c.attention
-    # cuDNN's fused kernel takes half-precision inputs with head widths up to 128 in steps of 8.
-    cudnn_ok = c.dtype in ("bfloat16", "float16") and c.hd % 8 == 0 and c.hd <= 128
-    return "cudnn" if jax.default_backend() == "gpu" and cudnn_ok else "xla"
+def cudnn_unsupported(c: ModelConfig) -> str | None:
+    """Why cuDNN's fused attention cannot take this model's attention, or None when it can."""
+    if c.dtype not in ("bfloat16", "float16"):
+        return f"model.dtype is {c.dtype!r}, cuDNN's fused attention takes bfloat16 or float16"
+    if c.hd % 8 or c.hd > 128:
+        return f"the head width is {c.hd}, cuDNN's fused attention takes multiples of 8 up to 128"
+    return None
+
+
+def attention_implementation(c: ModelConfig, platform: str | None = None) -> str:
+    """What `model.attention` runs on `platform` (default: JAX's default backend): 'xla' or 'cudnn'.
+
+    'auto' is XLA on every platform: cuDNN's fused kernel with this model's document masks has
+    not yet run on a GPU here (benchmarks/gpu_h200.sh checks its output, gradients and speed
+    against XLA), and a default must not be a path no one has run. 'cudnn' asks for it: a
+    ConfigError off NVIDIA GPUs or for a model it cannot take, before anything compiles.
+    """
+    if c.attention in ("auto", "xla"):
+        return "xla"
+    platform = platform or jax.default_backend()
+    if platform != "gpu":
+        raise ConfigError(f"model.attention: 'cudnn' on {platform} devices, expected 'auto' or 'xla' "
+                          f"(cuDNN's fused attention runs on NVIDIA GPUs only)")
+    reason = cudnn_unsupported(c)
+    if reason:
+        raise ConfigError(f"model.attention: 'cudnn', but {reason}; expected 'auto' or 'xla' for this model")
+    return "cudnn"
 
 
 def _attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, c: ModelConfig):
@@ -272,7 +295,8 @@ def _attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, c: ModelConfig):
     causal = jnp.tril(jnp.ones((T, T), bool))
     same_doc = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
     mask_B1TT = (causal[None] & same_doc)[:, None]
-    return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TT, implementation=_attention_impl(c))
+    return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TT,
+                                        implementation=attention_implementation(c))
 
 
 def attention_inputs(p: Params, x_BTD, cos, sin, c: ModelConfig, rules: tuple = ()):
@@ -396,7 +420,6 @@ def load(checkpoint_dir: str, dtype: str | None = None) -> tuple[Decoder, ModelC
     """
     # Imported here: checkpoint.py pulls in orbax, which the model's computation does not need.
     from cpt_jax import checkpoint
-    from cpt_jax.config import ConfigError
 
     meta = checkpoint.read_metadata(checkpoint_dir, key="checkpoint")
     if not isinstance(meta.get("model"), dict):

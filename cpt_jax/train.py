@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import flags, logging
 from jax.experimental import multihost_utils
 
@@ -128,6 +127,7 @@ def resolve_run(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.rules_from_config(cfg.mesh)
     mc = model.ModelConfig.from_config(cfg.model)
+    model.attention_implementation(mc, mesh.devices.flat[0].platform)  # 'cudnn' where it cannot run: refused here
     abstract = model.abstract_params(mc)
     param_shardings = sharding.param_shardings(abstract, model.logical_axes(mc), mesh, rules)
     divisor = sharding.batch_divisor(mesh, rules)
@@ -207,23 +207,7 @@ def check_workdir(workdir: str, checkpoint_bytes: int) -> None:
 
 def _abstract_state(run: Run, tx) -> tuple[dict, dict]:
     """(abstract state with shardings, state shardings) without allocating anything."""
-    abstract_params = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        model.abstract_params(run.model_config),
-        run.param_shardings,
-    )
-    # Every copy of the parameter tree inside the optimizer state (Adam's moments) is sharded like
-    # the parameters; counters and other scalars are replicated.
-    plain_opt = jax.eval_shape(tx.init, abstract_params)
-    opt_shardings = optax.tree_map_params(
-        tx, lambda _, s: s, plain_opt, run.param_shardings,
-        transform_non_params=lambda _: sharding.replicated(run.mesh),
-    )
-    abstract_opt = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), plain_opt, opt_shardings
-    )
-    shardings = {"step": sharding.replicated(run.mesh), "params": run.param_shardings, "opt_state": opt_shardings}
-    return {"params": abstract_params, "opt_state": abstract_opt}, shardings
+    return train_step.abstract_state(run.model_config, run.param_shardings, run.mesh, tx)
 
 
 def initial_state(run: Run, tx) -> tuple[dict, dict]:
@@ -525,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
             report = aot.compile_only(aot.resolve(cfg, workdir), launch["topology"])
             if jax.process_index() == 0:
                 print(aot.format_report(report, workdir), flush=True)
-            return 0
+            return 1 if report["fits"] is False else 0
         run = resolve_run(cfg, workdir)
     except RunFinished as e:
         log(str(e))

@@ -164,6 +164,12 @@ CASES = [
     ("micro-batches not dividing the batch", lambda w, t: (SMALL + ["--config.train.micro_batches=3"], None),
      "train.micro_batches"),
     ("unknown mlp", lambda w, t: (SMALL + ["--config.model.mlp=gelu"], None), "model.mlp: 'gelu'"),
+    ("cuDNN attention on CPU devices", lambda w, t: (SMALL + ["--config.model.attention=cudnn"], None),
+     "model.attention: 'cudnn' on cpu devices, expected 'auto' or 'xla' (cuDNN's fused attention runs on NVIDIA "
+     "GPUs only)"),
+    ("cuDNN attention for a TPU slice", lambda w, t: (SMALL + ["--config.model.attention=cudnn", "--compile_only",
+                                                               "--topology=v5p-8"], None),
+     "model.attention: 'cudnn' on tpu devices"),
     ("adam beta2 of 1", lambda w, t: (SMALL + ["--config.optim.b2=1.0"], None), "optim.b2"),
     ("init_from missing", lambda w, t: (SMALL + ["--config.init_from=/does/not/exist"], None),
      "init_from: /does/not/exist does not exist"),

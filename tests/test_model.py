@@ -153,3 +153,51 @@ def test_indivisible_parameter_is_a_config_error():
     c = dataclasses.replace(TINY, vocab_size=96)  # n_kv_heads=2 cannot split 8 ways
     with pytest.raises(config.ConfigError, match=r"parameter layers\.wk: dimension 'kv_heads' of size 2"):
         sharding.param_shardings(model.abstract_params(c), model.logical_axes(c), mesh, sharding.DEFAULT_RULES)
+
+
+# ----------------------------------------------------------------------------- attention implementation
+
+GPU_SHAPE = dataclasses.replace(TINY, dtype="bfloat16", n_heads=4, d_model=256)  # head width 64: cuDNN takes it
+
+
+@pytest.mark.parametrize("platform", ["gpu", "cpu", "tpu"])
+@pytest.mark.parametrize("c", [GPU_SHAPE, dataclasses.replace(GPU_SHAPE, d_model=1024),  # head width 256
+                               dataclasses.replace(GPU_SHAPE, dtype="float32")], ids=["supported", "wide", "fp32"])
+def test_auto_attention_is_xla_on_every_platform_until_cudnn_has_run(c, platform, monkeypatch):
+    """'auto' never picks the cuDNN path, which has not yet run on a GPU (README: not verified)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: platform)
+    assert model.attention_implementation(c) == "xla"
+    assert model.attention_implementation(dataclasses.replace(c, attention="xla")) == "xla"
+
+
+def test_cudnn_attention_where_it_applies_and_refused_elsewhere(monkeypatch):
+    cudnn = dataclasses.replace(GPU_SHAPE, attention="cudnn")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert model.attention_implementation(cudnn) == "cudnn"
+    assert model.attention_implementation(dataclasses.replace(cudnn, dtype="float16")) == "cudnn"
+    for platform in ("cpu", "tpu"):
+        with pytest.raises(config.ConfigError, match=f"'cudnn' on {platform} devices, expected 'auto' or 'xla'"):
+            model.attention_implementation(cudnn, platform)
+    with pytest.raises(config.ConfigError, match="the head width is 256, cuDNN's fused attention takes multiples "
+                                                 "of 8 up to 128"):
+        model.attention_implementation(dataclasses.replace(cudnn, d_model=1024))
+    with pytest.raises(config.ConfigError, match="model.dtype is 'float32', cuDNN's fused attention takes bfloat16"):
+        model.attention_implementation(dataclasses.replace(cudnn, dtype="float32"))
+
+
+@pytest.mark.parametrize("attention, expected", [("auto", "xla"), ("cudnn", "cudnn")])
+def test_the_forward_pass_asks_jax_for_the_chosen_implementation(attention, expected, monkeypatch):
+    """With the backend patched to a GPU, the traced model passes what the selection chose to
+    jax.nn.dot_product_attention (the call itself runs XLA's here: there is no GPU)."""
+    asked = []
+    real = jax.nn.dot_product_attention
+
+    def spy(*args, implementation=None, **kwargs):
+        asked.append(implementation)
+        return real(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    c = dataclasses.replace(GPU_SHAPE, attention=attention)
+    jax.eval_shape(lambda p, t: model.apply(p, t, c), model.abstract_params(c), jnp.zeros((1, 8), jnp.int32))
+    assert asked and set(asked) == {expected}
