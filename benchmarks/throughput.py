@@ -55,17 +55,22 @@ def compile_seconds(cfg) -> tuple[float, object]:
         return time.perf_counter() - t0, compiled
 
 
-def throughput(cfg, steps: int, profile_dir: str | None = None) -> dict:
+def prepare(cfg):
+    """(run, compiled step, its compile seconds, the initial state, batch 0); call it inside the mesh."""
     from cpt_jax.train import initial_state
 
+    run, tx, jitted, abstract_state, batch_shapes, _ = _build(cfg)
+    t0 = time.perf_counter()
+    compiled = jitted.lower(abstract_state, batch_shapes).compile()
+    compile_s = time.perf_counter() - t0
+    state, _ = initial_state(run, tx)
+    return run, compiled, compile_s, state, run.pipeline.global_batch(0)
+
+
+def throughput(cfg, steps: int, profile_dir: str | None = None) -> dict:
     mesh = sharding.make_mesh(cfg.mesh)
     with jax.set_mesh(mesh):
-        run, tx, jitted, abstract_state, batch_shapes, _ = _build(cfg)
-        t0 = time.perf_counter()
-        compiled = jitted.lower(abstract_state, batch_shapes).compile()
-        compile_s = time.perf_counter() - t0
-        state, _ = initial_state(run, tx)
-        batch = run.pipeline.global_batch(0)
+        run, compiled, compile_s, state, batch = prepare(cfg)
         times = []
         for i in range(steps + 2):
             t = time.perf_counter()

@@ -45,7 +45,8 @@ def row(spec: str) -> dict:
     return {"preset": preset, "topology": topology, "chips": report["devices"], "batch": int(batch),
             "seq_len": int(cfg.train.seq_len), "remat": remat, "params": report["params"],
             "argument_bytes": m.get("argument_bytes"), "temp_bytes": m.get("temp_bytes"),
-            "total_bytes": m.get("total_bytes"), "fits": report["fits"], "refusal": report["refusal"],
+            "total_bytes": m.get("total_bytes"), "peak_bytes": m.get("peak_bytes"), "fits": report["fits"],
+            "refusal": report["refusal"],
             "compile_secs": report["compile_secs"]}
 
 
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="PRESET:TOPOLOGY:BATCH:REMAT,...")
     args = p.parse_args(argv)
     rows = []
-    print("| preset | topology (chips) | batch x seq | remat | per device: state / temporaries / total GiB | fits |")
+    print("| preset | topology (chips) | batch x seq | remat | per device GiB: arguments / temporaries / total / "
+          "XLA's peak | fits |")
     print("|---|---|---|---|---|---|")
     for spec in filter(None, args.rows.split(",")):
         r = row(spec)
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             fits = f"**no**: temporaries alone need {needed}" if needed else "**no**"
         print(f"| {r['preset']} ({r['params'] / 1e9:.2f}B) | {r['topology']} ({r['chips']}) | "
               f"{r['batch']} x {r['seq_len']} | {r['remat']} | {_gib(r['argument_bytes'])} / {_gib(r['temp_bytes'])} / "
-              f"{_gib(r['total_bytes'])} | {fits} |", flush=True)
+              f"{_gib(r['total_bytes'])} / {_gib(r['peak_bytes'])} | {fits} |", flush=True)
     return rows
 
 

@@ -366,7 +366,7 @@ def format_report(report: dict[str, Any], workdir: str) -> str:
         lines.append(
             f"memory per device: arguments {_size(m['argument_bytes'])}, outputs {_size(m['output_bytes'])} "
             f"(of which {_size(m['alias_bytes'])} reuse donated arguments), temporaries {_size(m['temp_bytes'])}, "
-            f"total {_size(m['total_bytes'])}"
+            f"total {_size(m['total_bytes'])}" + (f", XLA's peak {_size(m['peak_bytes'])}" if "peak_bytes" in m else "")
         )
     elif report["refusal"] is None:
         lines.append("memory per device: not reported by this backend")

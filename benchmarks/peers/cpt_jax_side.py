@@ -4,7 +4,8 @@
 
 Builds the run the way `python -m cpt_jax.train` does (configs/tiny.py with the overrides of
 shapes.cpt_jax_overrides, `train.resolve_run`, the jitted `train_step.make_train_step` with
-donated state, an ahead-of-time compile of it, `train.initial_state`) and times its steps on the
+donated state, an ahead-of-time compile of it, `train.initial_state`: benchmarks/throughput.py's
+`prepare`) and times its steps on the
 first batch of the synthetic pipeline, exactly as common.time_steps times MaxText's. Prints one
 line, `RESULT {json}`, that benchmarks/peers/compare.py reads.
 """
@@ -24,22 +25,16 @@ sys.path[:0] = [HERE, os.path.dirname(HERE), os.path.dirname(os.path.dirname(HER
 import common  # noqa: E402
 import jax  # noqa: E402
 import shapes  # noqa: E402
-from throughput import _build  # noqa: E402
+from throughput import prepare  # noqa: E402
 
 from cpt_jax import cli, sharding  # noqa: E402
-from cpt_jax.train import initial_state  # noqa: E402
 
 
 def main(run_json: str) -> dict:
     run = shapes.Run(**json.loads(run_json))
     cfg, _ = cli.parse(["peer", "--config=configs/tiny.py", *shapes.cpt_jax_overrides(run)])
     with jax.set_mesh(sharding.make_mesh(cfg.mesh)):
-        built, tx, jitted, abstract_state, batch_shapes, _ = _build(cfg)
-        t = time.perf_counter()
-        compiled = jitted.lower(abstract_state, batch_shapes).compile()
-        compile_sec = time.perf_counter() - t
-        state, _ = initial_state(built, tx)
-        batch = built.pipeline.global_batch(0)
+        built, compiled, compile_sec, state, batch = prepare(cfg)
 
         def step(state):
             state, metrics = compiled(state, batch)
