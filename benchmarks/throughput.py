@@ -146,7 +146,10 @@ def profile_summary(profile_dir: str, top: int = 12) -> dict:
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
-    device = {pid for pid, name in names.items() if "/device:" in name}
+    # Device timelines that hold ops (a loaded but unused plugin, e.g. libtpu for a compile-only
+    # check in the same process, adds an empty one: the ops are then the host's).
+    busy = {e.get("pid") for e in events if e.get("ph") == "X"}
+    device = {pid for pid, name in names.items() if "/device:" in name and pid in busy}
     ops: collections.Counter = collections.Counter()
     for e in events:
         if e.get("ph") != "X" or (device and e.get("pid") not in device):

@@ -267,12 +267,18 @@ def compile_only(run: Any, topology: str | None) -> dict[str, Any]:
         )
         t0 = time.perf_counter()
         lowered = jitted.lower(state, batch)
+        # A compile-only TPU executable cannot be loaded back from JAX's persistent compilation
+        # cache (there is no TPU client to load it into): keep it out of the cache.
+        cached = jax.config.jax_enable_compilation_cache
+        jax.config.update("jax_enable_compilation_cache", cached and not tgt.tpu_family)
         try:
             compiled, refusal = lowered.compile(), None
         except jax.errors.JaxRuntimeError as e:
             if tgt.platform != "tpu" or "RESOURCE_EXHAUSTED" not in str(e):
                 raise
             compiled, refusal = None, " ".join(str(e).split("RESOURCE_EXHAUSTED:", 1)[-1].split())
+        finally:
+            jax.config.update("jax_enable_compilation_cache", cached)
         seconds = time.perf_counter() - t0
     return _report(tgt, mesh, compiled, refusal, seconds, B, T, mc)
 
