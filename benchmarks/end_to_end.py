@@ -1,4 +1,4 @@
-"""End-to-end training step time: the real loader on prepared data against synthetic batches.
+"""End-to-end training throughput: the grain loader on prepared data against synthetic batches.
 
     python benchmarks/end_to_end.py [--config configs/tiny.py] [--steps 60] [--repeats 3] [--config.x=y ...]
 
@@ -6,13 +6,13 @@ Writes prepared sources for the model's vocabulary and the run's sequence length
 format: ArrayRecord shards and a manifest, random-token documents ending in EOS), then runs the
 trainer (`cpt_jax.train`, the whole loop: metrics, progress, the final checkpoint) the same number
 of steps on
-  (a) data.kind=synthetic: batches generated in memory, no files;
-  (b) data.kind=mixture over the prepared sources, a General Blend then a QA-like blend for the
-      last 30% of the run: mixing, per-epoch shuffled random reads, host slicing, prefetch threads.
+  (a) data.kind=synthetic: generated batches (grain's iterator too, no files);
+  (b) data.kind=mixture over three prepared sources, a General Blend then a QA-like blend for the
+      last 30% of the run: the mixture's selection map, per-epoch shuffled reads, host slicing,
+      grain's reading threads.
 The two alternate `--repeats` times so that other load on the machine hits both alike. Prints the
-steady-state step time of each (steps 1 to the last, from the run's own records; the median over
-repeats) and the ratio (b)/(a): the input pipeline's overhead (target: at most 1.05x, the loader
-keeps up with the device).
+steady tokens/s of each (steps 1 to the last, from the run's own records; the median over repeats)
+and the ratio (b)/(a) (target: at least 0.95, the loader keeps up with the device).
 """
 
 from __future__ import annotations
@@ -80,20 +80,22 @@ def main(argv: list[str] | None = None) -> dict:
             synthetic.append(_seconds_per_step(synthetic_cfg, f"{tmp}/synthetic_{r}"))
             real.append(_seconds_per_step(mixture_cfg, f"{tmp}/mixture_{r}"))
 
-    ratios = [b / a for a, b in zip(synthetic, real, strict=True)]
+    ratios = [a / b for a, b in zip(synthetic, real, strict=True)]  # tokens/s of (b) over (a)
     result = {
         "synthetic_step_sec": statistics.median(synthetic),
         "end_to_end_step_sec": statistics.median(real),
+        "synthetic_tokens_per_sec": B * T / statistics.median(synthetic),
+        "end_to_end_tokens_per_sec": B * T / statistics.median(real),
         "ratio": statistics.median(ratios),
         "ratio_range": (min(ratios), max(ratios)),
         "tokens_per_step": B * T,
     }
     print(f"config: {' '.join(rest)}; batch {B} x {T}, {args.steps} steps, {args.repeats} alternating repeats")
-    print(f"(a) synthetic batches:       {1000 * result['synthetic_step_sec']:8.1f} ms/step "
-          f"({B * T / result['synthetic_step_sec']:,.0f} tokens/s)")
-    print(f"(b) prepared data, mixture:  {1000 * result['end_to_end_step_sec']:8.1f} ms/step "
-          f"({B * T / result['end_to_end_step_sec']:,.0f} tokens/s)")
-    print(f"ratio (b)/(a) (target <= 1.05x): {result['ratio']:.3f}x median "
+    print(f"(a) synthetic batches:       {result['synthetic_tokens_per_sec']:10,.0f} tokens/s "
+          f"({1000 * result['synthetic_step_sec']:.1f} ms/step)")
+    print(f"(b) prepared data, mixture:  {result['end_to_end_tokens_per_sec']:10,.0f} tokens/s "
+          f"({1000 * result['end_to_end_step_sec']:.1f} ms/step)")
+    print(f"ratio (b)/(a) of tokens/s (target >= 0.95): {result['ratio']:.3f} median "
           f"(range {min(ratios):.3f}-{max(ratios):.3f})")
     return result
 

@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
             manifest = prepare([f"jsonl:{corpus}"], tok_path, args.seq_len, out, 10, workers=args.workers)
             best = min(best, time.perf_counter() - t)
             shutil.rmtree(out)
-        tokens = manifest["document_tokens"] - manifest["documents"]  # without the appended EOS
+        # without the EOS after and the BOS before (--bos auto: a sentencepiece model adds it) each document
+        tokens = manifest["document_tokens"] - manifest["documents"] * (1 + manifest["add_bos"])
         if tokens != bare_tokens:
             raise AssertionError(f"prepare tokenized {tokens} tokens, bare encoding {bare_tokens}")
         rate = tokens / best

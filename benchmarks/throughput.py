@@ -55,17 +55,22 @@ def compile_seconds(cfg) -> tuple[float, object]:
         return time.perf_counter() - t0, compiled
 
 
-def throughput(cfg, steps: int, profile_dir: str | None = None) -> dict:
+def prepare(cfg):
+    """(run, compiled step, its compile seconds, the initial state, batch 0); call it inside the mesh."""
     from cpt_jax.train import initial_state
 
+    run, tx, jitted, abstract_state, batch_shapes, _ = _build(cfg)
+    t0 = time.perf_counter()
+    compiled = jitted.lower(abstract_state, batch_shapes).compile()
+    compile_s = time.perf_counter() - t0
+    state, _ = initial_state(run, tx)
+    return run, compiled, compile_s, state, run.pipeline.global_batch(0)
+
+
+def throughput(cfg, steps: int, profile_dir: str | None = None) -> dict:
     mesh = sharding.make_mesh(cfg.mesh)
     with jax.set_mesh(mesh):
-        run, tx, jitted, abstract_state, batch_shapes, _ = _build(cfg)
-        t0 = time.perf_counter()
-        compiled = jitted.lower(abstract_state, batch_shapes).compile()
-        compile_s = time.perf_counter() - t0
-        state, _ = initial_state(run, tx)
-        batch = run.pipeline.global_batch(0)
+        run, compiled, compile_s, state, batch = prepare(cfg)
         times = []
         for i in range(steps + 2):
             t = time.perf_counter()
@@ -141,7 +146,10 @@ def profile_summary(profile_dir: str, top: int = 12) -> dict:
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
-    device = {pid for pid, name in names.items() if "/device:" in name}
+    # Device timelines that hold ops (a loaded but unused plugin, e.g. libtpu for a compile-only
+    # check in the same process, adds an empty one: the ops are then the host's).
+    busy = {e.get("pid") for e in events if e.get("ph") == "X"}
+    device = {pid for pid, name in names.items() if "/device:" in name and pid in busy}
     ops: collections.Counter = collections.Counter()
     for e in events:
         if e.get("ph") != "X" or (device and e.get("pid") not in device):

@@ -2,12 +2,18 @@
 
     python -m cpt_jax.train --config ... --workdir DIR --compile_only [--topology v5p-256|cpu:N]
 
-Builds the same jitted step as `train._train` (same state shardings from `train._abstract_state`,
-same `train_step.make_train_step`, same batch contract `data_pipeline.BATCH_DTYPES`) on abstract
-arrays only, lowers and compiles it for the target's devices, and reports what XLA's compiled
-program says: argument, output, temporary and total bytes per device (`memory_analysis`) and
-FLOPs (`cost_analysis`). Nothing is written to the workdir, no data or checkpoint is read (the
-learning-rate values, which need a checkpoint's metadata, do not change the program).
+Builds the same jitted step as `train._train` (same state shardings from
+`train_step.abstract_state`, same `train_step.make_train_step`, same batch contract
+`data_pipeline.BATCH_DTYPES`) on abstract arrays only, lowers and compiles it for the target's
+devices, and reports what XLA's compiled program says: argument, output, temporary and total bytes
+per device (`memory_analysis`) and FLOPs (`cost_analysis`), and whether that fits the device's
+memory. Nothing is written to the workdir, no data or checkpoint is read (the learning-rate
+values, which need a checkpoint's metadata, do not change the program).
+
+Whether it fits: the TPU compiler itself refuses a program whose buffers exceed the chip's HBM
+(RESOURCE_EXHAUSTED, with what it needs and what the chip has), so a TPU target either compiles
+(fits) or reports that refusal (does not fit). On this process's own GPUs or TPUs the total is
+compared with the allocator's limit. CPU devices have no memory of their own to fit (None).
 
 Targets:
   (none)       this process's devices (CPU, GPU or TPU, whatever JAX sees).
@@ -50,6 +56,9 @@ _TPU_FAMILIES = {
     "v5litepod": ("v5e", 1, 2, "default"),
     "v6e": ("v6e", 1, 2, "default"),
 }
+# HBM of one chip (one JAX device: megacore chips are one device), as Cloud TPU's pages give it.
+# Only printed next to a program that compiled: the TPU compiler checks the real limit itself.
+_TPU_HBM_GIB = {"v4": 32, "v5p": 95, "v5e": 16, "v5litepod": 16, "v6e": 32}
 _GPU_WORDS = ("gpu", "cuda", "rocm", "a100", "h100", "h200", "b200", "gb200", "l4", "a3", "a4")
 
 
@@ -62,15 +71,6 @@ class CompileRun:
     rules: dict
     model_config: model.ModelConfig
     schedule: schedules.Schedule
-
-
-@dataclasses.dataclass
-class _MeshView:
-    """The attributes of a `train.Run` that `train._abstract_state` reads, for the target mesh."""
-
-    model_config: model.ModelConfig
-    param_shardings: Any
-    mesh: jax.sharding.Mesh
 
 
 def resolve(cfg: ml_collections.ConfigDict, workdir: str) -> CompileRun:
@@ -99,6 +99,7 @@ class Target:
     platform: str
     devices: list
     tpu_grid: tuple[int, ...] | None = None
+    tpu_family: str | None = None  # set for a compile-only TPU slice
 
 
 def libtpu_available() -> bool:
@@ -180,6 +181,14 @@ def _tpu_target(name: str, family: str, dims: tuple[int, ...]) -> Target:
 
     prefix, _, rank, chip_config = _TPU_FAMILIES[family]
     grid = "x".join(map(str, dims))
+    if jax.default_backend() != "tpu":
+        # No TPU here: libtpu would look for this host's place in a slice and log two screens of
+        # warnings about it; tell it the slice and that this host is all of it. With no chip to
+        # guard, its one-process-at-a-time lock (/tmp/libtpu_lockfile) would only stop a second
+        # compile-only process (a parallel test worker, another user's check) for nothing.
+        os.environ.setdefault("TPU_ACCELERATOR_TYPE", name)
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     if rank == 3:
         wrap = (all(d % 4 == 0 for d in dims),) * 3  # full tori from 4x4x4 up
         host_bounds = (2, 2, 1)
@@ -198,7 +207,7 @@ def _tpu_target(name: str, family: str, dims: tuple[int, ...]) -> Target:
     except Exception as e:  # libtpu present but the slice is unknown to it
         reason = " ".join(str(e).split())[:200]
         raise ConfigError(f"--topology {name}: libtpu cannot describe {prefix}:{grid} ({reason})") from None
-    return Target(name, "tpu", list(desc.devices), dims)
+    return Target(name, "tpu", list(desc.devices), dims, family)
 
 
 def target_mesh(cfg_mesh, tgt: Target) -> jax.sharding.Mesh:
@@ -221,8 +230,6 @@ def compile_only(run: Any, topology: str | None) -> dict[str, Any]:
     Returns the report: target, mesh, per-device memory (bytes) and FLOPs. ConfigError for a
     target this machine cannot compile for, or a config that does not fit the target's devices.
     """
-    import cpt_jax.train as train  # train.main imports this module: import it when first needed
-
     cfg, mc = run.cfg, run.model_config
     B, T = int(cfg.train.batch_size), int(cfg.train.seq_len)
     tgt = target(topology)
@@ -236,14 +243,13 @@ def compile_only(run: Any, topology: str | None) -> dict[str, Any]:
             f"train.batch_size: {B} ({cfg.train.micro_batches} micro-batches of {micro}) does not split over the "
             f"{divisor} data-parallel devices of {tgt.name}, expected a multiple of {divisor}"
         )
+    model.attention_implementation(mc, tgt.platform)  # 'cudnn' for a target without NVIDIA GPUs is refused here
     tx = optim.build(cfg.optim)
+    abstract, shardings = train_step.abstract_state(mc, param_shardings, mesh, tx)
     with jax.set_mesh(mesh):
-        abstract, shardings = train._abstract_state(_MeshView(mc, param_shardings, mesh), tx)
         state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings["step"]), **abstract}
         batch_sharding = sharding.batch_sharding(mesh, rules)
-        batch = {
-            k: jax.ShapeDtypeStruct((B, T), v, sharding=batch_sharding) for k, v in data_pipeline.BATCH_DTYPES.items()
-        }
+        batch = data_pipeline.batch_specs(B, T, batch_sharding)
         step_fn = train_step.make_train_step(
             mc,
             tx,
@@ -260,14 +266,37 @@ def compile_only(run: Any, topology: str | None) -> dict[str, Any]:
             donate_argnums=(0,),
         )
         t0 = time.perf_counter()
-        compiled = jitted.lower(state, batch).compile()
+        lowered = jitted.lower(state, batch)
+        # A compile-only TPU executable cannot be loaded back from JAX's persistent compilation
+        # cache (there is no TPU client to load it into): keep it out of the cache.
+        cached = jax.config.jax_enable_compilation_cache
+        jax.config.update("jax_enable_compilation_cache", cached and not tgt.tpu_family)
+        try:
+            compiled, refusal = lowered.compile(), None
+        except jax.errors.JaxRuntimeError as e:
+            if tgt.platform != "tpu" or "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            compiled, refusal = None, " ".join(str(e).split("RESOURCE_EXHAUSTED:", 1)[-1].split())
+        finally:
+            jax.config.update("jax_enable_compilation_cache", cached)
         seconds = time.perf_counter() - t0
-    return _report(tgt, mesh, compiled, seconds, B, T, mc)
+    return _report(tgt, mesh, compiled, refusal, seconds, B, T, mc)
 
 
-def _report(tgt: Target, mesh, compiled, seconds: float, B: int, T: int, mc) -> dict[str, Any]:
-    mem = compiled.memory_analysis()
+def _device_memory_limit(tgt: Target) -> int | None:
+    """Bytes one device of the target can hold: the allocator's limit on real accelerators, the
+    documented HBM of a compile-only TPU chip, None for CPU devices."""
+    if tgt.tpu_family:
+        return _TPU_HBM_GIB[tgt.tpu_family] * 2**30
+    if tgt.platform == "cpu":
+        return None
+    stats = tgt.devices[0].memory_stats() or {}
+    return int(stats["bytes_limit"]) if "bytes_limit" in stats else None
+
+
+def _report(tgt: Target, mesh, compiled, refusal: str | None, seconds: float, B: int, T: int, mc) -> dict[str, Any]:
     memory = None
+    mem = compiled.memory_analysis() if compiled is not None else None
     if mem is not None:
         memory = {
             "argument_bytes": int(mem.argument_size_in_bytes),
@@ -284,7 +313,16 @@ def _report(tgt: Target, mesh, compiled, seconds: float, B: int, T: int, mc) -> 
         peak = getattr(mem, "peak_memory_in_bytes", 0)
         if peak:
             memory["peak_bytes"] = int(peak)
-    cost = compiled.cost_analysis()
+    limit = _device_memory_limit(tgt)
+    if refusal is not None:
+        fits = False
+    elif tgt.tpu_family:
+        fits = True  # the TPU compiler refuses what does not fit
+    elif limit is not None and memory is not None:
+        fits = memory.get("peak_bytes", memory["total_bytes"]) <= limit
+    else:
+        fits = None
+    cost = compiled.cost_analysis() if compiled is not None else {}
     if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
         cost = cost[0] if cost else {}
     xla_flops = float((cost or {}).get("flops", float("nan")))
@@ -300,6 +338,9 @@ def _report(tgt: Target, mesh, compiled, seconds: float, B: int, T: int, mc) -> 
         "params": int(mc.num_params()),
         "compile_secs": round(seconds, 3),
         "memory_per_device": memory,
+        "device_memory_bytes": limit,
+        "fits": fits,
+        "refusal": refusal,
         # XLA's count of the compiled per-device program. It counts a loop body once, so with
         # model.scan_layers it covers one layer of the stack: compare with the model FLOPs.
         "flops_per_device": xla_flops,
@@ -324,23 +365,39 @@ def format_report(report: dict[str, Any], workdir: str) -> str:
     lines = [
         f"compile-only: {report['topology']} ({report['devices']} {report['platform']} devices), mesh {mesh}, "
         f"batch {report['batch'][0]} x {report['batch'][1]}, {report['params']:,} parameters; "
-        f"compiled in {report['compile_secs']:.1f}s",
+        + ("compiled" if report["refusal"] is None else "refused") + f" in {report['compile_secs']:.1f}s",
     ]
     m = report["memory_per_device"]
     if m:
         lines.append(
             f"memory per device: arguments {_size(m['argument_bytes'])}, outputs {_size(m['output_bytes'])} "
             f"(of which {_size(m['alias_bytes'])} reuse donated arguments), temporaries {_size(m['temp_bytes'])}, "
-            f"total {_size(m['total_bytes'])}"
+            f"total {_size(m['total_bytes'])}" + (f", XLA's peak {_size(m['peak_bytes'])}" if "peak_bytes" in m else "")
+        )
+    elif report["refusal"] is None:
+        lines.append("memory per device: not reported by this backend")
+    limit = report["device_memory_bytes"]
+    if report["fits"] is False and report["refusal"]:
+        lines.append(f"fits: NO: the TPU compiler refused the step ({report['refusal']})")
+    elif report["fits"] is False:
+        lines.append(f"fits: NO: {_size(m.get('peak_bytes', m['total_bytes']))} per device, the device holds "
+                     f"{_size(limit)}")
+    elif report["fits"] and report["tpu_grid"]:
+        lines.append(f"fits: yes: the TPU compiler placed every buffer in the chip's HBM (about {_size(limit)})")
+    elif report["fits"]:
+        lines.append(f"fits: yes: {_size(m.get('peak_bytes', m['total_bytes']))} of the device's {_size(limit)}")
+    else:
+        lines.append("fits: not checked: CPU devices have no memory of their own")
+    if report["refusal"] is None:
+        lines.append(
+            f"FLOPs per step: {report['flops_per_device']:.4g} per device, {report['flops_per_step']:.4g} in all "
+            f"(XLA cost analysis of the compiled step"
+            + ("; it counts the scanned layer loop once" if report["scan_layers"] else "")
+            + f"); model FLOPs {report['model_flops_per_device']:.4g} per device, "
+            f"{report['model_flops_per_step']:.4g} in all (6 x matmul weights + attention per token)"
         )
     else:
-        lines.append("memory per device: not reported by this backend")
-    lines.append(
-        f"FLOPs per step: {report['flops_per_device']:.4g} per device, {report['flops_per_step']:.4g} in all "
-        f"(XLA cost analysis of the compiled step"
-        + ("; it counts the scanned layer loop once" if report["scan_layers"] else "")
-        + f"); model FLOPs {report['model_flops_per_device']:.4g} per device, {report['model_flops_per_step']:.4g} "
-        f"in all (6 x matmul weights + attention per token)"
-    )
+        lines.append(f"model FLOPs per step {report['model_flops_per_device']:.4g} per device, "
+                     f"{report['model_flops_per_step']:.4g} in all (6 x matmul weights + attention per token)")
     lines.append(f"nothing was written to {workdir}")
     return "\n".join(lines)

@@ -1,12 +1,14 @@
 """Checkpoints: an orbax CheckpointManager under WORKDIR/checkpoints/, and reading other runs'.
 
-A step directory (format 2) holds one orbax PyTree item, `state`, with the parameters and the
-optimizer state ({"params": ..., "opt_state": ...}; imported models have no optimizer state), and
-our metadata as the `custom_metadata` of orbax's own step metadata file (`_CHECKPOINT_METADATA`,
-JSON), which orbax commits together with the arrays. One item and no separate JSON item halve the
-per-save fixed cost of orbax. The metadata carries the schedule (so a continued run can start at
-the checkpoint's lr_min), the model config, parameter shapes (to report a mismatch before anything
-is compiled), the step and tokens seen.
+A step directory (format 2) holds an orbax PyTree item, `state`, with the parameters and the
+optimizer state ({"params": ..., "opt_state": ...}; imported models have no optimizer state), the
+data iterator's state as the item `data` (grain's own orbax handler: one JSON file per process;
+absent in imports and older checkpoints), and our metadata as the `custom_metadata` of orbax's
+own step metadata file (`_CHECKPOINT_METADATA`, JSON), which orbax commits together with the
+arrays (no JSON item of our own: each item adds to the fixed cost of a save). The metadata
+carries the schedule (so a continued run can start at the checkpoint's lr_min), the model
+config, parameter shapes (to report a mismatch before anything is compiled), the step and tokens
+seen.
 
 Format 1 (items `params`, `opt_state` and a JSON item `metadata`) is still read.
 """
@@ -18,9 +20,11 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,6 +37,7 @@ FORMAT_VERSION = 2
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _COMMIT_MARKER = "commit_success.txt"
 _STATE = "state"
+_DATA = "data"
 _STEP_METADATA = "_CHECKPOINT_METADATA"  # orbax's per-step file; ours is its "custom_metadata"
 _V1_METADATA = os.path.join("metadata", "metadata")
 # With one process, arrays up to this size are written whole (one chunk) rather than shard by
@@ -137,6 +142,40 @@ def read_metadata(path: str, key: str = "init_from") -> dict[str, Any]:
     return meta
 
 
+def metadata_chain(meta: dict[str, Any], limit: int = 8) -> Iterator[dict[str, Any]]:
+    """A checkpoint's metadata, then that of the checkpoint it was initialised from, and so on (a
+    continued run keeps what its imported ancestor knew: architecture, tokenizer, source dtype)."""
+    for _ in range(limit):
+        yield meta
+        parent = meta.get("init_from")
+        if not parent:
+            return
+        try:
+            meta = read_metadata(parent)
+        except ConfigError:
+            return
+
+
+def widest_dtype(dtypes: str) -> str:
+    """Of the dtypes weights came in ('bfloat16', or several joined by '+'), the one that holds all
+    of them exactly: bfloat16 and float16 together need float32."""
+    names = set(dtypes.split("+"))
+    return names.pop() if len(names) == 1 and names <= {"bfloat16", "float16", "float32"} else "float32"
+
+
+def source_dtype(meta: dict[str, Any] | None) -> str:
+    """The dtype of the weights a model came from: what an import recorded (`source_dtype`, or its
+    source's dtypes, the widest when several), carried along the init_from chain; float32 for a
+    model that cpt_jax pretrained itself."""
+    for m in metadata_chain(meta) if meta else ():
+        if isinstance(m.get("source_dtype"), str):
+            return m["source_dtype"]
+        source = m.get("source")
+        if isinstance(source, dict) and isinstance(source.get("dtype"), str):
+            return widest_dtype(source["dtype"])
+    return "float32"
+
+
 def has_optimizer_state(path: str, key: str = "init_from") -> bool:
     """Whether a checkpoint carries optimizer state (an imported model does not)."""
     root, step = resolve(path, key)
@@ -206,6 +245,25 @@ def restore_latest_good(root: str, abstract_state: dict[str, Any], warn) -> tupl
     return None
 
 
+def read_data_state(root: str, step: int) -> tuple[str, dict[str, Any] | None]:
+    """(where, the data iterator state this process saved with `step`), restored through grain's
+    orbax handler; None when there is none for this number of processes (a checkpoint from before
+    the item existed, or saved on another topology: the step alone gives the position)."""
+    where = os.path.join(root, str(step), _DATA, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    if not os.path.isfile(where):
+        return where, None
+    state = _IteratorState()
+    mngr = ocp.CheckpointManager(root, item_handlers={_DATA: grain.checkpoint.CheckpointHandler()})
+    try:
+        mngr.restore(step, args=ocp.args.Composite(**{_DATA: grain.checkpoint.CheckpointRestore(state)}))
+    except ValueError as e:  # not JSON
+        raise ConfigError(f"{where}: unreadable ({str(e).splitlines()[0]}), expected the data iterator's JSON "
+                          "state") from None
+    finally:
+        mngr.close()
+    return where, state.state if isinstance(state.state, dict) else {}
+
+
 def set_aside_incomplete(root: str, warn) -> None:
     """Move step directories whose save never finished to `<step>.incomplete` (orbax would
     otherwise refuse to save that step again); nothing is deleted."""
@@ -240,6 +298,24 @@ def _array_registry(replica_parallel: bool):
     ])
 
 
+class _IteratorState:
+    """A data iterator's state, taken when a save starts (a save written later, in the background,
+    must not read an iterator that has moved on), in the form grain's orbax handler writes and
+    restores: get_state/set_state of JSON bytes, as grain's DataLoader iterator has."""
+
+    def __init__(self, state: dict[str, Any] | None = None):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.state, indent=1).encode()
+
+    def set_state(self, data: bytes) -> None:
+        self.state = json.loads(data)
+
+    def start_prefetch(self) -> None:  # grain's handler calls it after a restore
+        pass
+
+
 def _manager(root: str, *, max_to_keep: int | None, async_save: bool, multi_process: bool) -> ocp.CheckpointManager:
     handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_array_registry(replica_parallel=multi_process))
     return ocp.CheckpointManager(
@@ -251,12 +327,13 @@ def _manager(root: str, *, max_to_keep: int | None, async_save: bool, multi_proc
             cleanup_tmp_directories=True,  # what a killed save left half-written is never a checkpoint
             create=True,
         ),
-        item_handlers={_STATE: handler},
+        item_handlers={_STATE: handler, _DATA: grain.checkpoint.CheckpointHandler()},
     )
 
 
-def _save_args(items: dict[str, Any]) -> ocp.args.Composite:
-    return ocp.args.Composite(**{_STATE: ocp.args.PyTreeSave(items)})
+def _save_args(items: dict[str, Any], data_state: dict[str, Any] | None = None) -> ocp.args.Composite:
+    data = {} if data_state is None else {_DATA: grain.checkpoint.CheckpointSave(_IteratorState(data_state))}
+    return ocp.args.Composite(**{_STATE: ocp.args.PyTreeSave(items)}, **data)
 
 
 def _stamped(metadata: dict[str, Any], step: int, items: dict[str, Any]) -> dict[str, Any]:
@@ -395,8 +472,10 @@ class Checkpointer:
     def should_save(self, step: int, last_step: int) -> bool:
         return step == last_step or (self.every_steps > 0 and step % self.every_steps == 0)
 
-    def save(self, step: int, state: dict[str, Any], metadata: dict[str, Any]) -> None:
-        """Start saving `state` (params, opt_state) at `step`; returns before the write finishes.
+    def save(self, step: int, state: dict[str, Any], metadata: dict[str, Any],
+             data_state: dict[str, Any] | None = None) -> None:
+        """Start saving `state` (params, opt_state) and this process's `data_state` (the data
+        iterator's, JSON-able) at `step`; returns before the write finishes.
 
         Raises what the previous asynchronous write raised (NonFiniteParameters, OSError, ...).
         """
@@ -408,22 +487,23 @@ class Checkpointer:
         t1 = time.perf_counter()
         self.wait_secs += t1 - t0
         if self._writer is None:
-            self._write(int(step), items, _all_finite(items["params"]), meta)
+            self._write(int(step), items, _all_finite(items["params"]), meta, data_state)
         else:
             copy = snapshot(items)  # before the finiteness check: it may wait for the step on a CPU
             finite = _all_finite(items["params"])  # dispatched now, read when the write starts
-            self._pending = self._writer.submit(self._write, int(step), copy, finite, meta)
+            self._pending = self._writer.submit(self._write, int(step), copy, finite, meta, data_state)
         self.start_secs += time.perf_counter() - t1
         self.saves += 1
 
-    def _write(self, step: int, items: dict[str, Any], finite: jax.Array, meta: dict[str, Any]) -> None:
+    def _write(self, step: int, items: dict[str, Any], finite: jax.Array, meta: dict[str, Any],
+               data_state: dict[str, Any] | None) -> None:
         t0 = time.perf_counter()
         if not bool(finite):
             raise NonFiniteParameters(f"parameters at step {step} are not finite; no checkpoint written")
         if not self._multi:
             items = jax.tree.map(_whole_if_small, items)
         try:
-            self._mngr.save(step, args=_save_args(items), custom_metadata=meta, force=True)
+            self._mngr.save(step, args=_save_args(items, data_state), custom_metadata=meta, force=True)
         except Exception as e:  # raised to the loop as one clear error, which stops the run
             self._orbax_errors.accounted = True
             raise _write_failure(step, e) from e

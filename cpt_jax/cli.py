@@ -44,9 +44,6 @@ def parse(
         raise ConfigError(_one_line(f"--config: {type(e).__name__}: {e}")) from None
     finally:
         sys.argv = saved_argv
-    if not flags.FLAGS.is_parsed():
-        # Some libraries (grain's multiprocessing prefetch) read absl flags and fail if unparsed.
-        flags.FLAGS.mark_as_parsed()
     # The flag's value may carry an argument for get_config: configs/recipe.py:llama3_8b.
     path = (fv["config"].config_filename or "").split(":", 1)[0] if fv["config"].present else ""
     if not path:

@@ -27,6 +27,7 @@ OPERATIONAL_KEYS = (
     "eval",
     "data.num_threads",
     "data.prefetch",
+    "data.workers",
     "init_from",
     "init_from_optimizer",
     "tensorboard",
@@ -61,9 +62,18 @@ def model_defaults() -> ml_collections.ConfigDict:
     m.rope_low_freq_factor = 1.0  # llama3 scaling: wavelengths above original/low are divided by factor.
     m.rope_high_freq_factor = 4.0  # llama3 scaling: wavelengths below original/high are kept.
     m.rope_original_max_seq_len = 8192  # llama3 scaling: the context length before extension.
+    # Fraction of each head's width that RoPE rotates, the rest passing through (Nemotron: 0.5).
+    m.partial_rotary_factor = 1.0
     m.mlp = "swiglu"  # 'swiglu' (Llama) or 'squared_relu' (Nemotron: no gate).
-    m.norm = "rmsnorm"  # 'rmsnorm' (Llama) or 'layernorm' (Nemotron).
+    # 'rmsnorm' (Llama), 'layernorm', or 'layernorm1p' (Nemotron: LayerNorm with a 1 + w scale).
+    m.norm = "rmsnorm"
     m.norm_eps = 1e-5  # Epsilon added to the variance in RMSNorm/LayerNorm.
+    # 'pre' (norm each sublayer's input) or 'post' (OLMo 2: norm the attention and MLP outputs
+    # before they join the residual stream; no input norms).
+    m.norm_position = "pre"
+    # RMSNorm on queries and keys before RoPE: 'none', 'head' (Qwen3: over each head) or
+    # 'projection' (OLMo 2: over the whole q and k projections).
+    m.qk_norm = "none"
     m.qkv_bias = False  # Bias on q/k/v projections (Qwen2).
     m.tie_embeddings = False  # Output head shares the input embedding.
     m.dtype = "bfloat16"  # Compute dtype of matmuls and activations.
@@ -71,7 +81,9 @@ def model_defaults() -> ml_collections.ConfigDict:
     m.init_std = 0.02  # Stddev of the normal init of weights; output projections are scaled by depth.
     m.scan_layers = True  # Run the blocks with lax.scan: compile time independent of depth.
     m.remat = "none"  # Rematerialization of each block: 'none', 'full' or 'save_dots'.
-    m.attention = "auto"  # 'auto' (cuDNN on GPU when it applies, else XLA), 'xla' or 'cudnn'.
+    # 'auto' (XLA on every platform until cuDNN's path has been checked on a GPU), 'xla', or 'cudnn'
+    # (NVIDIA GPUs, bfloat16/float16, head width a multiple of 8 up to 128; not yet run here).
+    m.attention = "auto"
     return m
 
 
@@ -148,8 +160,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.sources = ml_collections.ConfigDict()  # mixture: {name: prepared directory}.
     c.data.phases = ()  # mixture: ({'weights': {...}}, {'weights': {...}, 'start_at': {...}}, ...)
     c.data.max_epochs_warning = 4.0  # plan: warn when a source repeats more epochs than this.
-    c.data.num_threads = 2  # Reading threads per process.
-    c.data.prefetch = 2  # Batches prepared ahead of the device.
+    c.data.num_threads = 2  # Reading threads per process (in each worker when data.workers > 0).
+    c.data.prefetch = 2  # Batches read ahead (at least one per thread; per worker when data.workers > 0).
+    # Worker processes that read and batch (grain's mp_prefetch); 0: threads of this process only.
+    # Batches are identical for any number of threads and workers.
+    c.data.workers = 0
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 0  # 0: no in-loop evaluation.
@@ -157,6 +172,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 8  # Sequences per evaluation batch.
     c.eval.sources = ml_collections.ConfigDict()  # Extra eval-only {name: prepared directory}.
     c.eval.tasks = ml_collections.ConfigDict()  # Multiple-choice tasks {name: file.jsonl}.
+    # Prompts continued greedily at every evaluation (needs data.tokenizer); the continuations go
+    # into metrics.jsonl and TensorBoard's text tab.
+    c.eval.sample_prompts = ()
+    c.eval.sample_max_new_tokens = 32  # Tokens generated per sample prompt.
 
     c.tensorboard = True  # TensorBoard event files in WORKDIR/tb/.
     c.wandb = ml_collections.ConfigDict()
@@ -242,7 +261,9 @@ def _flat_plain(d: dict, prefix: str = "") -> dict[str, Any]:
 
 _CHOICES = {
     "model.mlp": ("swiglu", "squared_relu"),
-    "model.norm": ("rmsnorm", "layernorm"),
+    "model.norm": ("rmsnorm", "layernorm", "layernorm1p"),
+    "model.norm_position": ("pre", "post"),
+    "model.qk_norm": ("none", "head", "projection"),
     "model.rope_scaling": ("none", "linear", "llama3"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
@@ -267,6 +288,7 @@ _POSITIVE_INTS = (
     "train.max_nonfinite_steps",
     "checkpoint.max_to_keep",
     "data.synthetic_branching",
+    "eval.sample_max_new_tokens",
 )
 
 
@@ -299,8 +321,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             f"model.d_model: {m.d_model} is not divisible by model.n_heads {m.n_heads}, "
             f"expected a multiple (or set model.head_dim)"
         )
-    if (m.head_dim or m.d_model // m.n_heads) % 2:
-        raise ConfigError(f"model.head_dim: {m.head_dim or m.d_model // m.n_heads}, expected an even width for RoPE")
+    head_dim = m.head_dim or m.d_model // m.n_heads
+    if not 0.0 < m.partial_rotary_factor <= 1.0:
+        raise ConfigError(f"model.partial_rotary_factor: {m.partial_rotary_factor}, expected a fraction in (0, 1]")
+    rotary = int(head_dim * m.partial_rotary_factor)
+    if m.partial_rotary_factor == 1.0 and head_dim % 2:
+        raise ConfigError(f"model.head_dim: {head_dim}, expected an even width for RoPE")
+    if rotary < 2 or rotary % 2:
+        raise ConfigError(f"model.partial_rotary_factor: {m.partial_rotary_factor} of head_dim {head_dim} rotates "
+                          f"{rotary} dimensions, expected an even number of at least 2")
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len: {t.seq_len}, expected at most model.max_seq_len {m.max_seq_len}")
     if t.batch_size % t.micro_batches:
@@ -323,6 +352,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"optim.{key}: {o[key]}, expected a value >= 0")
     if t.stop_at < 0 or t.stop_at > t.steps:
         raise ConfigError(f"train.stop_at: {t.stop_at}, expected 0 (run to the end) or a step in [1, {t.steps}]")
+    d = cfg.data
+    for key, least, what in (("num_threads", 1, "thread"), ("prefetch", 1, "batch"), ("workers", 0, "workers")):
+        if isinstance(d[key], bool) or not isinstance(d[key], int) or d[key] < least:
+            raise ConfigError(f"data.{key}: {d[key]!r}, expected at least {least} {what}"
+                              + (" (0: read in this process)" if key == "workers" else ""))
     if cfg.checkpoint.every_steps < 0:
         raise ConfigError(f"checkpoint.every_steps: {cfg.checkpoint.every_steps}, expected a value >= 0")
     if cfg.wandb.project:

@@ -24,13 +24,13 @@ loss on held-out data. Reported per source:
 Tasks (`TaskEvaluator`, formats in `cpt_jax.tasks`): each choice is scored by the summed
 log-likelihood of its tokens given the prompt. The prompt and prompt+choice are tokenized
 separately (as lm-eval-harness does); the tokens of prompt+choice past the prompt's token count
-are the choice's. No BOS is added (prepared training data has none; `add_bos` adds the
-tokenizer's), except that an empty prompt is preceded by EOS, the document separator. A sequence
-longer than seq_len + 1 tokens loses tokens from the left of its context. `acc` is the fraction
-of questions where the highest sum is the gold choice; `acc_norm` the same with each sum divided
-by the choice's length in UTF-8 bytes. Ties go to the first choice. `--log_samples` adds, per
-question, the choices' log-likelihoods, the prediction and the gold to the --out JSON (what paired
-comparisons of two checkpoints on the same questions need).
+are the choice's. `add_bos` puts the tokenizer's BOS first (in-loop evaluation does when the
+training sources were prepared with BOS); an empty prompt without it is preceded by EOS, the
+document separator. A sequence longer than seq_len + 1 tokens loses tokens from the left of its
+context. `acc` is the fraction of questions where the highest sum is the gold choice; `acc_norm`
+the same with each sum divided by the choice's length in UTF-8 bytes. Ties go to the first choice.
+`--log_samples` adds, per question, the choices' log-likelihoods, the prediction and the gold to
+the --out JSON (what paired comparisons of two checkpoints on the same questions need).
 
 Both evaluators read and tokenize everything once, into numpy rows, at construction (that is
 where every input error surfaces); each call puts the fixed batches on the devices (with the
@@ -40,8 +40,9 @@ host, so the result does not depend on the mesh or the batch size (beyond float3
 each row). Sources share one compiled program ([batch_size, seq_len]); a task runs at the next
 power of two (>= 16, <= seq_len) above its longest row, compiled once per such length.
 
-`from_config` builds both from a run's config (what the trainer calls); `eval_record` makes the
-metrics.jsonl record.
+`from_config` builds both from a run's config (what the trainer calls), with the greedy
+continuations of `eval.sample_prompts` (cpt_jax.decode.SampleEvaluator) when there are any;
+`eval_record` makes the metrics.jsonl record.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from cpt_jax import losses, model, sharding
+from cpt_jax import decode, losses, model, sharding
 from cpt_jax import tasks as tasks_lib
 from cpt_jax.config import ConfigError
 from cpt_jax.data import pipeline as pipeline_lib
@@ -71,8 +72,6 @@ from cpt_jax.model import ModelConfig
 LN2 = math.log(2.0)
 Log = Callable[[str], None]
 MIN_TASK_LENGTH = 16
-_BATCH_DTYPES = {"inputs": np.int32, "targets": np.int32, "segment_ids": np.int32, "positions": np.int32,
-                 "loss_mask": np.float32}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,7 +177,7 @@ def _row_nll_step(c: ModelConfig, rules: tuple, chunk_tokens: int, out_sharding:
 
 def _empty_rows(rows: int, length: int) -> dict[str, np.ndarray]:
     """Padding: token 0, segment 0, positions 0..length-1, loss mask 0."""
-    arrays = {k: np.zeros((rows, length), dt) for k, dt in _BATCH_DTYPES.items()}
+    arrays = {k: np.zeros((rows, length), dt) for k, dt in pipeline_lib.BATCH_DTYPES.items()}
     arrays["positions"][:] = np.arange(length, dtype=np.int32)
     return arrays
 
@@ -262,14 +261,11 @@ class SourceEvaluator:
             raise ConfigError(f"{path}: seq_len {length}, expected at most the eval seq_len {self.seq_len} "
                               "(prepare the source with a shorter --seq_len, or evaluate with a longer one)")
         n = min(self.examples_per_source, src.num_examples)
-        tokens = np.stack([np.asarray(src.dataset[i]) for i in range(n)]).astype(np.int32)  # [n, length + 1]
-        segment_ids, positions = pipeline_lib.example_segments(tokens, int(m["eos_id"]))
+        # The first n val examples through grain with the trainer's batch fields (segments from EOS).
+        fields = src.dataset[:n].batch(n).map(pipeline_lib.BatchFields(int(m["eos_id"])))[0]
         arrays = _empty_rows(_round_up(n, self.batch_size), self.seq_len)
-        arrays["inputs"][:n, :length] = tokens[:, :-1]
-        arrays["targets"][:n, :length] = tokens[:, 1:]
-        arrays["segment_ids"][:n, :length] = segment_ids
-        arrays["positions"][:n, :length] = positions
-        arrays["loss_mask"][:n, :length] = 1.0
+        for key, value in fields.items():
+            arrays[key][:n, :length] = value
         bpt = m.get("bytes_per_token")
         bpt = float(bpt) if isinstance(bpt, (int, float)) and not isinstance(bpt, bool) and bpt > 0 else None
         return _SourceSet(name, src.directory, n, n * length, bpt, arrays)
@@ -473,14 +469,18 @@ class TaskEvaluator:
 
 
 def eval_record(step: int, sources_result: Mapping[str, Mapping[str, Any]] | None,
-                tasks_result: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
+                tasks_result: Mapping[str, Mapping[str, Any]] | None,
+                samples: Sequence[Mapping[str, str]] | None = None) -> dict[str, Any]:
     """The metrics.jsonl record of one evaluation:
     {"kind": "eval", "step", "sources": {name: {loss, perplexity, bits_per_byte}},
-     "tasks": {name: {acc, acc_norm, n}}}."""
+     "tasks": {name: {acc, acc_norm, n}}}, plus "samples": [{prompt, continuation}] when there are
+    sample prompts."""
 
     def num(x):
         return None if x is None else float(x)
 
+    extra = {"samples": [{"prompt": str(r["prompt"]), "continuation": str(r["continuation"])} for r in samples]
+             } if samples else {}
     return {
         "kind": "eval",
         "step": int(step),
@@ -488,6 +488,7 @@ def eval_record(step: int, sources_result: Mapping[str, Mapping[str, Any]] | Non
                     for n, r in (sources_result or {}).items()},
         "tasks": {str(n): {"acc": float(r["acc"]), "acc_norm": float(r["acc_norm"]), "n": int(r["n"])}
                   for n, r in (tasks_result or {}).items()},
+        **extra,
     }
 
 
@@ -498,6 +499,7 @@ class Evaluation:
     every_steps: int
     sources: SourceEvaluator | None
     tasks: TaskEvaluator | None
+    samples: decode.SampleEvaluator | None = None  # eval.sample_prompts, continued greedily
 
     def due(self, step: int) -> bool:
         """True when the parameters after `step` optimizer steps should be evaluated."""
@@ -507,7 +509,7 @@ class Evaluation:
         """Evaluate and return the metrics.jsonl record (see eval_record)."""
         s = self.sources.evaluate(params, log) if self.sources is not None else {}
         t = self.tasks.evaluate(params, log) if self.tasks is not None else {}
-        return eval_record(step, s, t)
+        return eval_record(step, s, t, self.samples.evaluate(params) if self.samples is not None else None)
 
 
 def from_config(cfg: Any, model_config: ModelConfig, *, mesh: Any = None, rules: Any = None,
@@ -530,9 +532,10 @@ def from_config(cfg: Any, model_config: ModelConfig, *, mesh: Any = None, rules:
     if every == 0:
         return None
     data_sources = dict(cfg.data.sources) if cfg.data.kind == "mixture" else {}
+    manifests = {name: sources_lib.read_manifest(directory) for name, directory in data_sources.items()}
     sources: dict[str, str] = {}
     for name, directory in data_sources.items():
-        if sources_lib.read_manifest(directory)["val_examples"] <= 0:
+        if manifests[name]["val_examples"] <= 0:
             if log is not None:
                 log(f"note: data.sources.{name} has no val split; it is not evaluated")
             continue
@@ -544,14 +547,17 @@ def from_config(cfg: Any, model_config: ModelConfig, *, mesh: Any = None, rules:
             raise ConfigError(f"eval.sources.{name}: {directory!r}, expected a prepared directory")
         sources[name] = directory
     task_specs = e.tasks.to_dict() if hasattr(e.tasks, "to_dict") else dict(e.tasks)
-    if not sources and not task_specs:
+    prompts = list(e.sample_prompts)
+    if not sources and not task_specs and not prompts:
         raise ConfigError(f"eval.every_steps: {every} with nothing to evaluate, expected data.kind 'mixture' "
-                          "(its sources' val splits), eval.sources or eval.tasks")
+                          "(its sources' val splits), eval.sources, eval.tasks or eval.sample_prompts")
     tok = tokenizer or cfg.data.tokenizer or None
     if tok is not None and not hasattr(tok, "encode_batch"):
         tok = load_tokenizer(tok)
     common = dict(batch_size=e.batch_size, seq_len=cfg.train.seq_len, mesh=mesh, rules=rules,
                   batch_sharding=batch_sharding, chunk_tokens=cfg.train.loss_chunk_tokens)
+    # Prompts begin the way the training documents do (with BOS when prepare added it).
+    add_bos = sources_lib.starts_with_bos([(data_sources[n], m) for n, m in manifests.items()])
     source_eval = task_eval = None
     if sources:
         source_eval = SourceEvaluator(sources, model_config, examples_per_source=e.examples_per_source,
@@ -560,8 +566,15 @@ def from_config(cfg: Any, model_config: ModelConfig, *, mesh: Any = None, rules:
         if tok is None:
             raise ConfigError("eval.tasks: no tokenizer to tokenize the questions, expected data.tokenizer to name "
                               "the model's tokenizer file")
-        task_eval = TaskEvaluator(task_specs, tok, model_config, **common)
-    return Evaluation(every, source_eval, task_eval)
+        task_eval = TaskEvaluator(task_specs, tok, model_config, add_bos=add_bos, **common)
+    samples = None
+    if prompts:
+        if tok is None:
+            raise ConfigError("eval.sample_prompts: no tokenizer to tokenize the prompts, expected data.tokenizer to "
+                              "name the model's tokenizer file")
+        samples = decode.SampleEvaluator(prompts, tok, model_config, max_new_tokens=e.sample_max_new_tokens,
+                                         mesh=mesh, rules=dict(_rules_tuple(rules)) or None, add_bos=add_bos)
+    return Evaluation(every, source_eval, task_eval, samples)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -666,7 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _mesh_for(mc: ModelConfig) -> tuple[Any, dict, Any]:
+def mesh_for(mc: ModelConfig) -> tuple[Any, dict, Any]:
     """(mesh, rules, parameter shardings) over every device: FSDP when the parameters divide,
     else data parallel with replicated parameters."""
     abstract, names = model.abstract_params(mc), model.logical_axes(mc)
@@ -680,7 +693,9 @@ def _mesh_for(mc: ModelConfig) -> tuple[Any, dict, Any]:
     raise AssertionError("replicated parameters always fit a data-parallel mesh")
 
 
-def _restore_params(checkpoint_dir: str, meta: dict[str, Any], mc: ModelConfig, shardings: Any) -> Any:
+def restore_params(checkpoint_dir: str, meta: dict[str, Any], mc: ModelConfig, shardings: Any) -> Any:
+    """The checkpoint's parameters restored with `shardings` (ConfigError naming --checkpoint when
+    their shapes differ from the model's or the arrays fail to restore)."""
     from cpt_jax import checkpoint
 
     abstract = model.abstract_params(mc)
@@ -740,7 +755,7 @@ def run_cli(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     if args.fewshot < 0:
         raise ConfigError(f"--fewshot: {args.fewshot}, expected an integer >= 0")
 
-    mesh, rules, param_shardings = _mesh_for(mc)
+    mesh, rules, param_shardings = mesh_for(mc)
     ways = sharding.batch_divisor(mesh, rules)
     batch_size = args.batch_size or _round_up(8, ways)
     if batch_size % ways:
@@ -769,7 +784,7 @@ def run_cli(args: argparse.Namespace, log: Log) -> dict[str, Any]:
                                   **common)
 
     t0 = time.perf_counter()
-    params = _restore_params(ckpt, meta, mc, param_shardings)
+    params = restore_params(ckpt, meta, mc, param_shardings)
     n = jax.device_count()
     log(f"restored {ckpt} (step {meta.get('step')}) onto {n} device{'s' if n != 1 else ''} in "
         f"{time.perf_counter() - t0:.1f}s")

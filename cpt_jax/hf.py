@@ -1,12 +1,13 @@
 """Hugging Face interop: import safetensors checkpoints, export them back, compare logits.
 
     python -m cpt_jax.hf import --model_dir HF_DIR --out CKPT_DIR [--lr_min X] [--lr_max Y]
-    python -m cpt_jax.hf export --checkpoint DIR --out HF_DIR [--dtype bfloat16]
+    python -m cpt_jax.hf export --checkpoint DIR --out HF_DIR [--dtype float32|bfloat16|float16]
     python -m cpt_jax.hf check  --model_dir HF_DIR --checkpoint DIR [--atol 1e-4]
 
-Supported architectures: LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM (GQA, tied or
-untied embeddings, qkv bias, rope_theta, linear and Llama-3 rope scaling), with config.json as
-transformers 4.x (`rope_theta`/`rope_scaling`) or 5.x (`rope_parameters`) writes it.
+Supported architectures (cpt_jax/hf_arch.py): LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
+Qwen3ForCausalLM, Olmo2ForCausalLM and NemotronForCausalLM (GQA, tied or untied embeddings, rope_theta,
+linear and Llama-3 rope scaling), with config.json as transformers 4.x (`rope_theta`/`rope_scaling`)
+or 5.x (`rope_parameters`) writes it.
 
 Import writes a cpt_jax checkpoint with the layout of a training run's (CKPT_DIR/checkpoints/0/
 with items `params` and `metadata`; there is no optimizer state to carry over) plus the model's
@@ -14,7 +15,8 @@ tokenizer files under CKPT_DIR/tokenizer/. Its metadata carries the model config
 shapes and the pretraining schedule's lr_min/lr_max, so `init_from=CKPT_DIR` starts the recipe at
 the right learning rate (see configs/cpt_hf.py). Parameters are stored in float32 (the trainer's
 master-weight dtype); bf16 and fp16 values are exactly representable there, which is what makes
-import followed by export bit-identical.
+import followed by export bit-identical. The dtype the weights came in is recorded
+(`source_dtype`) and export writes that dtype unless told otherwise.
 
 Tensors are read one at a time from the safetensors files into preallocated stacked arrays, so the
 host holds the output plus one tensor, never two copies of the model. Every user error (config,
@@ -45,9 +47,16 @@ import numpy as np
 from cpt_jax import checkpoint, model
 from cpt_jax.config import ConfigError
 from cpt_jax.data.tokenizer import Tokenizer, file_sha256, load_tokenizer, resolve_tokenizer_path
+from cpt_jax.hf_arch import (
+    TensorSpec,
+    architecture_for,
+    architecture_of,
+    hf_config_for,
+    ignorable,
+    model_config_from_hf,
+    tensor_specs,
+)
 
-# Hugging Face class -> config.json model_type.
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Copied with the model on import and export; the first two are the tokenizer proper.
@@ -119,71 +128,7 @@ def published_schedule(hf_config: dict[str, Any]) -> PublishedSchedule | None:
     return None
 
 
-# ============================================================================ tensor names
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    """One Hugging Face tensor and where it lives in the cpt_jax parameter pytree.
-
-    cpt_jax keeps weights as [in, out...] (einsum operands) while torch Linear weights are [out, in]:
-    `transpose` says the Hugging Face tensor is transposed before the reshape.
-    """
-
-    hf_name: str
-    path: tuple[str, ...]  # keys into the params dict
-    layer: int | None  # index into the stacked 'layers' axis, None for top-level parameters
-    hf_shape: tuple[int, ...]
-    transpose: bool
-
-    def to_cpt(self, w: np.ndarray, cpt_shape: tuple[int, ...]) -> np.ndarray:
-        """The Hugging Face tensor `w` in the cpt_jax layout (one layer's slice of a stacked parameter)."""
-        return (w.T if self.transpose else w).reshape(cpt_shape)
-
-    def to_hf(self, p: np.ndarray) -> np.ndarray:
-        """The cpt_jax parameter (one layer's slice) in the Hugging Face layout (a view where possible)."""
-        return p.reshape(self.hf_shape[::-1]).T if self.transpose else p.reshape(self.hf_shape)
-
-
-def tensor_specs(c: model.ModelConfig) -> list[TensorSpec]:
-    """Every Hugging Face tensor of a Llama/Mistral/Qwen2 model of config `c`, in transformers' order."""
-    D, N, K, H, F, V = c.d_model, c.n_heads, c.n_kv_heads, c.hd, c.d_ff, c.vocab_size
-    specs = [TensorSpec("model.embed_tokens.weight", ("embed",), None, (V, D), False)]
-    for i in range(c.n_layers):
-        p = f"model.layers.{i}."
-        layer = [
-            (p + "self_attn.q_proj.weight", "wq", (N * H, D), True),
-            (p + "self_attn.k_proj.weight", "wk", (K * H, D), True),
-            (p + "self_attn.v_proj.weight", "wv", (K * H, D), True),
-        ]
-        if c.qkv_bias:
-            layer += [
-                (p + "self_attn.q_proj.bias", "bq", (N * H,), False),
-                (p + "self_attn.k_proj.bias", "bk", (K * H,), False),
-                (p + "self_attn.v_proj.bias", "bv", (K * H,), False),
-            ]
-        layer += [
-            (p + "self_attn.o_proj.weight", "wo", (D, N * H), True),
-            (p + "mlp.gate_proj.weight", "w_gate", (F, D), True),
-            (p + "mlp.up_proj.weight", "w_up", (F, D), True),
-            (p + "mlp.down_proj.weight", "w_down", (D, F), True),
-            (p + "input_layernorm.weight", "attn_norm_scale", (D,), False),
-            (p + "post_attention_layernorm.weight", "mlp_norm_scale", (D,), False),
-        ]
-        specs += [TensorSpec(name, ("layers", key), i, shape, t) for name, key, shape, t in layer]
-    specs.append(TensorSpec("model.norm.weight", ("final_norm_scale",), None, (D,), False))
-    if not c.tie_embeddings:
-        specs.append(TensorSpec("lm_head.weight", ("lm_head",), None, (V, D), True))
-    return specs
-
-
-def _ignorable(name: str, c: model.ModelConfig) -> bool:
-    # Old checkpoints saved RoPE's inverse frequencies as a buffer (recomputed from the config);
-    # a tied model may still carry a copy of the embedding as lm_head.
-    return name.endswith(".rotary_emb.inv_freq") or (c.tie_embeddings and name == "lm_head.weight")
-
-
-# ============================================================================ config.json -> ModelConfig
+# ============================================================================ reading files
 
 
 def _first_line(e: BaseException) -> str:
@@ -197,121 +142,6 @@ def _read_json(path: str, what: str) -> Any:
             return json.load(f)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: unreadable ({_first_line(e)}), expected {what}") from None
-
-
-def architecture_of(hf_config: dict[str, Any], where: str) -> str:
-    """The supported architecture class a config.json names, or a ConfigError naming what it found."""
-    names = hf_config.get("architectures") or []
-    supported = ", ".join(ARCHITECTURES)
-    if not isinstance(names, list) or not names:
-        by_type = {t: a for a, t in ARCHITECTURES.items()}
-        if hf_config.get("model_type") in by_type:
-            return by_type[hf_config["model_type"]]
-        raise ConfigError(f"{where}: no architectures and model_type {hf_config.get('model_type')!r}, "
-                          f"expected one of {supported}")
-    if len(names) != 1 or names[0] not in ARCHITECTURES:
-        raise ConfigError(f"{where}: architecture {', '.join(map(str, names))} is not supported, expected one of "
-                          f"{supported}")
-    return names[0]
-
-
-def _positive_int(cfg: dict[str, Any], key: str, where: str, default: Any = None) -> int:
-    value = cfg.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{where}: {key} is {value!r}, expected a positive integer")
-    return value
-
-
-def _rope_settings(cfg: dict[str, Any], where: str) -> dict[str, Any]:
-    """ModelConfig rope fields from transformers 4.x (rope_theta + rope_scaling) or 5.x (rope_parameters)."""
-    theta = cfg.get("rope_theta")
-    scaling = cfg.get("rope_scaling")
-    params = cfg.get("rope_parameters")
-    if isinstance(params, dict) and params:
-        if all(isinstance(v, dict) for v in params.values()):
-            raise ConfigError(f"{where}: rope_parameters per layer type ({', '.join(params)}), expected one set of "
-                              "rope parameters for every layer")
-        theta = params.get("rope_theta", theta)
-        scaling = params
-    if theta is None:
-        theta = 10000.0  # transformers' default for these architectures
-    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
-        raise ConfigError(f"{where}: rope_theta is {theta!r}, expected a positive number")
-    scaling = scaling or {}
-    if not isinstance(scaling, dict):
-        raise ConfigError(f"{where}: rope_scaling is {scaling!r}, expected a JSON object or null")
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if scaling.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ConfigError(f"{where}: partial_rotary_factor {scaling['partial_rotary_factor']}, expected 1.0 "
-                          "(RoPE on the whole head)")
-    out: dict[str, Any] = {"rope_theta": float(theta)}
-    try:
-        if kind == "default":
-            out["rope_scaling"] = "none"
-        elif kind == "linear":
-            out.update(rope_scaling="linear", rope_factor=float(scaling["factor"]))
-        elif kind == "llama3":
-            out.update(
-                rope_scaling="llama3",
-                rope_factor=float(scaling["factor"]),
-                rope_low_freq_factor=float(scaling["low_freq_factor"]),
-                rope_high_freq_factor=float(scaling["high_freq_factor"]),
-                rope_original_max_seq_len=int(scaling["original_max_position_embeddings"]),
-            )
-        else:
-            raise ConfigError(f"{where}: rope type {kind!r} is not supported, expected 'default', 'linear' or "
-                              "'llama3'")
-    except KeyError as e:
-        raise ConfigError(f"{where}: rope scaling {kind!r} without {e.args[0]}, expected the field") from None
-    return out
-
-
-def model_config_from_hf(hf_config: dict[str, Any], architecture: str, where: str) -> model.ModelConfig:
-    """The cpt_jax ModelConfig equivalent to a config.json of a supported architecture."""
-    c = hf_config
-    model_type = ARCHITECTURES[architecture]
-    if c.get("model_type", model_type) != model_type:
-        raise ConfigError(f"{where}: model_type {c.get('model_type')!r} with architecture {architecture}, "
-                          f"expected {model_type!r}")
-    act = c.get("hidden_act", "silu")
-    if act != "silu":
-        raise ConfigError(f"{where}: hidden_act {act!r}, expected 'silu' (SwiGLU)")
-    if model_type == "llama" and c.get("attention_bias"):
-        raise ConfigError(f"{where}: attention_bias true puts a bias on o_proj too, which cpt_jax's decoder does "
-                          "not have, expected attention_bias false")
-    if c.get("mlp_bias"):
-        raise ConfigError(f"{where}: mlp_bias true, expected false (cpt_jax's MLP has no biases)")
-    D = _positive_int(c, "hidden_size", where)
-    N = _positive_int(c, "num_attention_heads", where)
-    K = _positive_int(c, "num_key_value_heads", where, default=N)
-    H = c.get("head_dim") or (D // N)
-    H = _positive_int({"head_dim": H}, "head_dim", where)
-    if N % K:
-        raise ConfigError(f"{where}: num_attention_heads {N} is not a multiple of num_key_value_heads {K}, "
-                          "expected a multiple")
-    if H % 2:
-        raise ConfigError(f"{where}: head_dim {H}, expected an even width for RoPE")
-    max_len = _positive_int(c, "max_position_embeddings", where, default=2048)
-    # A sliding window changes nothing while sequences are no longer than it: capping max_seq_len
-    # there keeps training exact with cpt_jax's full causal attention.
-    window = c.get("sliding_window") if model_type == "mistral" or c.get("use_sliding_window") else None
-    if window:
-        max_len = min(max_len, _positive_int(c, "sliding_window", where))
-    eps = c.get("rms_norm_eps", 1e-6)
-    return model.ModelConfig(
-        n_layers=_positive_int(c, "num_hidden_layers", where),
-        d_model=D,
-        n_heads=N,
-        n_kv_heads=K,
-        head_dim=0 if H * N == D else H,
-        d_ff=_positive_int(c, "intermediate_size", where),
-        vocab_size=_positive_int(c, "vocab_size", where),
-        max_seq_len=max_len,
-        norm_eps=float(eps),
-        qkv_bias=model_type == "qwen2",
-        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-        **_rope_settings(c, where),
-    )
 
 
 # ============================================================================ reading safetensors
@@ -498,7 +328,7 @@ def _plan_import(model_dir: str, out_dir: str, lr_min: float | None, lr_max: flo
                               "F32, F16 or BF16")
         dtypes.add(_ST_NAMES[code])
     for name, file in sorted(weight_map.items()):
-        if name not in wanted and not _ignorable(name, mc):
+        if name not in wanted and not ignorable(name, mc):
             raise ConfigError(f"{os.path.join(model_dir, file)}: unexpected tensor {name}, expected only the "
                               f"tensors of {architecture} as config.json describes it")
 
@@ -581,6 +411,7 @@ def _import_metadata(plan: _ImportPlan) -> dict[str, Any]:
         "tokenizer": os.path.join(plan.out_dir, "tokenizer", os.path.basename(tok.path)) if tok else None,
         "tokenizer_fingerprint": tok.fingerprint if tok else None,
         "tokenizer_vocab_size": tok.vocab_size if tok else None,
+        "source_dtype": checkpoint.widest_dtype(plan.source_dtype),
         "source": {
             "format": "huggingface",
             "architecture": plan.architecture,
@@ -636,20 +467,6 @@ def import_hf(model_dir: str, out_dir: str, lr_min: float | None = None, lr_max:
 # ============================================================================ export
 
 
-def _metadata_chain(meta: dict[str, Any], limit: int = 8) -> Iterator[dict[str, Any]]:
-    """The checkpoint's metadata, then that of the checkpoint it was initialised from, and so on
-    (a continued run keeps what its imported ancestor knew: architecture, tokenizer, HF config)."""
-    for _ in range(limit):
-        yield meta
-        parent = meta.get("init_from")
-        if not parent:
-            return
-        try:
-            meta = checkpoint.read_metadata(parent)
-        except ConfigError:
-            return
-
-
 def _export_tokenizer(chain: list[dict[str, Any]], fingerprint: str | None, beside: str) -> list[tuple[str, str]]:
     """(source path, file name in the export) of the tokenizer files, or [] when none is known.
 
@@ -679,73 +496,6 @@ def _export_tokenizer(chain: list[dict[str, Any]], fingerprint: str | None, besi
     return []
 
 
-def _rope_to_hf(c: model.ModelConfig) -> dict[str, Any] | None:
-    if c.rope_scaling == "linear":
-        return {"rope_type": "linear", "factor": c.rope_factor}
-    if c.rope_scaling == "llama3":
-        return {
-            "rope_type": "llama3",
-            "factor": c.rope_factor,
-            "low_freq_factor": c.rope_low_freq_factor,
-            "high_freq_factor": c.rope_high_freq_factor,
-            "original_max_position_embeddings": c.rope_original_max_seq_len,
-        }
-    return None
-
-
-def hf_config_for(c: model.ModelConfig, architecture: str, dtype: str, base: dict[str, Any] | None,
-                  tokenizer: Tokenizer | None) -> dict[str, Any]:
-    """config.json for `c` as `architecture`. `base` (the imported model's own config.json, same
-    architecture) keeps what cpt_jax does not model: token ids, sliding window, the context length."""
-    out = dict(base or {})
-    # Written in transformers 4.x form (rope_theta, rope_scaling, torch_dtype), which 5.x reads too.
-    for key in ("rope_parameters", "rope_scaling", "rope_theta", "transformers_version", "dtype", "torch_dtype"):
-        out.pop(key, None)
-    model_type = ARCHITECTURES[architecture]
-    max_len = out.get("max_position_embeddings")
-    if not isinstance(max_len, int) or max_len < c.max_seq_len:
-        max_len = c.max_seq_len
-    out.update(
-        architectures=[architecture],
-        model_type=model_type,
-        hidden_size=c.d_model,
-        intermediate_size=c.d_ff,
-        num_hidden_layers=c.n_layers,
-        num_attention_heads=c.n_heads,
-        num_key_value_heads=c.n_kv_heads,
-        head_dim=c.hd,
-        vocab_size=c.vocab_size,
-        max_position_embeddings=max_len,
-        rms_norm_eps=c.norm_eps,
-        rope_theta=c.rope_theta,
-        rope_scaling=_rope_to_hf(c),
-        tie_word_embeddings=c.tie_embeddings,
-        hidden_act="silu",
-        torch_dtype=dtype,
-        dtype=dtype,
-    )
-    out.setdefault("initializer_range", c.init_std)
-    out.setdefault("attention_dropout", 0.0)
-    out.setdefault("use_cache", True)
-    if model_type == "llama":
-        out.update(attention_bias=False, mlp_bias=False)
-        out.setdefault("pretraining_tp", 1)
-    if model_type == "mistral":
-        out.setdefault("sliding_window", None)
-    if model_type == "qwen2":
-        out.setdefault("use_sliding_window", False)
-        out.setdefault("sliding_window", None)
-        out.setdefault("max_window_layers", c.n_layers)
-        if len(out.get("layer_types") or []) != c.n_layers:
-            out.pop("layer_types", None)
-    for which in ("bos", "eos", "pad"):
-        if out.get(f"{which}_token_id") is None and tokenizer is not None:
-            token_id = getattr(tokenizer, f"{which}_id")
-            if which != "pad" or token_id != tokenizer.eos_id:  # the eos stand-in is no pad token
-                out[f"{which}_token_id"] = token_id
-    return dict(sorted(out.items()))
-
-
 @dataclasses.dataclass
 class _ExportPlan:
     checkpoint_dir: str
@@ -754,13 +504,14 @@ class _ExportPlan:
     model_config: model.ModelConfig
     architecture: str
     dtype: str
+    dtype_reason: str
     config: dict[str, Any]
     generation_config: dict[str, Any]
     tokenizer_files: list[tuple[str, str]]
 
 
-def _plan_export(checkpoint_dir: str, out_dir: str, dtype: str) -> _ExportPlan:
-    if dtype not in EXPORT_DTYPES:
+def _plan_export(checkpoint_dir: str, out_dir: str, dtype: str | None) -> _ExportPlan:
+    if dtype is not None and dtype not in EXPORT_DTYPES:
         raise ConfigError(f"--dtype: {dtype!r}, expected one of {', '.join(EXPORT_DTYPES)}")
     root, step = checkpoint.resolve(checkpoint_dir, key="--checkpoint")
     step_dir = os.path.join(root, str(step))
@@ -768,25 +519,19 @@ def _plan_export(checkpoint_dir: str, out_dir: str, dtype: str) -> _ExportPlan:
     if not isinstance(meta.get("model"), dict):
         raise ConfigError(f"--checkpoint {step_dir}: metadata without a model config, expected a cpt_jax checkpoint")
     c = model.ModelConfig.from_config(meta["model"])
-    supported = ", ".join(ARCHITECTURES)
-    if c.mlp != "swiglu":
-        raise ConfigError(f"--checkpoint {step_dir}: model.mlp is {c.mlp!r}, which none of {supported} has, expected "
-                          "'swiglu'")
-    if c.norm != "rmsnorm":
-        raise ConfigError(f"--checkpoint {step_dir}: model.norm is {c.norm!r}, which none of {supported} has, "
-                          "expected 'rmsnorm'")
+    chain = list(checkpoint.metadata_chain(meta))
+    source = next((m["source"] for m in chain if isinstance(m.get("source"), dict)), {})
+    architecture = architecture_for(c, source.get("architecture"), f"--checkpoint {step_dir}")
     if "param_shapes" in meta:
         checkpoint.check_param_shapes(meta["param_shapes"], model.abstract_params(c), f"--checkpoint {step_dir}")
     out = _check_out_dir(out_dir)
 
-    chain = list(_metadata_chain(meta))
-    source = next((m["source"] for m in chain if isinstance(m.get("source"), dict)), {})
-    if c.qkv_bias:
-        architecture = "Qwen2ForCausalLM"
-    elif source.get("architecture") == "MistralForCausalLM":
-        architecture = "MistralForCausalLM"
+    if dtype is not None:
+        reason = "--dtype"
+    elif source:
+        dtype, reason = checkpoint.source_dtype(meta), "the dtype it was imported in"
     else:
-        architecture = "LlamaForCausalLM"
+        dtype, reason = "float32", "trained by cpt_jax; --dtype bfloat16 halves the size"
     base = source.get("config") if source.get("architecture") == architecture else None
     beside = os.path.join(os.path.dirname(root), "tokenizer")
     tokenizer_files = _export_tokenizer(chain, meta.get("tokenizer_fingerprint"), beside)
@@ -800,7 +545,7 @@ def _plan_export(checkpoint_dir: str, out_dir: str, dtype: str) -> _ExportPlan:
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if config.get(key) is not None:
                 generation[key] = config[key]
-    return _ExportPlan(step_dir, out, meta, c, architecture, dtype, config, generation, tokenizer_files)
+    return _ExportPlan(step_dir, out, meta, c, architecture, dtype, reason, config, generation, tokenizer_files)
 
 
 def _write_safetensors(path: str, entries: list[tuple[str, str, tuple[int, ...], Callable[[], np.ndarray]]]) -> int:
@@ -838,19 +583,22 @@ def _host_target(c: model.ModelConfig) -> Any:
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where), model.abstract_params(c))
 
 
-def export_hf(checkpoint_dir: str, out_dir: str, dtype: str = "bfloat16", *,
-              max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+def export_hf(checkpoint_dir: str, out_dir: str, dtype: str | None = None, *,
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict[str, str]:
     """Write a cpt_jax checkpoint as a Hugging Face model directory loadable by transformers.
 
-    The architecture is Qwen2ForCausalLM when the model has qkv bias, MistralForCausalLM when it was
-    imported from Mistral, else LlamaForCausalLM. Weights are cast to `dtype` and split into shards
-    of at most `max_shard_bytes` (with model.safetensors.index.json when there are several).
-    Raises ConfigError (nothing written) for a model with no Hugging Face equivalent or a bad `out_dir`.
+    The architecture is the family whose options the model has (hf_arch.architecture_for; the one
+    it was imported from when it fits). Weights are cast to `dtype`, by default the dtype the model
+    was imported in (`source_dtype` of its metadata or of the checkpoint it continues), float32 for
+    a model cpt_jax trained from scratch, and split into shards of at most `max_shard_bytes` (with
+    model.safetensors.index.json when there are several). Returns {"architecture", "dtype",
+    "dtype_reason"}. Raises ConfigError (nothing written) for a model with no Hugging Face
+    equivalent or a bad `out_dir`.
     """
     import jax
 
     plan = _plan_export(checkpoint_dir, out_dir, dtype)
-    c, code = plan.model_config, EXPORT_DTYPES[dtype]
+    c, code = plan.model_config, EXPORT_DTYPES[plan.dtype]
     specs = tensor_specs(c)
     itemsize = _ST_DTYPES[code].itemsize
     shards: list[list[TensorSpec]] = [[]]
@@ -891,6 +639,7 @@ def export_hf(checkpoint_dir: str, out_dir: str, dtype: str = "bfloat16", *,
             shutil.copyfile(src, os.path.join(tmp, name))
 
     _in_temp_dir(plan.out_dir, write)
+    return {"architecture": plan.architecture, "dtype": plan.dtype, "dtype_reason": plan.dtype_reason}
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -958,7 +707,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="cpt_jax checkpoint -> Hugging Face model directory")
     e.add_argument("--checkpoint", required=True, help="A checkpoint directory, its checkpoints/ or a step directory.")
     e.add_argument("--out", required=True, help="New (or empty) directory for the Hugging Face model.")
-    e.add_argument("--dtype", default="bfloat16", choices=sorted(EXPORT_DTYPES), help="dtype of the weights.")
+    e.add_argument("--dtype", default=None, choices=sorted(EXPORT_DTYPES),
+                   help="dtype of the weights (default: the dtype the model was imported in; float32 for a model "
+                        "cpt_jax trained from scratch).")
     k = sub.add_parser("check", help="compare the logits of a Hugging Face model and a cpt_jax checkpoint (fp32)")
     k.add_argument("--model_dir", required=True)
     k.add_argument("--checkpoint", required=True)
@@ -982,8 +733,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"({sched['source']}), tokenizer {meta['tokenizer'] or 'none'}; continue with "
                   f"--config configs/cpt_hf.py:{os.path.abspath(args.out)}")
         elif args.command == "export":
-            export_hf(args.checkpoint, args.out, dtype=args.dtype)
-            print(f"exported {args.checkpoint} to {os.path.abspath(args.out)} ({args.dtype})")
+            r = export_hf(args.checkpoint, args.out, dtype=args.dtype)
+            print(f"exported {args.checkpoint} to {os.path.abspath(args.out)} as {r['architecture']} in "
+                  f"{r['dtype']} ({r['dtype_reason']})")
         else:
             r = check_logits(args.model_dir, args.checkpoint, batch_size=args.batch_size, seq_len=args.seq_len,
                              seed=args.seed)

@@ -1,6 +1,7 @@
 """Run records: WORKDIR/metrics.jsonl (one JSON object per record) and TensorBoard events.
 
-Only process 0 writes. Every record has a `kind` ("train", "eval", "plan", "event") and a `step`.
+Only process 0 writes. Every record has a `kind` ("train", "eval", "plan", "event") and a `step`;
+numbers go to TensorBoard as scalars, an evaluation's sample continuations as text.
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ class MetricsWriter:
             for key, value in scalars.items():
                 if self._tb is not None:
                     self._tb.add_scalar(key, value, record["step"])
+            if self._tb is not None and record.get("samples"):
+                self._tb.add_text(f"{record.get('kind', 'eval')}/samples", _samples_markdown(record["samples"]),
+                                  record["step"])
             if self._wandb is not None and scalars:
                 self._wandb.log(scalars, step=record["step"])
 
@@ -91,6 +95,16 @@ def _scalars(record: dict[str, Any], prefix: str = ""):
             yield from _scalars(v, f"{prefix}{k}/")
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             yield f"{prefix}{k}", v
+
+
+def _samples_markdown(samples: list[dict[str, Any]]) -> str:
+    """Each sample's prompt and continuation as markdown (TensorBoard renders text summaries so);
+    indented blocks keep the text verbatim."""
+    def block(text: str) -> str:
+        return "    " + str(text).replace("\n", "\n    ")
+
+    return "\n\n".join(f"**prompt {i + 1}**\n\n{block(s['prompt'])}\n\n**continuation**\n\n"
+                         f"{block(s['continuation'])}" for i, s in enumerate(samples))
 
 
 def log(message: str) -> None:

@@ -1,7 +1,10 @@
 """Decoder-only transformer of the Llama family, in Flax NNX.
 
-RMSNorm or LayerNorm, RoPE (optionally Llama-3 or linearly scaled), grouped-query attention,
-SwiGLU or squared-ReLU (Nemotron) MLP, optional qkv bias (Qwen2), tied or untied embeddings.
+RMSNorm, LayerNorm or LayerNorm with a 1 + w scale (Nemotron's "layernorm1p"), before the
+sublayers or after them (OLMo 2); RoPE on the whole head or a fraction of it (Nemotron), optionally
+Llama-3 or linearly scaled; grouped-query attention with optional RMSNorm on queries and keys, per
+head (Qwen3) or over the whole projection (OLMo 2); SwiGLU or squared-ReLU (Nemotron) MLP; optional
+qkv bias (Qwen2); tied or untied embeddings.
 
 Parameters of the blocks are stored stacked along a leading 'layers' axis whether or not the
 blocks run under `lax.scan`, so a checkpoint does not depend on `scan_layers`. The NNX module
@@ -24,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cpt_jax.config import ConfigError
+
 Params = dict[str, Any]
 
 
@@ -45,9 +50,12 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_seq_len: int = 8192
+    partial_rotary_factor: float = 1.0
     mlp: str = "swiglu"
     norm: str = "rmsnorm"
     norm_eps: float = 1e-5
+    norm_position: str = "pre"
+    qk_norm: str = "none"
     qkv_bias: bool = False
     tie_embeddings: bool = False
     dtype: str = "bfloat16"
@@ -72,11 +80,17 @@ class ModelConfig:
         """Per-head width."""
         return self.head_dim or self.d_model // self.n_heads
 
+    @property
+    def rotary_dim(self) -> int:
+        """Leading dimensions of each head that RoPE rotates (the rest pass through)."""
+        return int(self.hd * self.partial_rotary_factor)
+
     def num_params(self, include_embedding: bool = True) -> int:
         """Parameter count (the input embedding is excluded when include_embedding is False)."""
         D, N, K, H, F, V = self.d_model, self.n_heads, self.n_kv_heads, self.hd, self.d_ff, self.vocab_size
-        norm = D * (2 if self.norm == "layernorm" else 1)
+        norm = D * (1 if self.norm == "rmsnorm" else 2)
         attn = D * N * H + 2 * D * K * H + N * H * D + (N * H + 2 * K * H if self.qkv_bias else 0)
+        attn += {"none": 0, "head": 2 * H, "projection": (N + K) * H}[self.qk_norm]
         mlp = (3 if self.mlp == "swiglu" else 2) * D * F
         block = attn + mlp + 2 * norm
         head = 0 if self.tie_embeddings else D * V
@@ -96,6 +110,12 @@ def _const(shape: tuple[int, ...], names: tuple[str | None, ...], value: float, 
     return nnx.Param(jnp.full(shape, value, dtype), logical_axes=names)
 
 
+def _norm_scale_init(c: ModelConfig) -> float:
+    # layernorm1p stores the offset w of its 1 + w scale: 0 is the identity scale, and weight decay
+    # pulls the scale towards 1 rather than 0.
+    return 0.0 if c.norm == "layernorm1p" else 1.0
+
+
 class Blocks(nnx.Module):
     """The parameters of all transformer blocks, stacked along a leading 'layers' axis."""
 
@@ -103,11 +123,19 @@ class Blocks(nnx.Module):
         L, D, N, K, H, F = c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.hd, c.d_ff
         dt = jnp.dtype(c.param_dtype)
         std, out_std = c.init_std, c.init_std / math.sqrt(2 * L)
-        self.attn_norm_scale = _const((L, D), ("layers", "norm"), 1.0, dt)
-        self.mlp_norm_scale = _const((L, D), ("layers", "norm"), 1.0, dt)
-        if c.norm == "layernorm":
+        # With norm_position 'post' (OLMo 2) these norm the attention and MLP outputs, not their inputs.
+        one = _norm_scale_init(c)
+        self.attn_norm_scale = _const((L, D), ("layers", "norm"), one, dt)
+        self.mlp_norm_scale = _const((L, D), ("layers", "norm"), one, dt)
+        if c.norm != "rmsnorm":
             self.attn_norm_bias = _const((L, D), ("layers", "norm"), 0.0, dt)
             self.mlp_norm_bias = _const((L, D), ("layers", "norm"), 0.0, dt)
+        if c.qk_norm == "head":  # one scale over head_dim, shared by every head (Qwen3)
+            self.q_norm_scale = _const((L, H), ("layers", "head_dim"), 1.0, dt)
+            self.k_norm_scale = _const((L, H), ("layers", "head_dim"), 1.0, dt)
+        elif c.qk_norm == "projection":  # over the whole q and k projections (OLMo 2)
+            self.q_norm_scale = _const((L, N, H), ("layers", "heads", "head_dim"), 1.0, dt)
+            self.k_norm_scale = _const((L, K, H), ("layers", "kv_heads", "head_dim"), 1.0, dt)
         self.wq = _param(rngs, (L, D, N, H), ("layers", "embed", "heads", "head_dim"), std, dt)
         self.wk = _param(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), std, dt)
         self.wv = _param(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), std, dt)
@@ -133,8 +161,8 @@ class Decoder(nnx.Module):
         self.rules = tuple(rules)
         self.embed = _param(rngs, (c.vocab_size, c.d_model), ("vocab", "embed"), c.init_std, dt)
         self.layers = Blocks(c, rngs)
-        self.final_norm_scale = _const((c.d_model,), ("norm",), 1.0, dt)
-        if c.norm == "layernorm":
+        self.final_norm_scale = _const((c.d_model,), ("norm",), _norm_scale_init(c), dt)
+        if c.norm != "rmsnorm":
             self.final_norm_bias = _const((c.d_model,), ("norm",), 0.0, dt)
         if not c.tie_embeddings:
             self.lm_head = _param(rngs, (c.d_model, c.vocab_size), ("embed", "vocab"), c.init_std, dt)
@@ -173,7 +201,7 @@ def _to_pure(state) -> dict:
 # ----------------------------------------------------------------------------- computation
 
 
-def _constrain(x: jax.Array, names: tuple[str | None, ...], rules: tuple) -> jax.Array:
+def constrain(x: jax.Array, names: tuple[str | None, ...], rules: tuple) -> jax.Array:
     """Shard an activation by logical names, when a mesh is set (no-op outside a mesh)."""
     if not rules or jax.sharding.get_abstract_mesh().empty:
         return x
@@ -182,22 +210,25 @@ def _constrain(x: jax.Array, names: tuple[str | None, ...], rules: tuple) -> jax
     return jax.lax.with_sharding_constraint(x, spec)
 
 
-def _norm(x, scale, bias, c: ModelConfig):
-    # Statistics in fp32 whatever the compute dtype: bf16 variance loses too much precision.
+def _norm(x, scale, bias, c: ModelConfig, kind: str | None = None, axes: tuple[int, ...] = (-1,)):
+    """`kind` (default c.norm) over `axes`; statistics in fp32 whatever the compute dtype (a bf16
+    variance loses too much precision)."""
+    kind = kind or c.norm
     x32 = x.astype(jnp.float32)
-    if c.norm == "layernorm":
-        x32 = x32 - x32.mean(-1, keepdims=True)
-    y = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + c.norm_eps)
-    y = y * scale.astype(jnp.float32)
+    if kind != "rmsnorm":
+        x32 = x32 - x32.mean(axes, keepdims=True)
+    y = x32 * jax.lax.rsqrt((x32 * x32).mean(axes, keepdims=True) + c.norm_eps)
+    w = scale.astype(jnp.float32)
+    y = y * (w + 1.0 if kind == "layernorm1p" else w)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return y.astype(c.dtype)
 
 
 def rope_frequencies(c: ModelConfig) -> np.ndarray:
-    """Inverse frequencies [H/2] after the configured scaling (Llama 3.1 'llama3' or 'linear')."""
-    H = c.hd
-    inv = 1.0 / (c.rope_theta ** (np.arange(0, H, 2, dtype=np.float64) / H))
+    """Inverse frequencies [rotary_dim/2] after the configured scaling (Llama 3.1 'llama3' or 'linear')."""
+    R = c.rotary_dim
+    inv = 1.0 / (c.rope_theta ** (np.arange(0, R, 2, dtype=np.float64) / R))
     if c.rope_scaling == "linear":
         inv = inv / c.rope_factor
     elif c.rope_scaling == "llama3":
@@ -214,19 +245,49 @@ def rope_frequencies(c: ModelConfig) -> np.ndarray:
     return inv.astype(np.float32)
 
 
+def rope_tables(positions_BT: jax.Array, c: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) [B, T, 1, rotary_dim/2] of the positions."""
+    angles = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(rope_frequencies(c))
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
 def _rope(x_BTnH, cos_BT1h, sin_BT1h):
-    # "Rotate half" pairing (first half with second half), the convention of HF Llama weights.
-    x1, x2 = jnp.split(x_BTnH.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos_BT1h - x2 * sin_BT1h, x2 * cos_BT1h + x1 * sin_BT1h], axis=-1)
+    # "Rotate half" pairing (first half with second half) within the rotated leading dimensions,
+    # the convention of HF Llama weights; the rest of the head passes through (partial rotary).
+    R = 2 * cos_BT1h.shape[-1]
+    x = x_BTnH.astype(jnp.float32)
+    x1, x2 = jnp.split(x[..., :R], 2, axis=-1)
+    out = jnp.concatenate([x1 * cos_BT1h - x2 * sin_BT1h, x2 * cos_BT1h + x1 * sin_BT1h, x[..., R:]], axis=-1)
     return out.astype(x_BTnH.dtype)
 
 
-def _attention_impl(c: ModelConfig) -> str:
-    if c.attention != "auto":
-        return c.attention
-    # cuDNN's fused kernel takes half-precision inputs with head widths up to 128 in steps of 8.
-    cudnn_ok = c.dtype in ("bfloat16", "float16") and c.hd % 8 == 0 and c.hd <= 128
-    return "cudnn" if jax.default_backend() == "gpu" and cudnn_ok else "xla"
+def cudnn_unsupported(c: ModelConfig) -> str | None:
+    """Why cuDNN's fused attention cannot take this model's attention, or None when it can."""
+    if c.dtype not in ("bfloat16", "float16"):
+        return f"model.dtype is {c.dtype!r}, cuDNN's fused attention takes bfloat16 or float16"
+    if c.hd % 8 or c.hd > 128:
+        return f"the head width is {c.hd}, cuDNN's fused attention takes multiples of 8 up to 128"
+    return None
+
+
+def attention_implementation(c: ModelConfig, platform: str | None = None) -> str:
+    """What `model.attention` runs on `platform` (default: JAX's default backend): 'xla' or 'cudnn'.
+
+    'auto' is XLA on every platform: cuDNN's fused kernel with this model's document masks has
+    not yet run on a GPU here (benchmarks/gpu_h200.sh checks its output, gradients and speed
+    against XLA), and a default must not be a path no one has run. 'cudnn' asks for it: a
+    ConfigError off NVIDIA GPUs or for a model it cannot take, before anything compiles.
+    """
+    if c.attention in ("auto", "xla"):
+        return "xla"
+    platform = platform or jax.default_backend()
+    if platform != "gpu":
+        raise ConfigError(f"model.attention: 'cudnn' on {platform} devices, expected 'auto' or 'xla' "
+                          f"(cuDNN's fused attention runs on NVIDIA GPUs only)")
+    reason = cudnn_unsupported(c)
+    if reason:
+        raise ConfigError(f"model.attention: 'cudnn', but {reason}; expected 'auto' or 'xla' for this model")
+    return "cudnn"
 
 
 def _attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, c: ModelConfig):
@@ -234,33 +295,65 @@ def _attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, c: ModelConfig):
     causal = jnp.tril(jnp.ones((T, T), bool))
     same_doc = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
     mask_B1TT = (causal[None] & same_doc)[:, None]
-    return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TT, implementation=_attention_impl(c))
+    return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TT,
+                                        implementation=attention_implementation(c))
 
 
-def _block(p: Params, x_BTD, cos, sin, segment_ids_BT, c: ModelConfig, rules: tuple):
+def attention_inputs(p: Params, x_BTD, cos, sin, c: ModelConfig, rules: tuple = ()):
+    """(q [B,T,N,H], k [B,T,K,H], v [B,T,K,H]) of one block (`p`: its slice of params['layers'])."""
     dt = c.dtype
-    h = _norm(x_BTD, p["attn_norm_scale"], p.get("attn_norm_bias"), c)
+    h = x_BTD if c.norm_position == "post" else _norm(x_BTD, p["attn_norm_scale"], p.get("attn_norm_bias"), c)
     q = jnp.einsum("btd,dnh->btnh", h, p["wq"].astype(dt))
     k = jnp.einsum("btd,dkh->btkh", h, p["wk"].astype(dt))
     v = jnp.einsum("btd,dkh->btkh", h, p["wv"].astype(dt))
     if c.qkv_bias:
         q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
-    q = _constrain(_rope(q, cos, sin), ("batch", "length", "act_heads", None), rules)
-    k = _constrain(_rope(k, cos, sin), ("batch", "length", "act_kv_heads", None), rules)
-    o = _attention(q, k, v, segment_ids_BT, c)
-    x_BTD = x_BTD + jnp.einsum("btnh,nhd->btd", o, p["wo"].astype(dt))
-    x_BTD = _constrain(x_BTD, ("batch", "length", "act_embed"), rules)
+    if c.qk_norm != "none":
+        axes = (-1,) if c.qk_norm == "head" else (-2, -1)
+        q = _norm(q, p["q_norm_scale"], None, c, "rmsnorm", axes)
+        k = _norm(k, p["k_norm_scale"], None, c, "rmsnorm", axes)
+    q = constrain(_rope(q, cos, sin), ("batch", "length", "act_heads", None), rules)
+    k = constrain(_rope(k, cos, sin), ("batch", "length", "act_kv_heads", None), rules)
+    return q, k, v
 
-    h = _norm(x_BTD, p["mlp_norm_scale"], p.get("mlp_norm_bias"), c)
+
+def block_output(p: Params, x_BTD, o_BTNH, c: ModelConfig, rules: tuple = ()):
+    """The residual stream after one block, from its input and its attention output (per head)."""
+    dt = c.dtype
+    post = c.norm_position == "post"
+    a = jnp.einsum("btnh,nhd->btd", o_BTNH, p["wo"].astype(dt))
+    if post:
+        a = _norm(a, p["attn_norm_scale"], p.get("attn_norm_bias"), c)
+    x_BTD = constrain(x_BTD + a, ("batch", "length", "act_embed"), rules)
+
+    h = x_BTD if post else _norm(x_BTD, p["mlp_norm_scale"], p.get("mlp_norm_bias"), c)
     up = jnp.einsum("btd,df->btf", h, p["w_up"].astype(dt))
     if c.mlp == "swiglu":
         gate = jnp.einsum("btd,df->btf", h, p["w_gate"].astype(dt))
         a = jax.nn.silu(gate) * up
     else:
         a = jnp.square(jax.nn.relu(up))
-    a = _constrain(a, ("batch", "length", "act_mlp"), rules)
-    x_BTD = x_BTD + jnp.einsum("btf,fd->btd", a, p["w_down"].astype(dt))
-    return _constrain(x_BTD, ("batch", "length", "act_embed"), rules)
+    a = constrain(a, ("batch", "length", "act_mlp"), rules)
+    m = jnp.einsum("btf,fd->btd", a, p["w_down"].astype(dt))
+    if post:
+        m = _norm(m, p["mlp_norm_scale"], p.get("mlp_norm_bias"), c)
+    return constrain(x_BTD + m, ("batch", "length", "act_embed"), rules)
+
+
+def _block(p: Params, x_BTD, cos, sin, segment_ids_BT, c: ModelConfig, rules: tuple):
+    q, k, v = attention_inputs(p, x_BTD, cos, sin, c, rules)
+    return block_output(p, x_BTD, _attention(q, k, v, segment_ids_BT, c), c, rules)
+
+
+def embed(params: Params, tokens_BT: jax.Array, c: ModelConfig, rules: tuple = ()) -> jax.Array:
+    """Input embeddings [B, T, D] in the compute dtype."""
+    x = jnp.take(params["embed"], tokens_BT, axis=0).astype(c.dtype)
+    return constrain(x, ("batch", "length", "act_embed"), rules)
+
+
+def final_norm(params: Params, x_BTD: jax.Array, c: ModelConfig) -> jax.Array:
+    """The final norm of the residual stream (before the output head)."""
+    return _norm(x_BTD, params["final_norm_scale"], params.get("final_norm_bias"), c)
 
 
 _REMAT_POLICIES = {
@@ -283,11 +376,8 @@ def forward(
         segment_ids_BT = jnp.ones((B, T), jnp.int32)
     if positions_BT is None:
         positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    angles = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(rope_frequencies(c))
-    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
-
-    x = jnp.take(params["embed"], tokens_BT, axis=0).astype(c.dtype)
-    x = _constrain(x, ("batch", "length", "act_embed"), rules)
+    cos, sin = rope_tables(positions_BT, c)
+    x = embed(params, tokens_BT, c, rules)
 
     def block(x, p):
         return _block(p, x, cos, sin, segment_ids_BT, c, rules)
@@ -300,7 +390,7 @@ def forward(
     else:
         for i in range(c.n_layers):
             x = block(x, jax.tree.map(lambda a, i=i: a[i], layers))
-    return _norm(x, params["final_norm_scale"], params.get("final_norm_bias"), c)
+    return final_norm(params, x, c)
 
 
 def head_weights(params: Params, c: ModelConfig) -> jax.Array:
@@ -330,7 +420,6 @@ def load(checkpoint_dir: str, dtype: str | None = None) -> tuple[Decoder, ModelC
     """
     # Imported here: checkpoint.py pulls in orbax, which the model's computation does not need.
     from cpt_jax import checkpoint
-    from cpt_jax.config import ConfigError
 
     meta = checkpoint.read_metadata(checkpoint_dir, key="checkpoint")
     if not isinstance(meta.get("model"), dict):

@@ -74,17 +74,9 @@ def make_plan(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     schedule = schedules.build(cfg.schedule, steps, resolve_start_lr(cfg))
     lr = schedules.values(schedule)
     warnings: list[str] = []
-    if cfg.data.kind == "mixture":
-        names = list(cfg.data.sources.keys())
-        if not names:
-            raise ConfigError("data.sources: empty, expected {name: prepared directory} when data.kind is 'mixture'")
-        phases = mixture_lib.resolve_phases(cfg.data.phases, names, schedule, B, L)
-        manifests = {name: _manifest(cfg.data.sources[name]) for name in names}
-    else:
-        names = ["synthetic"]
-        phases = [mixture_lib.Phase(index=0, start_step=0, weights={"synthetic": 1.0}, start_at=None)]
-        manifests = {"synthetic": None}
-    mixture = mixture_lib.Mixture(phases, names, B)
+    mixture = mixture_lib.from_config(cfg, schedule)  # the trainer's own sampler
+    names, phases = mixture.source_names, mixture.phases
+    manifests = {n: _manifest(cfg.data.sources[n]) if cfg.data.kind == "mixture" else None for n in names}
     examples = {n: (int(m["examples"]) if m else None) for n, m in manifests.items()}
     for name, m in manifests.items():
         if m and int(m["seq_len"]) != L:

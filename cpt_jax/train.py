@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import flags, logging
 from jax.experimental import multihost_utils
 
@@ -61,10 +60,15 @@ class Run:
     schedule: schedules.Schedule
     pipeline: data_pipeline.Pipeline
     resume_step: int | None  # this run's own latest checkpoint, if any
-    init_from: str | None  # another run's checkpoint to take parameters from
+    init_from: str | None  # the checkpoint the run started from (restored only when resume_step is None)
     init_metadata: dict | None
     param_shapes: dict  # name -> shape, written into every checkpoint's metadata
     evaluation: evaluate.Evaluation | None  # per-source validation and tasks every eval.every_steps
+    source_dtype: str  # the dtype the weights came in (an import's), what an export writes by default
+
+
+class RunFinished(Exception):
+    """The workdir's latest checkpoint is the run's last step: there is nothing to do."""
 
 
 # ============================================================================ parse
@@ -123,6 +127,7 @@ def resolve_run(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.rules_from_config(cfg.mesh)
     mc = model.ModelConfig.from_config(cfg.model)
+    model.attention_implementation(mc, mesh.devices.flat[0].platform)  # 'cudnn' where it cannot run: refused here
     abstract = model.abstract_params(mc)
     param_shardings = sharding.param_shardings(abstract, model.logical_axes(mc), mesh, rules)
     divisor = sharding.batch_divisor(mesh, rules)
@@ -133,16 +138,24 @@ def resolve_run(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
             f"does not split over the {divisor} data-parallel devices, expected a multiple of {divisor}"
         )
 
-    resume_step = checkpoint.complete_steps(os.path.join(workdir, "checkpoints"))
+    root = os.path.join(workdir, "checkpoints")
+    resume_step = checkpoint.complete_steps(root)
     resume_step = resume_step[-1] if resume_step else None
-    init_from, init_meta, start_lr = None, None, cfg.schedule.start_lr
+    end = cfg.train.stop_at or cfg.train.steps
+    if resume_step is not None and resume_step >= end:
+        at, more = ("", "use a new --workdir for another run") if resume_step >= cfg.train.steps else (
+            f", train.stop_at {cfg.train.stop_at}", "raise train.stop_at to continue")
+        raise RunFinished(f"{root}: the run is finished (step {resume_step} of {cfg.train.steps} is checkpointed{at}); "
+                          f"nothing to do, nothing written ({more})")
+    init_from, init_meta, lineage, start_lr = None, None, None, cfg.schedule.start_lr
     if resume_step is not None:
-        own = checkpoint.read_metadata(os.path.join(workdir, "checkpoints", str(resume_step)), key="checkpoint")
+        own = lineage = checkpoint.read_metadata(os.path.join(root, str(resume_step)), key="checkpoint")
         checkpoint.check_param_shapes(own.get("param_shapes", {}), abstract, f"checkpoint step {resume_step}")
         start_lr = own["schedule"]["start_lr"]
+        init_from = own.get("init_from")  # named again in this run's checkpoints: export follows it
     elif cfg.init_from:
         init_from = cfg.init_from
-        init_meta = checkpoint.read_metadata(init_from)
+        init_meta = lineage = checkpoint.read_metadata(init_from)
         checkpoint.check_param_shapes(init_meta.get("param_shapes", {}), abstract, f"init_from {init_from}")
         if cfg.init_from_optimizer and not checkpoint.has_optimizer_state(init_from):
             raise ConfigError(
@@ -163,7 +176,7 @@ def resolve_run(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
     check_workdir(workdir, checkpoint.estimated_bytes(abstract) * 3)  # params + Adam's two moments
     return Run(
         cfg, workdir, mesh, rules, mc, param_shardings, schedule, pipeline, resume_step, init_from, init_meta,
-        checkpoint.param_shapes(abstract), evaluation,
+        checkpoint.param_shapes(abstract), evaluation, checkpoint.source_dtype(lineage),
     )
 
 
@@ -194,23 +207,7 @@ def check_workdir(workdir: str, checkpoint_bytes: int) -> None:
 
 def _abstract_state(run: Run, tx) -> tuple[dict, dict]:
     """(abstract state with shardings, state shardings) without allocating anything."""
-    abstract_params = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        model.abstract_params(run.model_config),
-        run.param_shardings,
-    )
-    # Every copy of the parameter tree inside the optimizer state (Adam's moments) is sharded like
-    # the parameters; counters and other scalars are replicated.
-    plain_opt = jax.eval_shape(tx.init, abstract_params)
-    opt_shardings = optax.tree_map_params(
-        tx, lambda _, s: s, plain_opt, run.param_shardings,
-        transform_non_params=lambda _: sharding.replicated(run.mesh),
-    )
-    abstract_opt = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), plain_opt, opt_shardings
-    )
-    shardings = {"step": sharding.replicated(run.mesh), "params": run.param_shardings, "opt_state": opt_shardings}
-    return {"params": abstract_params, "opt_state": abstract_opt}, shardings
+    return train_step.abstract_state(run.model_config, run.param_shardings, run.mesh, tx)
 
 
 def initial_state(run: Run, tx) -> tuple[dict, dict]:
@@ -258,6 +255,7 @@ def checkpoint_metadata(run: Run) -> Callable[[int], dict[str, Any]]:
         "tokenizer_fingerprint": run.pipeline.tokenizer_fingerprint,
         "phases": [dataclasses.asdict(p) for p in run.pipeline.phases],
         "init_from": run.init_from,
+        "source_dtype": run.source_dtype,
         "config": json.loads(config.to_json(cfg)),
     }
     lr = schedules.values(sched)  # lr at steps 0..steps
@@ -342,6 +340,8 @@ def _train(run: Run) -> int:
     tx = optim.build(cfg.optim)
     state, shardings = initial_state(run, tx)
     start = int(jax.device_get(state["step"]))
+    if run.resume_step is not None:  # the saved iterator state must stand where the restored step does
+        run.pipeline.check_resumed(start, *checkpoint.read_data_state(os.path.join(workdir, "checkpoints"), start))
 
     # ---------------------------------------------------------------- outputs
     if jax.process_index() == 0:
@@ -373,19 +373,15 @@ def _train(run: Run) -> int:
         cfg.train.loss_chunk_tokens,
         tuple(cfg.train.inject_nan_steps),
     )
-    batch_shardings = {k: run.pipeline.batch_sharding for k in data_pipeline.BATCH_KEYS}
+    batch_specs = data_pipeline.batch_specs(B, T, run.pipeline.batch_sharding)
     jitted = jax.jit(
         step_fn,
-        in_shardings=(shardings, batch_shardings),
+        in_shardings=(shardings, {k: v.sharding for k, v in batch_specs.items()}),
         out_shardings=(shardings, sharding.replicated(run.mesh)),
         donate_argnums=(0,),
     )
     t0 = time.time()
-    batch_shapes = {
-        k: jax.ShapeDtypeStruct((B, T), v, sharding=run.pipeline.batch_sharding)
-        for k, v in data_pipeline.BATCH_DTYPES.items()
-    }
-    compiled = jitted.lower(state, batch_shapes).compile()
+    compiled = jitted.lower(state, batch_specs).compile()
     log(f"compiled the train step in {time.time() - t0:.1f}s; steps {start} -> {end} of {steps}")
 
     # ---------------------------------------------------------------- loop
@@ -438,14 +434,15 @@ def _train(run: Run) -> int:
 
     def save(step: int) -> None:
         nonlocal saved_at
-        ckpt.save(step, state, metadata_at(step))  # refuses non-finite parameters
+        ckpt.save(step, state, metadata_at(step), batches.get_state())  # refuses non-finite parameters
         saved_at = step
 
     metadata_at = checkpoint_metadata(run)
     preemption, status, step = Preemption(), 0, start
+    batches = run.pipeline.iterate(start, end)
     loop_t0 = time.perf_counter()
     try:
-        for step, batch in run.pipeline.iterate(start, end):
+        for step, batch in batches:
             state, metrics = compiled(state, batch)
             if run.evaluation is not None and (run.evaluation.due(step + 1) or step + 1 == steps):
                 writer.write(run.evaluation.run(state["params"], step + 1, log=log))  # all processes compute
@@ -481,6 +478,7 @@ def _train(run: Run) -> int:
             }
         )
     finally:
+        batches.close()
         progress.close()
         preemption.restore()
         ckpt.close()
@@ -511,8 +509,11 @@ def main(argv: list[str] | None = None) -> int:
             report = aot.compile_only(aot.resolve(cfg, workdir), launch["topology"])
             if jax.process_index() == 0:
                 print(aot.format_report(report, workdir), flush=True)
-            return 0
+            return 1 if report["fits"] is False else 0
         run = resolve_run(cfg, workdir)
+    except RunFinished as e:
+        log(str(e))
+        return 0
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

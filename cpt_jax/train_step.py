@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cpt_jax import losses, model
+from cpt_jax import losses, model, sharding
 from cpt_jax.model import ModelConfig
 from cpt_jax.schedules import Schedule
 
@@ -24,6 +24,29 @@ Batch = dict[str, jax.Array]
 
 def init_state(params: Any, tx: optax.GradientTransformation) -> State:
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
+def abstract_state(
+    c: ModelConfig, param_shardings: Any, mesh: jax.sharding.Mesh, tx: optax.GradientTransformation
+) -> tuple[dict, dict]:
+    """(abstract params and optimizer state with shardings, state shardings); allocates nothing.
+
+    Call it outside `jax.set_mesh` of a compile-only mesh: optax builds the optimizer state's
+    structure with a few eager ops on the default device.
+    """
+    abstract_params = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), model.abstract_params(c), param_shardings
+    )
+    # Every copy of the parameter tree inside the optimizer state (Adam's moments) is sharded like
+    # the parameters; counters and other scalars are replicated.
+    plain_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, s: s, plain_opt, param_shardings, transform_non_params=lambda _: sharding.replicated(mesh)
+    )
+    abstract_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), plain_opt,
+                                opt_shardings)
+    shardings = {"step": sharding.replicated(mesh), "params": param_shardings, "opt_state": opt_shardings}
+    return {"params": abstract_params, "opt_state": abstract_opt}, shardings
 
 
 def loss_sum_fn(c: ModelConfig, rules: tuple, chunk_tokens: int) -> Callable:

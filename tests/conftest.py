@@ -28,3 +28,13 @@ def hf_path(tmp_path_factory):
     from data_helpers import make_hf_tokenizer
 
     return make_hf_tokenizer(tmp_path_factory.mktemp("hf"))
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory, sp_path):
+    """Random tiny Hugging Face models and their imports, each built on first use (hf_helpers.FAMILIES)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from hf_helpers import Zoo
+
+    return Zoo(str(tmp_path_factory.mktemp("zoo")), sp_path)

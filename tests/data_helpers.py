@@ -75,13 +75,14 @@ def make_sentencepiece(directory: str | os.PathLike, vocab_size: int = 320, docs
 
 def make_hf_tokenizer(directory: str | os.PathLike, vocab_size: int = 500, docs: Sequence[str] | None = None,
                       eos: str | None = "<|endoftext|>", extra_special: Sequence[str] = (),
-                      config: dict | None = None) -> str:
+                      config: dict | None = None, template_bos: str | None = None) -> str:
     """Train a byte-level BPE (GPT-2 style, exact round trip) and save tokenizer.json in `directory`.
 
     `eos` None builds a tokenizer without any end-of-text token; `config` writes a
-    tokenizer_config.json beside it.
+    tokenizer_config.json beside it; `template_bos` (one of the special tokens) gives it Llama 3's
+    post-processor: ByteLevel, then a template that starts every text with that token.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
@@ -93,6 +94,12 @@ def make_hf_tokenizer(directory: str | os.PathLike, vocab_size: int = 500, docs:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(docs, trainer)
+    if template_bos is not None:
+        special_tokens = [(template_bos, tok.token_to_id(template_bos))]
+        tok.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=f"{template_bos} $A", pair=f"{template_bos} $A {template_bos} $B:1",
+                                          special_tokens=special_tokens)])
     path = os.path.join(directory, "tokenizer.json")
     tok.save(path)
     if config is not None:

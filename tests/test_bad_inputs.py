@@ -90,6 +90,14 @@ def _copy_source(world, tmp_path, edit):
     return target
 
 
+def _truncated_shard(world, tmp_path):
+    """A copy of the 'qa' source whose train shard lost its second half."""
+    target = _copy_source(world, tmp_path, lambda m: None)
+    shard = os.path.join(target, json.load(open(os.path.join(target, "manifest.json")))["shards"][0])
+    os.truncate(shard, os.path.getsize(shard) // 2)
+    return target
+
+
 def _with_lr_min_removed(world, tmp_path):
     step_dir = tmp_path / "ckpt" / "4"
     shutil.copytree(os.path.join(world["ckpts"], "4"), step_dir)
@@ -156,6 +164,12 @@ CASES = [
     ("micro-batches not dividing the batch", lambda w, t: (SMALL + ["--config.train.micro_batches=3"], None),
      "train.micro_batches"),
     ("unknown mlp", lambda w, t: (SMALL + ["--config.model.mlp=gelu"], None), "model.mlp: 'gelu'"),
+    ("cuDNN attention on CPU devices", lambda w, t: (SMALL + ["--config.model.attention=cudnn"], None),
+     "model.attention: 'cudnn' on cpu devices, expected 'auto' or 'xla' (cuDNN's fused attention runs on NVIDIA "
+     "GPUs only)"),
+    ("cuDNN attention for a TPU slice", lambda w, t: (SMALL + ["--config.model.attention=cudnn", "--compile_only",
+                                                               "--topology=v5p-8"], None),
+     "model.attention: 'cudnn' on tpu devices"),
     ("adam beta2 of 1", lambda w, t: (SMALL + ["--config.optim.b2=1.0"], None), "optim.b2"),
     ("init_from missing", lambda w, t: (SMALL + ["--config.init_from=/does/not/exist"], None),
      "init_from: /does/not/exist does not exist"),
@@ -176,6 +190,16 @@ CASES = [
     ("workdir of another run", lambda w, t: (SMALL + ["--config.optim.weight_decay=0.5"], _other_run_workdir(w, t)),
      "holds a different run (optim.weight_decay"),
     ("workdir is a file", lambda w, t: (SMALL, _file_with(t, "afile", "x")), "is not a directory"),
+    ("eval sample prompt that tokenizes to nothing", lambda w, t: (SMALL + [
+        "--config.model.vocab_size=320", f"--config.data.tokenizer={w['tok']}", "--config.eval.every_steps=2",
+        "--config.eval.sample_prompts=('data', '')"], None), "eval.sample_prompts 2 (''): tokenizes to no tokens"),
+    ("eval sample longer than the model", lambda w, t: (SMALL + [
+        "--config.model.vocab_size=320", f"--config.data.tokenizer={w['tok']}", "--config.eval.every_steps=2",
+        "--config.eval.sample_prompts=('data',)", "--config.eval.sample_max_new_tokens=300"], None),
+     "eval.sample_max_new_tokens: 300 after the"),
+    ("model option out of range", lambda w, t: (SMALL + ["--config.model.partial_rotary_factor=0.01"], None),
+     "model.partial_rotary_factor: 0.01 of head_dim 16 rotates 0 dimensions"),
+    ("unknown qk_norm", lambda w, t: (SMALL + ["--config.model.qk_norm=layer"], None), "model.qk_norm: 'layer'"),
     ("mixture: manifest missing", lambda w, t: ([_mixture_file(w, t, qa=_copy_source(w, t, None))], None),
      "manifest.json"),
     ("mixture: manifest seq_len edited by hand", lambda w, t: (
@@ -200,6 +224,13 @@ CASES = [
         w, t, phases="(dict(weights=dict(general=1.0)), dict(weights=dict(qa=1.0), start_at=dict(lr=1e-9)))")],
         None), "1e-05"),
     ("mixture: no phases", lambda w, t: ([_mixture_file(w, t, phases="()")], None), "data.phases"),
+    ("mixture: truncated shard", lambda w, t: ([_mixture_file(w, t, qa=_truncated_shard(w, t))], None),
+     "train-00000-of-00001.array_record: not a readable ArrayRecord file, truncated or damaged"),
+    ("mixture: sources with and without BOS", lambda w, t: (
+        [_mixture_file(w, t, qa=_copy_source(w, t, lambda m: m.update(bos="never", add_bos=False)))], None),
+     "add_bos true (documents start with BOS), but"),
+    ("negative data workers", lambda w, t: (SMALL + ["--config.data.workers=-1"], None),
+     "data.workers: -1, expected at least 0 workers"),
 ]
 
 
@@ -225,6 +256,19 @@ def test_bad_input(world, tmp_path, capsys, case):
 
 NOT_JSON = '{"text": "ok"}\nnot json\n'
 NO_FIELD = '{"body": "x"}\n'
+
+
+def _parquet(tmp_path, **columns):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = str(tmp_path / "docs.parquet")
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def _no_bos_tokenizer(tmp_path):
+    return ["--tokenizer=" + data_helpers.make_hf_tokenizer(tmp_path / "qwen2_like", vocab_size=300)]
 
 
 def _mount_tmpfs(path, options):
@@ -262,12 +306,18 @@ def test_workdir_that_cannot_hold_the_run(tmp_path, capsys, monkeypatch, kind):
         (lambda t: ["--input=jsonl:" + _file_with(t, "bad.jsonl", NOT_JSON)], "bad.jsonl:2"),
         (lambda t: ["--input=jsonl:" + _file_with(t, "nofield.jsonl", NO_FIELD)], "nofield.jsonl:1"),
         (lambda t: ["--input=jsonl:/no/such/*.jsonl"], "/no/such/*.jsonl"),
+        (lambda t: ["--input=parquet:" + _parquet(t, body=["a", "b"])], "docs.parquet: no column 'text'"),
+        (lambda t: ["--input=parquet:" + _parquet(t, text=[1, 2])], "docs.parquet: column 'text' is int64, expected a "
+                                                                     "string column"),
+        (lambda t: ["--input=jsonl:" + _file_with(t, "ok.jsonl", '{"text": "ok"}\n'), "--bos=always",
+                    *_no_bos_tokenizer(t)], "--bos always: tokenizer"),
     ],
-    ids=["jsonl line not json", "jsonl line without the field", "input glob matching nothing"],
+    ids=["jsonl line not json", "jsonl line without the field", "input glob matching nothing",
+         "parquet without the column", "parquet column not text", "bos always without a bos token"],
 )
 def test_bad_prepare_input(world, tmp_path, capsys, setup, expected):
     out = str(tmp_path / "out")
-    status = prepare.main([*setup(tmp_path), f"--tokenizer={world['tok']}", "--seq_len=32", f"--out={out}",
+    status = prepare.main([f"--tokenizer={world['tok']}", *setup(tmp_path), "--seq_len=32", f"--out={out}",
                            "--val_examples=1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and err[-1].startswith("error: ") and expected in err[-1], err

@@ -58,7 +58,7 @@ def test_throughput_loss_memory():
 
 def test_end_to_end():
     r = _benchmark("end_to_end").main(["--steps=4", "--repeats=1", *TINY_TRAIN])
-    assert _finite_positive(r["synthetic_step_sec"], r["end_to_end_step_sec"], r["ratio"])
+    assert _finite_positive(r["synthetic_tokens_per_sec"], r["end_to_end_tokens_per_sec"], r["ratio"])
 
 
 def test_checkpoint():
@@ -69,8 +69,10 @@ def test_checkpoint():
 
 
 def test_data_loader():
-    r = _benchmark("data_loader").main(["--seq_len=64", "--batch=8", "--examples=64", "--sources=2", "--rounds=1"])
-    assert _finite_positive(r["sequential_tokens_per_sec"], r["mixed_tokens_per_sec"], r["iterate_tokens_per_sec"])
+    r = _benchmark("data_loader").main(["--seq_len=64", "--batch=8", "--examples=64", "--sources=2", "--rounds=1",
+                                        "--steps=6", "--settings=1:0,2:0"])
+    assert set(r["tokens_per_sec"]) == {"1:0", "2:0"}
+    assert _finite_positive(*r["tokens_per_sec"].values(), r["best_tokens_per_sec"])
 
 
 def test_prepare_throughput():
@@ -96,6 +98,69 @@ def test_gpu_script_runs_its_calls_in_tiny_mode(tmp_path):
     done = subprocess.run(["bash", "benchmarks/gpu_h200.sh", str(tmp_path)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert {"devices.txt", "attention.txt", "1b.json", "7b.json", "end_to_end_1b.txt"} <= set(os.listdir(tmp_path))
+    assert {"devices.txt", "attention.txt", "1b.json", "1b_cudnn.json", "7b.json", "end_to_end_1b.txt"} <= set(
+        os.listdir(tmp_path))
     table = done.stdout.strip().splitlines()
-    assert table[-3].split()[:2] == ["preset", "params"] and table[-1].startswith("7b")
+    assert table[-4].split()[:2] == ["preset", "params"] and table[-2].startswith("1b_cudnn")
+    assert table[-1].startswith("7b")
+
+
+# ----------------------------------------------------------------------------- the peer benchmark (MaxText)
+
+
+def _peer_compare():
+    spec = importlib.util.spec_from_file_location("peer_compare", os.path.join(REPO, "benchmarks", "peers",
+                                                                                "compare.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peer_benchmark_dry_run_prints_both_sides_and_every_difference(capsys, tmp_path):
+    """Without MaxText (its install needs the network): the settings, the equal parameter counts, the differences."""
+    from cpt_jax import cli, config, model
+
+    compare = _peer_compare()
+    venv = tmp_path / "maxtext_venv"
+    r = compare.main(["--dry_run", "--shapes=tiny,llama6_32k", f"--maxtext_venv={venv}"])
+    out = capsys.readouterr().out
+    assert not venv.exists(), "a dry run installs nothing"
+    assert [run["name"] for run in r["runs"]] == ["tiny", "llama6_32k"]
+    assert len(compare.DIFFERENCES) >= 5 and r["differences"] == list(compare.DIFFERENCES)
+    assert all(f"  {i}. {d}" in out for i, d in enumerate(compare.DIFFERENCES, 1))
+    for run in r["runs"]:
+        shape = compare.shapes.Run(**run)
+        assert run["dtype"] == "float32" and run["remat"] == "full"  # a CPU host's defaults
+        assert "--config.model.remat=full" in out and "remat_policy=full" in out
+        # What cpt_jax's config makes of its side's flags is the decoder MaxText is given, parameter for parameter.
+        cfg, _ = cli.parse(["x", "--config=configs/tiny.py", *compare.shapes.cpt_jax_overrides(shape)])
+        config.validate(cfg)
+        assert model.ModelConfig.from_config(cfg.model).num_params() == compare.shapes.params(shape)
+        assert f"{run['name']}: {compare.shapes.params(shape):,} parameters" in out
+        assert cfg.train.batch_size * cfg.train.seq_len == shape.tokens_per_step
+    assert compare.shapes.params(compare.shapes.make_run("tiny")) == 918_656  # cpt_jax's tiny preset
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--shapes=huge"], "error: --shapes: 'huge', expected some of tiny, llama6_32k"),
+    (["--remat=none"], "error: --remat: 'none', expected one of full, save_dots (MaxText rematerialises every "
+                       "scanned block, so 'none' has no counterpart there)"),
+    (["--pairs=0"], "error: --pairs 0 --steps 10: expected both >= 1"),
+    (["--dtype=float16"], "error: --dtype: 'float16', expected float32 or bfloat16"),
+])
+def test_peer_benchmark_bad_arguments(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _peer_compare().main(["--dry_run", *argv])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == expected
+
+
+def test_peer_benchmark_cpt_jax_side_runs_on_one_device():
+    """The cpt_jax half of a pair, as the benchmark starts it (fresh process, one device, no compilation cache)."""
+    compare = _peer_compare()
+    run = compare.shapes.make_run("tiny", steps=1, batch=2, seq_len=32, remat="save_dots")
+    r = compare.run_side(sys.executable, "cpt_jax_side.py", run, compare.child_env("cpu"), None)
+    assert r["side"] == "cpt_jax" and r["device"] == "1 x cpu" and r["params"] == compare.shapes.params(run)
+    assert _finite_positive(r["tokens_per_sec"], r["step_sec"], r["cpu_sec"], r["compile_sec"], r["first_step_sec"],
+                            r["plan_bytes"], r["peak_rss_bytes"], r["loss_first"])
+    assert r["first_step_sec"] > r["compile_sec"]

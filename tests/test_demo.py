@@ -214,7 +214,7 @@ def _fact_task_files(root, people, seed):
 def trained_on_the_facts(tmp_path_factory):
     """Every task of an 8 + 8 people corpus scored (python -m cpt_jax.evaluate --log_samples, as the
     demo scores its runs) on a tiny model trained on every fact the tasks ask."""
-    from cpt_jax.data.prepare import prepare
+    from cpt_jax.data.prepare import prepare, resolve_bos
     from cpt_jax.data.tokenizer import load_tokenizer
 
     root = tmp_path_factory.mktemp("facts")
@@ -222,7 +222,8 @@ def trained_on_the_facts(tmp_path_factory):
     docs = [*texts, *c.a_val]  # the validation biographies last: the source's val split
     with open(root / "facts.jsonl", "w") as f:
         f.writelines(json.dumps({"text": t}) + "\n" for t in docs)
-    counts = [len(ids) + 1 for ids in load_tokenizer(tok_path).encode_batch(docs)]
+    tok = load_tokenizer(tok_path)
+    counts = [len(ids) + 1 + resolve_bos("auto", tok) for ids in tok.encode_batch(docs)]
     val = corpus_lib.validation_examples(counts, len(c.a_val), S.seq_len + 1)
     prepare([f"jsonl:{root / 'facts.jsonl'}"], tok_path, S.seq_len, str(root / "facts"), val_examples=val)
     data = runs.Data(tok_path, {"facts": str(root / "facts")}, tasks)

@@ -20,6 +20,7 @@ from train_helpers import SMALL_MODEL
 
 from cpt_jax import checkpoint, distributed, train
 from cpt_jax.config import ConfigError
+from cpt_jax.data.tokenizer import load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCAL = os.path.join(REPO, "launch", "local.sh")
@@ -93,6 +94,10 @@ def test_two_processes_train_like_one_and_their_checkpoint_continues_on_one(refe
     assert order == list(range(HALF))
     np.testing.assert_allclose([got[s] for s in range(HALF)], [reference[s] for s in range(HALF)], rtol=1e-4)
     assert checkpoint.complete_steps(os.path.join(workdir, "checkpoints")) == [HALF]
+    # orbax's asynchronous save of two processes carries each one's grain iterator state.
+    data_item = os.path.join(workdir, "checkpoints", str(HALF), "data")
+    for i in range(2):
+        assert json.load(open(os.path.join(data_item, f"process_{i}-of-2.json")))["step"] == HALF
     print(f"2 x 4 processes: {HALF} steps in {took:.1f}s; max relative loss difference to 1 x 8: "
           f"{max(abs(got[s] / reference[s] - 1) for s in range(HALF)):.2e}")
 
@@ -115,40 +120,87 @@ def test_checkpoint_of_one_process_continues_on_two(reference, env, tmp_path):
     assert checkpoint.complete_steps(os.path.join(workdir, "checkpoints"))[-1] == STEPS
 
 
-# Each process builds its rows of steps 0 and 5, makes global arrays of them, and process 0 saves the
-# gathered global batches (and each process's rows) for the test to compare with one process's.
-GATHER_BATCHES = """
+# Each process builds its rows of steps 0 and 5 (random access) and of steps K.. (grain's iterator,
+# resumed at step K, with the loader settings of the command line), makes global arrays of them, and
+# process 0 saves the gathered global batches (and each process's rows) for the test to compare
+# with one process's.
+K, END = 3, 6
+GATHER_BATCHES = f"""
 import sys
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from cpt_jax import distributed, train
 
-argv, out = sys.argv[1:-1], sys.argv[-1]
-launch = {}
-cfg, workdir = train.parse_args(["train", *argv], launch)
-distributed.initialize(launch["distributed"])
-run = train.resolve_run(cfg, workdir)
-saved = {"rows": multihost_utils.process_allgather(np.asarray([run.pipeline.rows.start, run.pipeline.rows.stop]))}
-for step in (0, 5):
-    for key, value in run.pipeline.global_batch(step).items():
-        saved[f"{step}/{key}"] = multihost_utils.process_allgather(value, tiled=True)
-if jax.process_index() == 0:
-    np.savez(out, **saved)
+def main():
+    argv, out = sys.argv[1:-1], sys.argv[-1]
+    launch = {{}}
+    cfg, workdir = train.parse_args(["train", *argv], launch)
+    distributed.initialize(launch["distributed"])
+    run = train.resolve_run(cfg, workdir)
+    rows = np.asarray([run.pipeline.rows.start, run.pipeline.rows.stop])
+    saved = {{"rows": multihost_utils.process_allgather(rows)}}
+    for step in (0, 5):
+        for key, value in run.pipeline.global_batch(step).items():
+            saved[f"{{step}}/{{key}}"] = multihost_utils.process_allgather(value, tiled=True)
+    with run.pipeline.iterate({K}, {END}) as batches:
+        for step, batch in batches:
+            for key, value in batch.items():
+                saved[f"{{step}}/{{key}}"] = multihost_utils.process_allgather(value, tiled=True)
+        saved["state_step"] = multihost_utils.process_allgather(np.asarray(batches.get_state()["step"]))
+    if jax.process_index() == 0:
+        np.savez(out, **saved)
+
+if __name__ == "__main__":  # grain's worker processes re-import this file
+    main()
+"""
+
+MIXTURE = """
+from cpt_jax.presets import preset_config
+
+def get_config():
+    c = preset_config("tiny")
+    c.model.update(n_layers=2, d_model=64, d_ff=128, vocab_size=1000)
+    c.train.update(steps=8, batch_size=8, seq_len=32)
+    c.schedule.start_lr = 1e-3
+    c.tensorboard = False
+    c.data.kind = "mixture"
+    c.data.tokenizer = {tokenizer!r}
+    c.data.sources.web = {web!r}
+    c.data.sources.qa = {qa!r}
+    c.data.phases = (dict(weights=dict(web=3, qa=1)), dict(weights=dict(web=1, qa=1), start_at=dict(step=4)))
+    return c
 """
 
 
 def test_each_process_reads_its_rows_of_the_same_global_batches(env, tmp_path):
+    """2 processes x 4 devices against 1 x 8, on prepared data across a phase switch: the same global
+    batches at random access and from grain's iterator resumed at step K, there with 2 worker
+    processes and 4 threads per process (here: no workers, the default threads)."""
+    from data_helpers import make_hf_tokenizer, write_synthetic_source
+
+    tok = make_hf_tokenizer(tmp_path / "tok", vocab_size=300)
+    fingerprint = load_tokenizer(tok).fingerprint
+    eos = load_tokenizer(tok).eos_id
+    sources = {name: write_synthetic_source(tmp_path, name, n, 32, eos_id=eos, fingerprint=fingerprint)
+               for name, n in (("web", 40), ("qa", 9))}
+    config_file = tmp_path / "mix.py"
+    config_file.write_text(MIXTURE.format(tokenizer=tok, **sources))
+    script = tmp_path / "gather.py"
+    script.write_text(GATHER_BATCHES)
     out = str(tmp_path / "batches.npz")
-    args = [*SMALL, f"--workdir={tmp_path / 'never'}"]
-    done = local(2, args, env, command=[sys.executable, "-c", GATHER_BATCHES, *args, out])
+    args = [f"--config={config_file}", f"--workdir={tmp_path / 'never'}"]
+    loader = ["--config.data.workers=2", "--config.data.num_threads=4"]
+    done = local(2, args, env, command=[sys.executable, str(script), *args, *loader, out])
     assert done.returncode == 0, done.stderr[-3000:]
     got = np.load(out)
     # 8 rows over 2 processes: process 0 reads rows 0..3 of every batch, process 1 rows 4..7.
     np.testing.assert_array_equal(got["rows"], [[0, 4], [4, 8]])
+    np.testing.assert_array_equal(got["state_step"], [END, END])
     cfg, workdir = train.parse_args(["train", *args])
     run = train.resolve_run(cfg, workdir)
-    for step in (0, 5):
+    assert run.pipeline.phase_at(3) == 0 and run.pipeline.phase_at(4) == 1
+    for step in (0, 5, *range(K, END)):
         for key, value in run.pipeline.global_batch(step).items():
             np.testing.assert_array_equal(got[f"{step}/{key}"], np.asarray(value), err_msg=f"step {step} {key}")
     assert not os.path.exists(tmp_path / "never")

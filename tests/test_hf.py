@@ -17,95 +17,18 @@ from cpt_jax.data.tokenizer import file_sha256
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+from hf_helpers import FAMILIES, LR_MIN, VOCAB, safetensors_of  # noqa: E402
 
-VOCAB = 320  # room for the test tokenizers (byte-level BPE of 300, sentencepiece of 320)
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              rms_norm_eps=1e-6)
-FAMILIES = {
-    # GQA, untied, Llama-3 rope scaling whose three frequency bands all occur at head_dim 16,
-    # fp32 weights in a sharded index.
-    "llama": dict(
-        cls="LlamaForCausalLM", dtype="float32", shard="40KB", tokenizer="hf",
-        config=dict(COMMON, num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=256,
-                    rope_theta=10000.0, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                                          high_freq_factor=4.0, original_max_position_embeddings=64)),
-    ),
-    # A sliding window shorter than the context: max_seq_len is capped at it.
-    "mistral": dict(
-        cls="MistralForCausalLM", dtype="float32", shard=None, tokenizer="sp",
-        config=dict(COMMON, num_key_value_heads=1, tie_word_embeddings=False, max_position_embeddings=256,
-                    sliding_window=48, rope_theta=1e6),
-    ),
-    # qkv bias, tied embeddings, bf16 weights.
-    "qwen2": dict(
-        cls="Qwen2ForCausalLM", dtype="bfloat16", shard=None, tokenizer="hf",
-        config=dict(COMMON, num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=128,
-                    rope_theta=1e6),
-    ),
+# What each import must become: (qk_norm, norm_position, norm, mlp, partial_rotary_factor, norm_eps, max_seq_len).
+EXPECTED = {
+    "llama": ("none", "pre", "rmsnorm", "swiglu", 1.0, 1e-6, 256),
+    "mistral": ("none", "pre", "rmsnorm", "swiglu", 1.0, 1e-6, 48),
+    "qwen2": ("none", "pre", "rmsnorm", "swiglu", 1.0, 1e-6, 128),
+    "qwen3": ("head", "pre", "rmsnorm", "swiglu", 1.0, 1e-6, 128),
+    "qwen3_untied": ("head", "pre", "rmsnorm", "swiglu", 1.0, 1e-6, 128),
+    "olmo2": ("projection", "post", "rmsnorm", "swiglu", 1.0, 1e-6, 128),
+    "nemotron": ("none", "pre", "layernorm1p", "squared_relu", 0.5, 1e-5, 128),
 }
-LR_MIN = {"llama": 3e-5, "mistral": 2.5e-5, "qwen2": 1e-5}
-
-
-def make_hf_model(directory, family, sp_path=None, seed=0):
-    """Write a random tiny model of `family` with save_pretrained, plus its tokenizer files."""
-    from data_helpers import make_hf_tokenizer
-
-    spec = FAMILIES[family]
-    config_cls = getattr(transformers, spec["cls"].replace("ForCausalLM", "Config"))
-    torch.manual_seed(seed)
-    m = getattr(transformers, spec["cls"])(config_cls(**spec["config"]))
-    with torch.no_grad():
-        # Far from transformers' init (unit norms, zero biases) so that every tensor's mapping shows
-        # in the logits, and large enough that the logits are O(1).
-        for name, p in m.named_parameters():
-            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
-    m = m.to(getattr(torch, spec["dtype"]))
-    kwargs = {"max_shard_size": spec["shard"]} if spec["shard"] else {}
-    # transformers 5 draws a progress bar on stderr while writing shards; the tests that check our
-    # own stderr (one-line errors) must not see it.
-    transformers.utils.logging.disable_progress_bar()
-    m.save_pretrained(directory, safe_serialization=True, **kwargs)
-    if spec["tokenizer"] == "hf":
-        make_hf_tokenizer(directory, vocab_size=300, config={"eos_token": "<|endoftext|>"})
-    else:
-        shutil.copyfile(sp_path, os.path.join(directory, "tokenizer.model"))
-    return str(directory)
-
-
-class Zoo:
-    """HF model directories and their imports, built once per module on first use."""
-
-    def __init__(self, root, sp_path):
-        self.root, self.sp_path = root, sp_path
-        self._hf, self._ckpt = {}, {}
-
-    def hf(self, family):
-        if family not in self._hf:
-            self._hf[family] = make_hf_model(os.path.join(self.root, f"hf-{family}"), family, self.sp_path)
-        return self._hf[family]
-
-    def ckpt(self, family):
-        if family not in self._ckpt:
-            out = os.path.join(self.root, f"ckpt-{family}")
-            hf.import_hf(self.hf(family), out, lr_min=LR_MIN[family])
-            self._ckpt[family] = out
-        return self._ckpt[family]
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory, sp_path):
-    return Zoo(str(tmp_path_factory.mktemp("zoo")), sp_path)
-
-
-def safetensors_of(directory):
-    """{name: torch tensor} of every safetensors file of a model directory."""
-    from safetensors.torch import load_file
-
-    out = {}
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".safetensors"):
-            out.update(load_file(os.path.join(directory, name)))
-    return out
 
 
 # ============================================================================ parity
@@ -131,12 +54,14 @@ def test_import_metadata(zoo, family):
     assert meta["source"]["format"] == "huggingface" and meta["source"]["architecture"] == spec["cls"]
     assert meta["source"]["model_dir"] == zoo.hf(family) and meta["source"]["dtype"] == spec["dtype"]
 
+    assert meta["source_dtype"] == spec["dtype"]
     c, mc = spec["config"], model.ModelConfig.from_config(meta["model"])
     assert (mc.n_layers, mc.d_model, mc.n_heads, mc.n_kv_heads, mc.d_ff, mc.vocab_size, mc.hd) == (
-        2, 64, 4, c["num_key_value_heads"], 96, VOCAB, 16)
-    assert mc.rope_theta == c["rope_theta"] and mc.norm_eps == 1e-6 and mc.param_dtype == "float32"
-    assert mc.qkv_bias == (family == "qwen2") and mc.tie_embeddings == (family == "qwen2")
-    assert mc.max_seq_len == {"llama": 256, "mistral": 48, "qwen2": 128}[family]
+        2, 64, 4, c["num_key_value_heads"], 96, VOCAB, c.get("head_dim", 16))
+    assert mc.rope_theta == c["rope_theta"] and mc.param_dtype == "float32"
+    assert mc.qkv_bias == (family == "qwen2") and mc.tie_embeddings == c["tie_word_embeddings"]
+    assert (mc.qk_norm, mc.norm_position, mc.norm, mc.mlp, mc.partial_rotary_factor, mc.norm_eps,
+            mc.max_seq_len) == EXPECTED[family]
     if family == "llama":
         assert (mc.rope_scaling, mc.rope_factor, mc.rope_low_freq_factor, mc.rope_high_freq_factor,
                 mc.rope_original_max_seq_len) == ("llama3", 8.0, 1.0, 4.0, 64)
@@ -168,17 +93,22 @@ def test_bf16_weights_are_imported_exactly(zoo):
     assert c.dtype == "bfloat16"
 
 
-def test_transformers_4_config_json_imports_the_same_model(zoo, tmp_path):
-    """config.json with top-level rope_theta/rope_scaling (as 4.x writes it) and torch_dtype."""
-    src = shutil.copytree(zoo.hf("llama"), tmp_path / "hf4")
+@pytest.mark.parametrize("family", ["llama", "nemotron"])
+def test_transformers_4_config_json_imports_the_same_model(zoo, tmp_path, family):
+    """config.json with top-level rope_theta/rope_scaling/partial_rotary_factor and torch_dtype, as
+    4.x writes it (the published Minitron and Nemotron-Mini configs)."""
+    src = shutil.copytree(zoo.hf(family), tmp_path / "hf4")
     cfg = json.loads((src / "config.json").read_text())
     rope = cfg.pop("rope_parameters")
     cfg["rope_theta"] = rope.pop("rope_theta")
-    cfg["rope_scaling"] = dict(rope, type=rope.pop("rope_type"))  # the oldest spelling: "type"
+    if "partial_rotary_factor" in rope:
+        cfg["partial_rotary_factor"] = rope.pop("partial_rotary_factor")
+    kind = rope.pop("rope_type")
+    cfg["rope_scaling"] = dict(rope, type=kind) if kind != "default" else None  # the oldest spelling: "type"
     cfg["torch_dtype"] = cfg.pop("dtype")
     (src / "config.json").write_text(json.dumps(cfg))
     meta = hf.import_hf(str(src), str(tmp_path / "ckpt"), lr_min=1e-5)
-    assert meta["model"] == checkpoint.read_metadata(zoo.ckpt("llama"))["model"]
+    assert meta["model"] == checkpoint.read_metadata(zoo.ckpt(family))["model"]
 
 
 def test_check_command(zoo, capsys):
@@ -196,8 +126,9 @@ def test_check_command(zoo, capsys):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_import_then_export_is_bit_identical(zoo, family, tmp_path):
     spec, out = FAMILIES[family], str(tmp_path / "exported")
-    # Small shards for llama: the export writes an index too.
-    hf.export_hf(zoo.ckpt(family), out, dtype=spec["dtype"], max_shard_bytes=60_000 if family == "llama" else 10**9)
+    # Small shards for llama: the export writes an index too. No dtype: the import's is kept.
+    r = hf.export_hf(zoo.ckpt(family), out, max_shard_bytes=60_000 if family == "llama" else 10**9)
+    assert r == {"architecture": spec["cls"], "dtype": spec["dtype"], "dtype_reason": "the dtype it was imported in"}
     names = sorted(os.listdir(out))
     if family == "llama":
         assert hf.INDEX_FILE in names and sum(n.endswith(".safetensors") for n in names) > 1
@@ -240,16 +171,42 @@ def test_a_moved_import_exports_its_own_tokenizer(zoo, tmp_path):
     assert _cpt_hf_config(str(moved)).data.tokenizer == str(moved / "tokenizer" / "tokenizer.json")
 
 
-def test_export_command_defaults_to_bfloat16(zoo, tmp_path, capsys):
-    out = str(tmp_path / "exported")
-    assert hf.main(["export", "--checkpoint", os.path.join(zoo.ckpt("llama"), "checkpoints", "0"), "--out", out]) == 0
-    tensors = safetensors_of(out)
-    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
-    cfg = json.loads(open(os.path.join(out, "config.json")).read())
+def test_export_command_keeps_the_imported_dtype_unless_told(zoo, tmp_path, capsys):
+    step_dir = os.path.join(zoo.ckpt("llama"), "checkpoints", "0")
+    kept, told = str(tmp_path / "kept"), str(tmp_path / "told")
+    assert hf.main(["export", "--checkpoint", step_dir, "--out", kept]) == 0
+    assert capsys.readouterr().out.strip().endswith("as LlamaForCausalLM in float32 (the dtype it was imported in)")
+    assert {t.dtype for t in safetensors_of(kept).values()} == {torch.float32}  # a float32 import is not rounded
+    assert hf.main(["export", "--checkpoint", step_dir, "--out", told, "--dtype", "bfloat16"]) == 0
+    assert capsys.readouterr().out.strip().endswith("in bfloat16 (--dtype)")
+    assert {t.dtype for t in safetensors_of(told).values()} == {torch.bfloat16}
+    cfg = json.loads(open(os.path.join(told, "config.json")).read())
     assert cfg["torch_dtype"] == "bfloat16" and cfg["architectures"] == ["LlamaForCausalLM"]
     assert cfg["rope_scaling"]["rope_type"] == "llama3" and cfg["max_position_embeddings"] == 256
-    _, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    _, info = transformers.AutoModelForCausalLM.from_pretrained(told, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def _own_checkpoint(directory, mc, **meta):
+    params = model.init_params(mc, 0)
+    hf.write_checkpoint(str(directory), params, {
+        "step": 0, "model": mc.to_dict(), "param_shapes": checkpoint.param_shapes(params), "lr_min": 1e-5, **meta})
+    return str(directory)
+
+
+def test_export_dtype_of_a_model_cpt_jax_trained_and_of_a_continued_import(zoo, tmp_path):
+    # Trained from scratch by cpt_jax: its float32 master weights.
+    mc = model.ModelConfig(n_layers=1, d_model=32, n_heads=2, n_kv_heads=2, d_ff=64, vocab_size=64, max_seq_len=32)
+    r = hf.export_hf(_own_checkpoint(tmp_path / "own", mc), str(tmp_path / "own_hf"))
+    assert (r["dtype"], r["dtype_reason"]) == ("float32", "trained by cpt_jax; --dtype bfloat16 halves the size")
+    assert {t.dtype for t in safetensors_of(tmp_path / "own_hf").values()} == {torch.float32}
+    # A checkpoint continued from the bf16 Qwen2 import: the import's dtype, found through init_from.
+    imported = checkpoint.read_metadata(zoo.ckpt("qwen2"))
+    mc = model.ModelConfig.from_config(imported["model"])
+    r = hf.export_hf(_own_checkpoint(tmp_path / "cpt", mc, init_from=zoo.ckpt("qwen2")), str(tmp_path / "cpt_hf"))
+    assert r == {"architecture": "Qwen2ForCausalLM", "dtype": "bfloat16",
+                 "dtype_reason": "the dtype it was imported in"}
+    assert {t.dtype for t in safetensors_of(tmp_path / "cpt_hf").values()} == {torch.bfloat16}
 
 
 # ============================================================================ continued pretraining
@@ -272,9 +229,10 @@ def test_continued_run_starts_at_the_imported_lr_min_and_exports(zoo, tmp_path):
     assert first["step"] == 0 and first["lr"] == float(np.float32(LR_MIN["mistral"]))
 
     # The trained checkpoint exports as Mistral with the imported tokenizer: both come from the
-    # metadata of the checkpoint it was initialised from.
+    # metadata of the checkpoint it was initialised from; so does the dtype (the import's float32).
     out = str(tmp_path / "exported")
-    hf.export_hf(wd, out, dtype="float32")
+    assert checkpoint.read_metadata(wd)["source_dtype"] == "float32"
+    assert hf.export_hf(wd, out)["dtype"] == "float32"
     cfg = json.loads(open(os.path.join(out, "config.json")).read())
     assert cfg["architectures"] == ["MistralForCausalLM"] and cfg["sliding_window"] == 48
     assert file_sha256(os.path.join(out, "tokenizer.model")) == file_sha256(os.path.join(zoo.hf("mistral"),
@@ -397,6 +355,44 @@ def _yarn(zoo, tmp_path):
     return d, ["rope type 'yarn' is not supported"]
 
 
+def _qwen3_sliding_window(zoo, tmp_path):
+    d = _copy(zoo, "qwen3", tmp_path)
+    _edit_config(d, use_sliding_window=True, sliding_window=32, max_window_layers=1,
+                 layer_types=["full_attention", "sliding_attention"])
+    return d, ["sliding-window attention on layers 1..1", "not implement", "use_sliding_window false"]
+
+
+def _moe_experts(zoo, tmp_path):
+    d = _copy(zoo, "qwen3", tmp_path)
+    _edit_config(d, num_experts=8)
+    return d, ["num_experts 8", "mixture-of-experts"]
+
+
+def _moe_architecture(zoo, tmp_path):
+    d = _copy(zoo, "qwen3", tmp_path)
+    _edit_config(d, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe")
+    return d, ["Qwen3MoeForCausalLM is not supported (mixture-of-experts"]
+
+
+def _nemotron_rope_type(zoo, tmp_path):
+    d = _copy(zoo, "nemotron", tmp_path)
+    _edit_config(d, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4,
+                                     "partial_rotary_factor": 0.5})
+    return d, ["rope type 'dynamic' is not supported"]
+
+
+def _nemotron_activation(zoo, tmp_path):
+    d = _copy(zoo, "nemotron", tmp_path)
+    _edit_config(d, hidden_act="gelu")
+    return d, ["hidden_act 'gelu', expected 'relu2'"]
+
+
+def _olmo2_attention_bias(zoo, tmp_path):
+    d = _copy(zoo, "olmo2", tmp_path)
+    _edit_config(d, attention_bias=True)
+    return d, ["attention_bias", "o_proj"]
+
+
 BAD_IMPORTS = {
     "unsupported_architecture": _unsupported,
     "missing_shard": _missing_shard,
@@ -405,6 +401,12 @@ BAD_IMPORTS = {
     "tokenizer_too_big": _big_tokenizer,
     "llama_attention_bias": _llama_attention_bias,
     "rope_type": _yarn,
+    "qwen3_sliding_window": _qwen3_sliding_window,
+    "moe_experts": _moe_experts,
+    "moe_architecture": _moe_architecture,
+    "nemotron_rope_type": _nemotron_rope_type,
+    "nemotron_activation": _nemotron_activation,
+    "olmo2_attention_bias": _olmo2_attention_bias,
 }
 
 
@@ -468,12 +470,8 @@ def test_output_directory_must_be_new_or_empty(zoo, tmp_path, capsys):
 def test_export_refuses_models_without_a_hf_equivalent(tmp_path, capsys, change):
     mc = model.ModelConfig(n_layers=1, d_model=32, n_heads=2, n_kv_heads=2, d_ff=64, vocab_size=64,
                            max_seq_len=32, **change)
-    params = model.init_params(mc, 0)
-    hf.write_checkpoint(str(tmp_path / "nemotron"), params, {
-        "step": 0, "model": mc.to_dict(), "param_shapes": checkpoint.param_shapes(params), "lr_min": 1e-5,
-    })
     out = tmp_path / "exported"
-    status = hf.main(["export", "--checkpoint", str(tmp_path / "nemotron"), "--out", str(out)])
+    status = hf.main(["export", "--checkpoint", _own_checkpoint(tmp_path / "mixed", mc), "--out", str(out)])
     _assert_one_line_error(status, capsys, [repr(next(iter(change.values()))), "LlamaForCausalLM"])
     assert not out.exists()
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import pytest
 from train_helpers import SMALL_MODEL
 
@@ -268,6 +269,37 @@ def test_compile_only_targets_this_machine_cannot_compile_for(topology, expected
     err = capsys.readouterr().err
     assert err.startswith(f"error: {expected}") and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def _libtpu():
+    assert aot.libtpu_available(), "libtpu is missing: it comes with the test extra (constraints.txt pins it); " \
+                                   "run make install"
+
+
+def test_compile_only_for_a_tpu_slice_on_this_cpu_host(tmp_path, capsys):
+    """libtpu compiles the real step for a v5p slice here, without a TPU, and leaves the tests' backend alone."""
+    _libtpu()
+    workdir = tmp_path / "run"
+    assert train.main(["train", *SMALL, f"--workdir={workdir}", "--compile_only", "--topology=v5p-8"]) == 0
+    out = capsys.readouterr().out
+    assert "compile-only: v5p-8 (4 tpu devices), mesh data=1 fsdp=4 tensor=1" in out
+    assert re.search(r"memory per device: arguments [\d.]+ \w+, .* total [\d.]+ \w+", out)
+    assert "fits: yes: the TPU compiler placed every buffer in the chip's HBM (about 95.00 GiB)" in out
+    assert re.search(r"FLOPs per step: [\d.e+]+ per device", out)
+    assert not workdir.exists()
+    assert jax.default_backend() == "cpu" and len(jax.devices()) == 8
+
+
+def test_compile_only_says_when_the_step_does_not_fit_the_chip(tmp_path, capsys):
+    """The 1B preset without remat at 8 x 4096 on 4 v5p chips: the TPU compiler refuses it; exit status 1."""
+    _libtpu()
+    argv = ["train", "--config=configs/1b.py", "--config.train.batch_size=8", "--config.model.remat=none",
+            f"--workdir={tmp_path / 'run'}", "--compile_only", "--topology=v5p-8"]
+    assert train.main(argv) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"fits: NO: the TPU compiler refused the step \(Ran out of memory on HBM, the total memory "
+                     r"required for HLO temporaries \([\d.]+G\) exceeds available HBM \(95.74G\)", out), out
+    assert "model FLOPs per step" in out and not (tmp_path / "run").exists()
 
 
 def test_topology_needs_compile_only(tmp_path, capsys):

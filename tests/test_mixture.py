@@ -195,22 +195,25 @@ def test_phase_at_and_per_source_counts_in_closed_form():
 
 def test_grain_selection_map_matches_select():
     m = _three_phase_mixture()
-    n = 15 * m.batch_size
-    smap = m.selection_map(n)
+    B, steps = m.batch_size, 15
+    smap = m.selection_map(slice(0, B), steps)
     assert isinstance(smap, grain.transforms.DatasetSelectionMap)
-    assert len(smap) == n
+    assert len(smap) == steps * B
     # Component s yields (s, k) for its k-th draw: the mixed dataset then exposes the map.
     components = [grain.MapDataset.range(10**6).map(lambda k, s=s: (s, k)) for s in range(3)]
     mixed = grain.MapDataset.select_from_datasets(components, smap)
-    assert len(mixed) == n
-    src, k = m.select(np.arange(n))
-    got = [mixed[i] for i in range(n)]
+    src, k = m.select(np.arange(steps * B))
+    got = [mixed[i] for i in range(steps * B)]
     assert got == list(zip(src.tolist(), k.tolist(), strict=True))
     # Batched access through grain's _getitems path agrees too.
-    assert list(mixed._getitems(list(range(0, n, 3)))) == got[::3]
+    assert list(mixed._getitems(list(range(0, steps * B, 3)))) == got[::3]
     assert pickle.loads(pickle.dumps(smap))[17] == got[17]
     with pytest.raises(IndexError):
-        smap[n]
+        smap[steps * B]
+    # A process holding rows [2, 5) of every batch: local index i is row 2 + i % 3 of step i // 3.
+    local = m.selection_map(slice(2, 5), steps)
+    assert len(local) == steps * 3
+    assert [local[i] for i in range(len(local))] == [got[s * B + r] for s in range(steps) for r in range(2, 5)]
 
 
 # ----------------------------------------------------------------------------- resolve_phases

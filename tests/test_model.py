@@ -55,6 +55,9 @@ def test_nnx_module_call_matches_functional_apply(params):
         dict(mlp="squared_relu", norm="layernorm"),
         dict(qkv_bias=True, tie_embeddings=True),
         dict(rope_scaling="llama3", rope_factor=8.0, rope_original_max_seq_len=16),
+        dict(qk_norm="head"),
+        dict(qk_norm="projection", norm_position="post"),
+        dict(mlp="squared_relu", norm="layernorm1p", partial_rotary_factor=0.5),
     ],
 )
 def test_variants_run_and_count_parameters(variant):
@@ -63,6 +66,31 @@ def test_variants_run_and_count_parameters(variant):
     assert sum(x.size for x in jax.tree.leaves(p)) == c.num_params()
     out = _logits(p, jnp.zeros((1, 8), jnp.int32), c)
     assert out.shape == (1, 8, c.vocab_size) and np.isfinite(out).all()
+
+
+def test_new_parameters_carry_logical_axes():
+    c = dataclasses.replace(TINY, qk_norm="projection", norm_position="post", norm="layernorm1p")
+    names = model.logical_axes(c)["layers"]
+    assert names["q_norm_scale"] == ("layers", "heads", "head_dim")
+    assert names["k_norm_scale"] == ("layers", "kv_heads", "head_dim")
+    assert names["attn_norm_bias"] == ("layers", "norm")
+    assert model.logical_axes(dataclasses.replace(TINY, qk_norm="head"))["layers"]["q_norm_scale"] == (
+        "layers", "head_dim")
+    # layernorm1p stores w of its 1 + w scale: the init is the identity scale.
+    p = model.init_params(c, 0)
+    assert float(np.abs(np.asarray(p["layers"]["attn_norm_scale"])).max()) == 0.0
+
+
+def test_partial_rotary_leaves_the_rest_of_each_head_alone():
+    c = dataclasses.replace(TINY, partial_rotary_factor=0.5)  # head_dim 8: dims 0-3 rotate, 4-7 pass
+    x = jax.random.normal(jax.random.key(7), (1, 5, 2, 8))
+    positions = jnp.arange(5)[None]
+    cos, sin = model.rope_tables(positions, c)
+    y = np.asarray(model._rope(x, cos, sin))
+    np.testing.assert_array_equal(y[..., 4:], np.asarray(x)[..., 4:])
+    assert np.abs(y[:, 1:, :, :4] - np.asarray(x)[:, 1:, :, :4]).max() > 1e-3
+    np.testing.assert_allclose(np.linalg.norm(y[..., :4], axis=-1), np.linalg.norm(np.asarray(x)[..., :4], axis=-1),
+                               rtol=1e-5)
 
 
 def test_scan_unrolled_and_remat_agree(params):
@@ -125,3 +153,51 @@ def test_indivisible_parameter_is_a_config_error():
     c = dataclasses.replace(TINY, vocab_size=96)  # n_kv_heads=2 cannot split 8 ways
     with pytest.raises(config.ConfigError, match=r"parameter layers\.wk: dimension 'kv_heads' of size 2"):
         sharding.param_shardings(model.abstract_params(c), model.logical_axes(c), mesh, sharding.DEFAULT_RULES)
+
+
+# ----------------------------------------------------------------------------- attention implementation
+
+GPU_SHAPE = dataclasses.replace(TINY, dtype="bfloat16", n_heads=4, d_model=256)  # head width 64: cuDNN takes it
+
+
+@pytest.mark.parametrize("platform", ["gpu", "cpu", "tpu"])
+@pytest.mark.parametrize("c", [GPU_SHAPE, dataclasses.replace(GPU_SHAPE, d_model=1024),  # head width 256
+                               dataclasses.replace(GPU_SHAPE, dtype="float32")], ids=["supported", "wide", "fp32"])
+def test_auto_attention_is_xla_on_every_platform_until_cudnn_has_run(c, platform, monkeypatch):
+    """'auto' never picks the cuDNN path, which has not yet run on a GPU (README: not verified)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: platform)
+    assert model.attention_implementation(c) == "xla"
+    assert model.attention_implementation(dataclasses.replace(c, attention="xla")) == "xla"
+
+
+def test_cudnn_attention_where_it_applies_and_refused_elsewhere(monkeypatch):
+    cudnn = dataclasses.replace(GPU_SHAPE, attention="cudnn")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert model.attention_implementation(cudnn) == "cudnn"
+    assert model.attention_implementation(dataclasses.replace(cudnn, dtype="float16")) == "cudnn"
+    for platform in ("cpu", "tpu"):
+        with pytest.raises(config.ConfigError, match=f"'cudnn' on {platform} devices, expected 'auto' or 'xla'"):
+            model.attention_implementation(cudnn, platform)
+    with pytest.raises(config.ConfigError, match="the head width is 256, cuDNN's fused attention takes multiples "
+                                                 "of 8 up to 128"):
+        model.attention_implementation(dataclasses.replace(cudnn, d_model=1024))
+    with pytest.raises(config.ConfigError, match="model.dtype is 'float32', cuDNN's fused attention takes bfloat16"):
+        model.attention_implementation(dataclasses.replace(cudnn, dtype="float32"))
+
+
+@pytest.mark.parametrize("attention, expected", [("auto", "xla"), ("cudnn", "cudnn")])
+def test_the_forward_pass_asks_jax_for_the_chosen_implementation(attention, expected, monkeypatch):
+    """With the backend patched to a GPU, the traced model passes what the selection chose to
+    jax.nn.dot_product_attention (the call itself runs XLA's here: there is no GPU)."""
+    asked = []
+    real = jax.nn.dot_product_attention
+
+    def spy(*args, implementation=None, **kwargs):
+        asked.append(implementation)
+        return real(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    c = dataclasses.replace(GPU_SHAPE, attention=attention)
+    jax.eval_shape(lambda p, t: model.apply(p, t, c), model.abstract_params(c), jnp.zeros((1, 8), jnp.int32))
+    assert asked and set(asked) == {expected}

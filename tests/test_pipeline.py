@@ -1,10 +1,11 @@
 """Tests of the loader: the batch contract, data order as a pure function of (config, seed, step)
-on any topology and on resume, process slicing, the prefetch thread, and bad inputs."""
+on any topology, thread count and resume, process slicing, the iterator state, and bad inputs."""
 
 from __future__ import annotations
 
-import gc
-import threading
+import json
+import os
+import shutil
 
 import jax
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from data_helpers import make_documents, make_hf_tokenizer, make_prepared_source, write_synthetic_source
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cpt_jax import schedules
+from cpt_jax import config, schedules
 from cpt_jax.config import ConfigError, default_config
 from cpt_jax.data import pipeline as pl
 from cpt_jax.data import sources
@@ -124,37 +125,6 @@ def test_real_documents_get_several_segments(pipe, data):
     assert found
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_document_segments_equals_the_reference(seed):
-    rng = np.random.default_rng(seed)
-    rows, length = int(rng.integers(1, 6)), int(rng.integers(1, 40))
-    tokens = rng.integers(0, 4, size=(rows, length + 1)).astype(np.int32)
-    if seed == 0:
-        tokens[:] = 1  # no EOS at all
-    if seed == 1:
-        tokens[:, 0] = 0  # EOS at every row start
-        tokens[:, -2] = 0  # and at every row's last input position
-    inputs = tokens[:, :-1]
-    got = pl.document_segments(inputs, 0)
-    expected = sources.segment_ids_and_positions(inputs, 0)
-    for a, b in zip(got, expected, strict=True):
-        assert a.dtype == np.int32
-        np.testing.assert_array_equal(a, b)
-    cached = pl.document_segments(inputs, 0, np.arange(1000, dtype=np.int32))
-    np.testing.assert_array_equal(cached[1], expected[1])
-    # From whole examples: an EOS in the last (target-only) column starts nothing.
-    tokens[:, -1] = 0
-    for a, b in zip(pl.example_segments(tokens, 0), expected, strict=True):
-        np.testing.assert_array_equal(a, b)
-    # In place, into rows of larger arrays (what each reading thread does with its rows).
-    seg, pos = np.zeros((rows + 2, length), np.int32), np.zeros((rows + 2, length), np.int32)
-    result = pl.document_segments(inputs, 0, out=(seg[1 : rows + 1], pos[1 : rows + 1]))
-    assert result[0].base is seg and result[1].base is pos
-    np.testing.assert_array_equal(seg[1 : rows + 1], expected[0])
-    np.testing.assert_array_equal(pos[1 : rows + 1], expected[1])
-    assert not seg[0].any() and not pos[-1].any()
-
-
 def test_synthetic_batches():
     cfg = default_config()
     cfg.train.batch_size, cfg.train.seq_len, cfg.train.steps = B, L, STEPS
@@ -207,7 +177,7 @@ def test_order_follows_phases_and_carries_positions(pipe):
     assert tps["web"] == np.sum(ids == web) * L
 
 
-def test_same_batches_on_8_devices_4_devices_and_after_resume(data):
+def test_same_batches_on_8_devices_4_devices_any_threads_and_after_resume(data):
     cfg = mixture_config(data)
     host = make(cfg)
     expected = [host.host_batch(s) for s in range(STEPS)]
@@ -215,33 +185,50 @@ def test_same_batches_on_8_devices_4_devices_and_after_resume(data):
     p8 = make(cfg, batch_sharding(jax.devices()))
     assert p8.rows == slice(0, B)
     seen = []
-    for step, batch in p8.iterate(0, STEPS):
-        seen.append(step)
-        assert batch["inputs"].sharding == p8.batch_sharding
-        assert len(batch["inputs"].addressable_shards) == 8
-        for key, value in as_numpy(batch).items():
-            np.testing.assert_array_equal(value, expected[step][key], err_msg=f"8 devices, step {step}, {key}")
+    with p8.iterate(0, STEPS) as batches:
+        for step, batch in batches:
+            seen.append(step)
+            assert batch["inputs"].sharding == p8.batch_sharding
+            assert len(batch["inputs"].addressable_shards) == 8
+            for key, value in as_numpy(batch).items():
+                np.testing.assert_array_equal(value, expected[step][key], err_msg=f"8 devices, step {step}, {key}")
+        assert batches.get_state()["step"] == STEPS
     assert seen == list(range(STEPS))
 
-    cfg4 = mixture_config(data, **{"data.num_threads": 1, "data.prefetch": 1})
-    p4 = make(cfg4, batch_sharding(jax.devices()[:4], shape=(4,), axes=("data",)))
-    for step, batch in p4.iterate(0, STEPS):
-        assert len(batch["inputs"].addressable_shards) == 4
-        for key, value in as_numpy(batch).items():
-            np.testing.assert_array_equal(value, expected[step][key], err_msg=f"4 devices, step {step}, {key}")
+    # 4 devices, one reading thread; and 4 threads (grain's iterator, whatever reads ahead).
+    for threads in (1, 4):
+        cfg4 = mixture_config(data, **{"data.num_threads": threads, "data.prefetch": 1})
+        p4 = make(cfg4, batch_sharding(jax.devices()[:4], shape=(4,), axes=("data",)))
+        with p4.iterate(0, STEPS) as batches:
+            for step, batch in batches:
+                assert len(batch["inputs"].addressable_shards) == 4
+                for key, value in as_numpy(batch).items():
+                    np.testing.assert_array_equal(value, expected[step][key], err_msg=f"{threads}, {step} {key}")
 
-    # Resume at step k: nothing but k is needed.
+    # Resume at step k: nothing but k is needed; the iterator's state counts the steps it handed out.
     k = 13
     resumed = make(cfg, batch_sharding(jax.devices()))
-    steps = []
-    for step, batch in resumed.iterate(k, STEPS):
-        steps.append(step)
-        for key, value in as_numpy(batch).items():
-            np.testing.assert_array_equal(value, expected[step][key], err_msg=f"resume, step {step}, {key}")
+    with resumed.iterate(k, STEPS) as batches:
+        assert batches.get_state()["step"] == k
+        steps = []
+        for step, batch in batches:
+            steps.append(step)
+            for key, value in as_numpy(batch).items():
+                np.testing.assert_array_equal(value, expected[step][key], err_msg=f"resume, step {step}, {key}")
+            assert batches.get_state()["step"] == step + 1
     assert steps == list(range(k, STEPS))
     # global_batch without the iterator agrees too.
     for key, value in as_numpy(resumed.global_batch(7)).items():
         np.testing.assert_array_equal(value, expected[7][key])
+    assert list(resumed.iterate(5, 5)) == []
+
+
+def test_resume_check_names_both_steps(pipe):
+    pipe.check_resumed(8, "ckpt/8/data/process_0-of-1.json", {"step": 8})
+    pipe.check_resumed(8, "ckpt/8/data/process_0-of-1.json", None)  # saved on another topology: the step rules
+    with pytest.raises(ConfigError, match=r"^ckpt/8/data/process_0-of-1\.json: the data iterator's state is at "
+                       r"step 7, expected step 8 \(the checkpoint's step\)"):
+        pipe.check_resumed(8, "ckpt/8/data/process_0-of-1.json", {"step": 7})
 
 
 def test_seed_changes_order(data):
@@ -297,76 +284,6 @@ def test_process_rows_with_replicated_axes():
     assert pl.process_rows(ProcessView(replicated, devices[1, 0]), 8) == slice(0, 8)
 
 
-# ----------------------------------------------------------------------------- prefetch thread
-
-
-def _prefetch_threads():
-    return [t for t in threading.enumerate() if t.name == "cpt_jax-prefetch" and t.is_alive()]
-
-
-def _read_threads():
-    return [t for t in threading.enumerate() if t.name.startswith("cpt_jax-read") and t.is_alive()]
-
-
-def test_prefetch_stops_cleanly_when_the_consumer_stops(pipe):
-    assert _prefetch_threads() == [] and _read_threads() == []
-    it = pipe.iterate(0, STEPS)
-    step, _ = next(it)
-    assert step == 0 and it.thread.is_alive()
-    it.close()
-    assert not it.thread.is_alive()
-    assert _prefetch_threads() == [] and _read_threads() == []
-    with pytest.raises(StopIteration):
-        next(it)
-
-    # Breaking out of a for loop drops the iterator: the thread stops with it.
-    for step, _ in pipe.iterate(2, STEPS):
-        if step == 4:
-            break
-    gc.collect()
-    assert _prefetch_threads() == [] and _read_threads() == []
-
-    # Running to the end also leaves nothing behind, and a context manager works.
-    with pipe.iterate(STEPS - 3, STEPS) as it:
-        assert [s for s, _ in it] == [STEPS - 3, STEPS - 2, STEPS - 1]
-    assert _prefetch_threads() == [] and _read_threads() == []
-    assert list(pipe.iterate(5, 5)) == []
-
-
-def test_reading_threads_build_steps_in_order_and_stop(data):
-    p3 = make(mixture_config(data, **{"data.num_threads": 3, "data.prefetch": 1}))
-    p1 = make(mixture_config(data, **{"data.num_threads": 1}))
-    it = p3.iterate(0, STEPS)
-    first = [next(it) for _ in range(4)]
-    assert 1 <= len(_read_threads()) <= 3
-    assert [step for step, _ in first] == [0, 1, 2, 3]
-    it.close()
-    assert _read_threads() == [] and _prefetch_threads() == []
-    for (step, batch), (step1, batch1) in zip(first, p1.iterate(0, 4), strict=True):
-        assert step == step1
-        for key in pl.BATCH_KEYS:
-            np.testing.assert_array_equal(np.asarray(batch[key]), np.asarray(batch1[key]))
-    assert _read_threads() == []
-
-
-def test_prefetch_reraises_errors_in_the_consumer(data, monkeypatch):
-    p = make(mixture_config(data))
-    original = p.host_batch
-
-    def failing(step):
-        if step == 3:
-            raise RuntimeError("disk on fire at step 3")
-        return original(step)
-
-    monkeypatch.setattr(p, "host_batch", failing)
-    got = []
-    with pytest.raises(RuntimeError, match="disk on fire at step 3"):
-        for step, _ in p.iterate(0, STEPS):
-            got.append(step)
-    assert got == [0, 1, 2]
-    assert _prefetch_threads() == [] and _read_threads() == []
-
-
 # ----------------------------------------------------------------------------- bad inputs
 
 
@@ -390,8 +307,6 @@ def test_batch_must_split_over_the_processes(data, monkeypatch):
     [
         ({"data.tokenizer": ""}, r"^data\.tokenizer: empty"),
         ({"data.sources": {}}, r"^data\.sources: empty"),
-        ({"data.prefetch": 0}, r"^data\.prefetch: 0, expected at least 1"),
-        ({"data.num_threads": 0}, r"^data\.num_threads: 0, expected at least 1"),
         ({"data.kind": "files"}, r"^data\.kind: 'files', expected one of"),
         ({"data.phases": ()}, r"^data\.phases: empty"),
         ({"train.seq_len": 32}, r"manifest\.json: seq_len 16, expected 32"),
@@ -417,13 +332,52 @@ def test_a_source_made_with_another_tokenizer_is_refused(data, tmp_path):
         make(cfg)
 
 
-def test_record_reader_reads_any_order(pipe):
-    reader = pipe.readers[pipe.source_names.index("web")]
-    assert reader.starts.tolist() == [0, 7, 14, 21, 28, 35, 42, 49, 56, 60]
-    order = np.array([59, 0, 7, 6, 33, 33])
-    tokens = reader.read(order)
-    assert tokens.dtype == np.int32 and tokens.shape == (6, L + 1)
-    # write_synthetic_source: record i holds (i * (L + 1) + j) % VOCAB.
-    np.testing.assert_array_equal(tokens[:, 0], (order * (L + 1)) % VOCAB)
-    reader.close()
-    np.testing.assert_array_equal(reader.read(order), tokens)  # reopens lazily
+@pytest.mark.parametrize("key, value, message", [
+    ("prefetch", 0, r"^data\.prefetch: 0, expected at least 1 batch$"),
+    ("num_threads", 0, r"^data\.num_threads: 0, expected at least 1 thread$"),
+    ("workers", -1, r"^data\.workers: -1, expected at least 0 workers \(0: read in this process\)$"),
+])
+def test_bad_loader_settings(key, value, message):
+    cfg = default_config()
+    cfg.data[key] = value
+    with pytest.raises(ConfigError, match=message):
+        config.validate(cfg)
+
+
+def _damaged_copy(data, tmp_path, damage):
+    """mixture_config with 'web' replaced by a copy whose third shard `damage(path, size)` edits."""
+    web = str(tmp_path / "web")
+    shutil.copytree(data["dirs"]["web"], web)
+    shard = os.path.join(web, json.load(open(os.path.join(web, "manifest.json")))["shards"][2])
+    damage(shard, os.path.getsize(shard))
+    return mixture_config(data, **{"data.sources": dict(data["dirs"], web=web)}), shard
+
+
+def test_a_truncated_shard_is_refused_at_startup(data, tmp_path):
+    cfg, shard = _damaged_copy(data, tmp_path, lambda path, size: os.truncate(path, size // 2))
+    with pytest.raises(ConfigError, match=rf"^{shard}: not a readable ArrayRecord file, truncated or damaged"):
+        make(cfg)
+
+
+def test_a_corrupt_record_is_named_at_the_first_read(data, tmp_path):
+    def corrupt(path, size):
+        with open(path, "r+b") as f:  # the index at the end stays intact: only reading finds it
+            f.seek(100)
+            f.write(b"\xff" * 64)
+
+    cfg, shard = _damaged_copy(data, tmp_path, corrupt)
+    p = make(cfg)
+    damaged = rf"^{shard}: record \d+ unreadable \(.*\); the file is damaged"
+    with pytest.raises(sources.DataError, match=damaged), p.iterate(0, STEPS) as batches:
+        for _ in batches:
+            pass
+
+
+def test_sources_prepared_with_and_without_bos_are_refused(data, tmp_path):
+    qa = str(tmp_path / "qa")
+    shutil.copytree(data["dirs"]["qa"], qa)
+    manifest = json.load(open(os.path.join(qa, "manifest.json")))
+    json.dump(dict(manifest, bos="always", add_bos=True), open(os.path.join(qa, "manifest.json"), "w"))
+    with pytest.raises(ConfigError, match=r"qa/manifest\.json: add_bos true \(documents start with BOS\), but "
+                       r".*manifest\.json has add_bos false; expected one convention"):
+        make(mixture_config(data, **{"data.sources": dict(data["dirs"], qa=qa)}))

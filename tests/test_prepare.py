@@ -53,12 +53,14 @@ def read_split(out, manifest):
     return (np.stack(train) if train else np.empty((0, length))), (np.stack(val) if val else np.empty((0, length)))
 
 
-def decode_documents(tok, stream):
-    """Split a token stream after each EOS and decode every complete document."""
+def decode_documents(tok, stream, bos=False):
+    """Split a token stream after each EOS and decode every complete document (without its BOS)."""
     ends = np.flatnonzero(stream == tok.eos_id)
     docs, start = [], 0
     for end in ends:
-        docs.append(tok.decode(stream[start:end]))
+        if bos:
+            assert stream[start] == tok.bos_id
+        docs.append(tok.decode(stream[start + bos:end]))
         start = end + 1
     return docs
 
@@ -70,12 +72,12 @@ def assert_round_trip(out, manifest, tok, docs):
     assert train.shape == (manifest["examples"], length)
     assert val.shape == (manifest["val_examples"], length)
     stream = np.concatenate([train.reshape(-1), val.reshape(-1)])
-    expected = tok.encode_documents(docs, num_threads=1)
+    expected = tok.encode_documents(docs, num_threads=1, add_bos=manifest["add_bos"])
     assert expected.size == manifest["document_tokens"]
     # The stream is the tokenizer's own document stream, cut after whole examples.
     np.testing.assert_array_equal(stream, expected[: stream.size])
     assert manifest["dropped_tokens"] == expected.size - stream.size < length
-    decoded = decode_documents(tok, stream)
+    decoded = decode_documents(tok, stream, manifest["add_bos"])
     assert decoded == list(docs[: len(decoded)])
     assert len(decoded) >= len(docs) - 1 - manifest["dropped_tokens"]
 
@@ -158,10 +160,110 @@ def test_text_and_jsonl_field_inputs_in_order(tmp_path, sp_path):
     assert_round_trip(out, manifest, load_tokenizer(sp_path), text_docs + jsonl_docs)
 
 
+def test_documents_follow_the_tokenizers_bos_convention(tmp_path, sp_path, corpus):
+    """--bos auto adds BOS where the tokenizer itself does (sentencepiece with a BOS piece as Llama 2;
+    a Llama-3-style template), not for a Qwen2-style tokenizer.json; never/always override it. In
+    the trainer's batch fields a document starts at its BOS (position 0) and ends at its EOS."""
+    from data_helpers import make_hf_tokenizer
+
+    from cpt_jax.data.pipeline import BatchFields
+
+    llama3 = make_hf_tokenizer(tmp_path / "llama3", eos="<|end_of_text|>", extra_special=["<|begin_of_text|>"],
+                               template_bos="<|begin_of_text|>")
+    qwen2 = make_hf_tokenizer(tmp_path / "qwen2", extra_special=["<|im_start|>", "<|im_end|>"],
+                              config={"bos_token": None, "eos_token": "<|endoftext|>"})
+    for name, tok_path, bos, starts_with_bos in (("sp", sp_path, "auto", True), ("llama3", llama3, "auto", True),
+                                                 ("qwen2", qwen2, "auto", False), ("sp_never", sp_path, "never", False),
+                                                 ("llama3_always", llama3, "always", True)):
+        out = str(tmp_path / f"out_{name}")
+        manifest = prepare([f"jsonl:{corpus}"], tok_path, 16, out, 3, bos=bos)
+        assert (manifest["bos"], manifest["add_bos"]) == (bos, starts_with_bos), name
+        tok = load_tokenizer(tok_path)
+        assert_round_trip(out, manifest, tok, DOCS)  # checks every document's first token is BOS when added
+        train, _ = read_split(out, manifest)
+        assert bool(train[0, 0] == tok.bos_id) is starts_with_bos, name
+        fields = BatchFields(tok.eos_id)(train)
+        after_eos = np.zeros(fields["inputs"].shape, bool)
+        after_eos[:, 1:] = fields["inputs"][:, :-1] == tok.eos_id
+        np.testing.assert_array_equal(fields["positions"][after_eos], 0)
+        if starts_with_bos:
+            np.testing.assert_array_equal(fields["inputs"][after_eos], tok.bos_id)
+    with pytest.raises(ConfigError) as e:
+        prepare([f"jsonl:{corpus}"], qwen2, 16, str(tmp_path / "no_bos"), 3, bos="always")
+    one_line(e, "--bos always", qwen2, "has no BOS token")
+    assert_nothing_written(str(tmp_path / "no_bos"))
+
+
+def _columnar_inputs(tmp_path, docs, column="text"):
+    """The documents as two Parquet files and as a `datasets.Dataset.save_to_disk` directory (two
+    Arrow IPC stream files and the state.json that lists them), written with pyarrow."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"id": list(range(len(docs))), column: docs})
+    (tmp_path / "pq").mkdir()
+    pq.write_table(table.slice(0, 70), tmp_path / "pq" / "part-0.parquet", row_group_size=16)
+    pq.write_table(table.slice(70), tmp_path / "pq" / "part-1.parquet")
+    arrow = tmp_path / "saved"
+    arrow.mkdir()
+    files = ["data-00000-of-00002.arrow", "data-00001-of-00002.arrow"]
+    for name, part in zip(files, (table.slice(0, 90), table.slice(90)), strict=True):
+        with pa.OSFile(str(arrow / name), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            for batch in part.to_batches(max_chunksize=25):
+                writer.write_batch(batch)
+    (arrow / "state.json").write_text(json.dumps({"_data_files": [{"filename": f} for f in files]}))
+    return f"{tmp_path}/pq/*.parquet", str(arrow)
+
+
+def test_parquet_and_arrow_inputs_give_the_examples_of_jsonl(tmp_path, sp_path, corpus, monkeypatch):
+    monkeypatch.setattr(prep, "TASK_BYTES", 2000)  # several tasks per file
+    parquet, arrow = _columnar_inputs(tmp_path, DOCS, column="body")
+    outputs = {}
+    for kind, spec in (("jsonl", f"jsonl:{corpus}"), ("parquet", f"parquet:{parquet}:body"),
+                       ("arrow", f"arrow:{arrow}:body")):
+        out = str(tmp_path / kind)
+        manifest = prepare([spec], sp_path, 16, out, 3, workers=2 if kind == "parquet" else 1)
+        outputs[kind] = (read_split(out, manifest), manifest)
+    (train, val), reference = outputs.pop("jsonl")
+    for kind, ((t, v), manifest) in outputs.items():
+        np.testing.assert_array_equal(t, train, err_msg=kind)
+        np.testing.assert_array_equal(v, val, err_msg=kind)
+        for key in ("documents", "document_tokens", "text_bytes", "examples"):
+            assert manifest[key] == reference[key], (kind, key)
+
+
+def test_parquet_and_arrow_errors(tmp_path, sp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet, arrow = _columnar_inputs(tmp_path, DOCS)
+    cases = [
+        (f"parquet:{parquet}:content", ["part-0.parquet: no column 'content', expected one of id, text"]),
+        (f"parquet:{parquet}:id", ["part-0.parquet: column 'id' is int64, expected a string column"]),
+        (f"arrow:{arrow}:content", ["data-00000-of-00002.arrow: no column 'content'"]),
+        (f"arrow:{tmp_path}/nowhere", ["nowhere is not a directory"]),
+        (f"parquet:{tmp_path}/none*.parquet", ["matches no file"]),
+    ]
+    (tmp_path / "fake.parquet").write_text("not parquet")
+    cases.append((f"parquet:{tmp_path}/fake.parquet", ["fake.parquet: not a readable parquet file"]))
+    pq.write_table(pa.table({"text": ["fine", None, "also fine"]}), tmp_path / "nulls.parquet")
+    for spec, needles in cases:
+        with pytest.raises(ConfigError) as e:
+            prepare([spec], sp_path, 4, str(tmp_path / "out"), 1)
+        one_line(e, *needles)
+        assert_nothing_written(str(tmp_path / "out"))
+    # A null is a document without text: counted as empty, not an error.
+    manifest = prepare([f"parquet:{tmp_path}/nulls.parquet"], sp_path, 2, str(tmp_path / "nulls"), 1)
+    assert (manifest["documents"], manifest["empty_documents"]) == (2, 1)
+
+
 def test_parse_input():
     assert parse_input("jsonl:a/*.jsonl") == prep.InputSpec("jsonl:a/*.jsonl", "jsonl", pattern="a/*.jsonl")
     assert parse_input("jsonl:a/*.jsonl:body").field == "body"
     assert parse_input("text:/x/**/*.md").pattern == "/x/**/*.md"
+    assert parse_input("parquet:/d/*.parquet:content") == prep.InputSpec("parquet:/d/*.parquet:content", "parquet",
+                                                                         pattern="/d/*.parquet", field="content")
+    assert parse_input("arrow:/saved/ds") == prep.InputSpec("arrow:/saved/ds", "arrow", pattern="/saved/ds")
     spec = parse_input("tfds:wiki/en:train[:10%]:content")
     assert (spec.tfds_name, spec.tfds_config, spec.split, spec.feature) == ("wiki", "en", "train[:10%]", "content")
     spec = parse_input("tfds:wiki")

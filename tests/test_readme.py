@@ -41,7 +41,7 @@ def test_readme_starts_with_the_two_commands():
 def test_readme_shows_every_entry_point():
     shown = {module for module, _ in _by_command()}
     for module in ("cpt_jax.train", "cpt_jax.prepare", "cpt_jax.plan", "cpt_jax.evaluate", "cpt_jax.hf",
-                   "cpt_jax.plot", "cpt_jax.tokenizer"):
+                   "cpt_jax.plot", "cpt_jax.tokenizer", "cpt_jax.sample"):
         assert module in shown, module
 
 

@@ -94,7 +94,7 @@ def test_prepared_source_round_trips_its_records(prepared):
     assert stream.size == m["tokens"]
     # The train examples are the start of the tokenized document stream (make_prepared_source's
     # default documents), in order.
-    expected = tok.encode_documents(make_documents(200, seed=3), num_threads=1)
+    expected = tok.encode_documents(make_documents(200, seed=3), num_threads=1, add_bos=m["add_bos"])
     np.testing.assert_array_equal(stream, expected[: stream.size])
     source.check_compatible(tokenizer_fingerprint=tok.fingerprint, vocab_size=tok.vocab_size, seq_len=16)
     source.check_compatible(tokenizer_fingerprint=None, vocab_size=1024, seq_len=16)  # bigger model vocab

@@ -161,6 +161,35 @@ def test_encode_documents_appends_eos(which, sp_path, hf_path):
     assert tok.encode_documents([]).size == 0
 
 
+def test_encode_documents_with_bos(sp_path):
+    tok = load_tokenizer(sp_path)
+    texts = [TEXTS[0], "", TEXTS[1]]  # an empty text still gets its BOS and EOS, in that order
+    flat = tok.encode_documents(texts, num_threads=1, add_bos=True)
+    expected = np.concatenate([[tok.bos_id, *seq, tok.eos_id] for seq in tok.encode_batch(texts)])
+    np.testing.assert_array_equal(flat, expected.astype(tok.dtype))
+
+
+def test_bos_convention_of_each_tokenizer_kind(sp_path, tmp_path):
+    """`adds_bos`: what the tokenizer itself does, which `prepare --bos auto` follows."""
+    sp = load_tokenizer(sp_path)
+    assert sp.bos_id == 1 and sp.adds_bos  # a sentencepiece model with a BOS piece, as Llama 2's
+    llama3 = load_tokenizer(make_hf_tokenizer(tmp_path / "llama3", eos="<|end_of_text|>",
+                                              extra_special=["<|begin_of_text|>"], template_bos="<|begin_of_text|>"))
+    assert llama3.adds_bos and llama3.bos_id == llama3._tok.token_to_id("<|begin_of_text|>")
+    qwen2 = load_tokenizer(make_hf_tokenizer(tmp_path / "qwen2", extra_special=["<|im_start|>", "<|im_end|>"],
+                                             config={"bos_token": None, "eos_token": "<|endoftext|>"}))
+    assert qwen2.bos_id is None and not qwen2.adds_bos
+    # Mistral's way: tokenizer_config.json says add_bos_token; it also overrides a template.
+    mistral = load_tokenizer(make_hf_tokenizer(tmp_path / "mistral", eos="</s>", extra_special=["<s>"],
+                                               config={"add_bos_token": True, "bos_token": "<s>"}))
+    assert mistral.adds_bos and mistral.bos_id == mistral._tok.token_to_id("<s>")
+    plain = load_tokenizer(make_hf_tokenizer(tmp_path / "plain", eos="</s>", extra_special=["<s>"]))
+    assert plain.bos_id is not None and not plain.adds_bos  # a BOS token the tokenizer never adds
+    off = load_tokenizer(make_hf_tokenizer(tmp_path / "off", eos="<|end_of_text|>", extra_special=["<|begin_of_text|>"],
+                                           template_bos="<|begin_of_text|>", config={"add_bos_token": False}))
+    assert not off.adds_bos
+
+
 def test_token_dtype():
     assert token_dtype(65536) == np.uint16
     assert token_dtype(65537) == np.uint32

@@ -60,16 +60,45 @@ def test_checkpoint_metadata_carries_the_schedule(pretrained):
     assert meta["model"]["d_model"] == 64 and "layers.wq" in meta["param_shapes"]
 
 
-def test_resume_continues_steps_lr_and_losses_exactly(pretrained, tmp_path):
+def test_resume_continues_steps_lr_and_losses_exactly(pretrained, tmp_path, capsys):
     interrupted = str(tmp_path / "interrupted")
     assert run(interrupted, "--config.train.steps=20", "--config.checkpoint.every_steps=10",
                "--config.train.stop_at=10") == 0
     assert [r["step"] for r in records(interrupted)] == list(range(10))
+    before = _files(interrupted)
+    capsys.readouterr()
+    assert run(interrupted, "--config.train.steps=20", "--config.checkpoint.every_steps=10",
+               "--config.train.stop_at=10") == 0  # the same stop_at again: nothing to do
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"{interrupted}/checkpoints: the run is finished (step 10 of 20 is checkpointed, train.stop_at 10); "
+        "nothing to do, nothing written (raise train.stop_at to continue)"]
+    assert _files(interrupted) == before
     assert run(interrupted, "--config.train.steps=20", "--config.checkpoint.every_steps=10") == 0
     resumed, straight = records(interrupted), records(pretrained)
     assert [r["step"] for r in resumed] == list(range(20))
     for a, b in zip(resumed, straight, strict=True):
         assert a["lr"] == b["lr"] and a["loss"] == b["loss"], (a, b)
+
+
+def _files(root):
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            with open(os.path.join(d, n), "rb") as f:
+                out[os.path.join(d, n)] = f.read()
+    return out
+
+
+def test_rerunning_a_finished_run_says_so_and_writes_nothing(pretrained, capsys):
+    before = _files(pretrained)
+    root = os.path.join(pretrained, "checkpoints")
+    capsys.readouterr()
+    for extra in ([], ["--config.train.stop_at=10"]):
+        assert run(pretrained, "--config.train.steps=20", "--config.checkpoint.every_steps=10", *extra) == 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"{root}: the run is finished (step 20 of 20 is checkpointed); nothing to do, nothing "
+                       "written (use a new --workdir for another run)"]
+    assert _files(pretrained) == before
 
 
 def test_init_from_starts_at_the_checkpoints_lr_min(pretrained, tmp_path):

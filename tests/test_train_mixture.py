@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 
 import data_helpers
 import pytest
@@ -50,7 +51,8 @@ def get_config():
     c.eval.tasks.toy = {str(task)!r}
     return c
 """)
-    return {"config": str(cfg_file), "tokenizer": tok}
+    shard = os.path.join(general, json.load(open(os.path.join(general, "manifest.json")))["shards"][0])
+    return {"config": str(cfg_file), "tokenizer": tok, "general_shard": shard}
 
 
 def test_switch_at_the_lr_crossing(data, tmp_path):
@@ -98,3 +100,49 @@ def test_in_loop_evaluation_records(data, tmp_path):
         assert r["tasks"]["toy"]["n"] == 6 and 0.0 <= r["tasks"]["toy"]["acc"] <= 1.0
     # The eval-only source reads the same val examples as 'general': the same numbers.
     assert evals[0]["sources"]["forgetting"] == evals[0]["sources"]["general"]
+
+
+def _tree(path):
+    return {os.path.join(root, f): open(os.path.join(root, f), "rb").read() for root, _, files in os.walk(path)
+            for f in files}
+
+
+def test_iterator_state_is_checked_on_resume_and_a_damaged_shard_stops_the_run(data, tmp_path, capsys):
+    """Every checkpoint carries grain's iterator state, which a resume checks against the step; a
+    shard found damaged at its first read stops the run with one line, the last checkpoint intact."""
+    general = str(tmp_path / "general")
+    shutil.copytree(os.path.dirname(data["general_shard"]), general)
+    workdir = str(tmp_path / "run")
+    argv = ["train", f"--config={data['config']}", f"--workdir={workdir}", f"--config.data.sources.general={general}",
+            "--config.checkpoint.every_steps=10"]
+    assert train.main([*argv, "--config.train.stop_at=10"]) == 0
+    state_file = os.path.join(workdir, "checkpoints", "10", "data", "process_0-of-1.json")
+    state = json.load(open(state_file))
+    assert (state["step"], state["start_step"], state["grain"]) == (10, 0, {"next_index": 10})
+    before = _tree(workdir)
+
+    json.dump(dict(state, step=9), open(state_file, "w"))
+    capsys.readouterr()
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"error: {state_file}: the data iterator's state is at step 9, expected step 10 (the "
+                       "checkpoint's step); the checkpoint is inconsistent, resume from an earlier step or move this "
+                       "one away"), err
+    json.dump(state, open(state_file, "w"), indent=1)
+
+    # Garbage over most records of the file's first block (64 KiB), its index at the end intact:
+    # opening the file still works, reading those records does not.
+    shard = os.path.join(general, os.path.basename(data["general_shard"]))
+    start = os.path.getsize(shard) // 10
+    with open(shard, "r+b") as f:
+        f.seek(start)
+        f.write(b"\xa5" * (65_000 - start))
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {shard}: record ") and "unreadable" in errors[0], err
+    assert "Traceback" not in "\n".join(err)
+    assert checkpoint.complete_steps(os.path.join(workdir, "checkpoints")) == [10]
+    after = _tree(workdir)
+    assert {k: v for k, v in after.items() if "checkpoints" in k} == {k: v for k, v in before.items()
+                                                                        if "checkpoints" in k}

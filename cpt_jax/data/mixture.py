@@ -17,6 +17,11 @@ when that is achievable, e.g. for two sources; Tijdeman's 1 - 1/(2n-2) bound oth
 (source, k) is then O(1): full periods times the per-period count plus the rank inside the period.
 A source's `k` carries across phases: a source picked up again in a later phase continues where
 it left off, so it does not repeat records it already served.
+
+The trainer reads through grain: `Mixture.selection_map` is this sampler as the selection map of
+`grain.MapDataset.select_from_datasets`, on the global indices of one process's rows (a selection
+on global indices, unlike a mixer inside grain's worker processes, does not depend on how many
+workers read). `from_config` is the one place a run's mixture is made (trainer, plan, benchmarks).
 """
 
 from __future__ import annotations
@@ -399,21 +404,24 @@ class Mixture:
         counts = self.examples_per_source(0, int(step) * self.batch_size)
         return {name: n * int(tokens_per_example) for name, n in counts.items()}
 
-    def selection_map(self, num_examples: int) -> MixtureSelectionMap:
-        """A grain `DatasetSelectionMap` over global examples [0, num_examples)."""
-        return MixtureSelectionMap(self, num_examples)
+    def selection_map(self, rows: slice, num_steps: int) -> ProcessSelection:
+        """This process's rows of steps [0, num_steps) as a grain selection map (see ProcessSelection)."""
+        return ProcessSelection(self, rows, num_steps)
 
 
-class MixtureSelectionMap(grain.transforms.DatasetSelectionMap):
-    """The mixture as grain's selection hook for `MapDataset.select_from_datasets`.
+class ProcessSelection(grain.transforms.DatasetSelectionMap):
+    """The mixture as grain's selection hook for `MapDataset.select_from_datasets`, for one process.
 
-    Component `s` of the mixed dataset must be indexed by k (the k-th draw of source s), e.g.
-    `MapDataset.range(n)` mapped through `sources.record_indices` to the source's records.
+    Local index i is row `rows.start + i % R` of step `i // R` (R rows per step): global example
+    `(i // R) * B + rows.start + i % R`. So `.batch(R)` of the selected dataset gives this process's
+    rows of step s at index s, every index stays a global one (no worker-local counters), and the
+    order is the same on any topology. Component s must yield the k-th draw of source s at index k.
     """
 
-    def __init__(self, mixture: Mixture, num_examples: int):
+    def __init__(self, mixture: Mixture, rows: slice, num_steps: int):
         self._mixture = mixture
-        self._length = int(num_examples)
+        self._start, self._rows = int(rows.start), int(rows.stop - rows.start)
+        self._length = int(num_steps) * self._rows
 
     def __len__(self) -> int:
         return self._length
@@ -421,5 +429,21 @@ class MixtureSelectionMap(grain.transforms.DatasetSelectionMap):
     def __getitem__(self, index: int) -> tuple[int, int]:
         if not 0 <= index < self._length:
             raise IndexError(f"index {index} out of range [0, {self._length})")
-        source, k = self._mixture.select(np.array([index]))
+        step, row = divmod(int(index), self._rows)
+        source, k = self._mixture.select(np.array([step * self._mixture.batch_size + self._start + row]))
         return int(source[0]), int(k[0])
+
+
+SYNTHETIC = "synthetic"
+
+
+def from_config(cfg: Any, schedule: Any) -> Mixture:
+    """The run's mixture: data.phases over data.sources (data.kind 'mixture'), or one source of
+    generated data ('synthetic'). What the trainer, plan and the benchmarks all read."""
+    B, L = int(cfg.train.batch_size), int(cfg.train.seq_len)
+    if cfg.data.kind == SYNTHETIC:
+        return Mixture([Phase(index=0, start_step=0, weights={SYNTHETIC: 1.0}, start_at=None)], [SYNTHETIC], B)
+    names = list(cfg.data.sources.keys())
+    if not names:
+        raise ConfigError("data.sources: empty, expected {name: prepared directory} when data.kind is 'mixture'")
+    return Mixture(resolve_phases(cfg.data.phases, names, schedule, B, L), names, B)

@@ -3,14 +3,19 @@
 Inputs (`--input`, repeatable, read in the order given):
   jsonl:GLOB[:FIELD]                      one JSON object per line, the text in FIELD (default 'text')
   text:GLOB                               one document per file
+  parquet:GLOB[:COLUMN]                   Parquet files (FineWeb, RedPajama, most hub datasets), the
+                                          text in string column COLUMN (default 'text')
+  arrow:DIR[:COLUMN]                      the .arrow files of a `datasets.Dataset.save_to_disk`
+                                          directory (Arrow IPC streams), read like Parquet
   tfds:NAME[/CONFIG][:SPLIT][:FEATURE]    a TFDS dataset already prepared in array_record format
                                           (SPLIT default 'train', FEATURE default 'text'; no download)
 
-Every document is tokenized (in worker processes, batch encoding), followed by EOS, concatenated
-with the others and cut into examples of seq_len + 1 tokens (inputs and shifted targets); the
-trailing partial example is dropped. Because every document ends with EOS, document boundaries
-(segment ids) follow from the EOS positions. The last `val_examples` examples form the validation
-split, so train and val never share an example.
+Every document is tokenized (in worker processes, batch encoding), preceded by BOS when the
+tokenizer itself starts texts with it (`bos`: 'auto'; 'always' or 'never' override), followed by
+EOS, concatenated with the others and cut into examples of seq_len + 1 tokens (inputs and shifted
+targets); the trailing partial example is dropped. Because every document ends with EOS, document
+boundaries (segment ids) follow from the EOS positions; a document's BOS is its first token. The
+last `val_examples` examples form the validation split, so train and val never share an example.
 
 Output directory:
   train-XXXXX-of-YYYYY.array_record   one record per example: the raw little-endian tokens
@@ -40,6 +45,9 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from cpt_jax.config import ConfigError
@@ -51,7 +59,11 @@ VAL_FILE = "val.array_record"
 # One record per chunk so that a random read decodes one example, not a group of them; no
 # compression because token ids compress poorly and readers should not pay for decompression.
 RECORD_OPTIONS = "group_size:1,uncompressed"
-SPEC_HELP = "jsonl:GLOB[:FIELD], text:GLOB or tfds:NAME[/CONFIG][:SPLIT][:FEATURE]"
+SPEC_HELP = ("jsonl:GLOB[:FIELD], text:GLOB, parquet:GLOB[:COLUMN], arrow:DIR[:COLUMN] or "
+             "tfds:NAME[/CONFIG][:SPLIT][:FEATURE]")
+BOS_CHOICES = ("auto", "always", "never")
+# Held out by default: what an in-loop evaluation reads of each source by default (eval.examples_per_source).
+DEFAULT_VAL_EXAMPLES = 64
 
 # Work unit sizes. A task is about this much text: large enough that the cost of shipping it to a
 # worker and back is small next to tokenizing it, small enough to keep every worker busy and the
@@ -59,6 +71,7 @@ SPEC_HELP = "jsonl:GLOB[:FIELD], text:GLOB or tfds:NAME[/CONFIG][:SPLIT][:FEATUR
 TASK_BYTES = 1 << 20
 TASK_FILES = 1024
 TASK_TFDS_RECORDS = 1024
+ARROW_BATCH_ROWS = 1024
 SHARD_BYTES = 256 << 20
 # 'spawn' because the caller may be a process with JAX (and its threads) loaded, where fork is unsafe.
 MP_START_METHOD = "spawn"
@@ -71,12 +84,12 @@ MP_START_METHOD = "spawn"
 
 @dataclasses.dataclass(frozen=True)
 class InputSpec:
-    """A parsed `--input`: kind 'jsonl', 'text' or 'tfds' and its parts."""
+    """A parsed `--input`: kind 'jsonl', 'text', 'parquet', 'arrow' or 'tfds' and its parts."""
 
     spec: str
     kind: str
-    pattern: str = ""  # jsonl/text: the glob
-    field: str = "text"  # jsonl: the JSON key holding the text
+    pattern: str = ""  # jsonl/text/parquet: the glob; arrow: the directory
+    field: str = "text"  # jsonl: the JSON key holding the text; parquet/arrow: the column
     tfds_name: str = ""
     tfds_config: str = ""
     split: str = "train"  # tfds: a split name, optionally sliced: train[:10%]
@@ -93,13 +106,13 @@ def parse_input(spec: str) -> InputSpec:
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise ConfigError(f"--input {spec!r}: not a spec, expected {SPEC_HELP}")
-    if kind == "jsonl":
+    if kind in ("jsonl", "parquet", "arrow"):
         pattern, field = rest, "text"
         head, sep, tail = rest.rpartition(":")
         # A trailing ':name' is the field, unless it looks like part of a path.
         if sep and head and tail and "/" not in tail and "*" not in tail:
             pattern, field = head, tail
-        return InputSpec(spec, "jsonl", pattern=pattern, field=field)
+        return InputSpec(spec, kind, pattern=pattern, field=field)
     if kind == "text":
         return InputSpec(spec, "text", pattern=rest)
     if kind == "tfds":
@@ -187,14 +200,60 @@ def _resolve_tfds(spec: InputSpec, data_dir: str | None) -> _TfdsInput:
     return _TfdsInput(version_dir, spec.split, spec.feature, f"{label} split {spec.split}", num_records)
 
 
+def _arrow_files(spec: InputSpec) -> list[str]:
+    """The .arrow files of a `save_to_disk` directory, in the order its state.json lists them."""
+    directory = os.path.abspath(os.path.expanduser(spec.pattern))
+    if not os.path.isdir(directory):
+        raise ConfigError(f"--input {spec.spec}: {directory} is not a directory, expected one written by "
+                          "datasets.Dataset.save_to_disk")
+    try:
+        with open(os.path.join(directory, "state.json"), encoding="utf-8") as f:
+            files = [os.path.join(directory, d["filename"]) for d in json.load(f)["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError):  # no usable state.json: every .arrow file, by name
+        files = sorted(glob.glob(os.path.join(directory, "*.arrow")))
+    if not files:
+        raise ConfigError(f"--input {spec.spec}: no .arrow files in {directory}, expected a directory written by "
+                          "datasets.Dataset.save_to_disk")
+    return files
+
+
+def _arrow_schema(kind: str, path: str) -> pa.Schema:
+    try:
+        if kind == "parquet":
+            return pq.read_schema(path)
+        with pa.memory_map(path) as source:
+            return pa.ipc.open_stream(source).schema
+    except (pa.ArrowException, OSError) as e:
+        raise ConfigError(f"{path}: not a readable {kind} file ({str(e).splitlines()[0][:200]})") from None
+
+
+def _check_text_column(kind: str, path: str, column: str) -> None:
+    """ConfigError unless the file's schema has `column` as a string column (read from its footer or
+    header only, so every file is checked before any is tokenized)."""
+    schema = _arrow_schema(kind, path)
+    if column not in schema.names:
+        raise ConfigError(f"{path}: no column {column!r}, expected one of {', '.join(schema.names[:12])} "
+                          f"(name it as --input {kind}:PATH:COLUMN)")
+    dtype = schema.field(column).type
+    if not (pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_string_view(dtype)):
+        raise ConfigError(f"{path}: column {column!r} is {dtype}, expected a string column of text")
+
+
 def _resolve(spec: InputSpec, tfds_data_dir: str | None) -> list[str] | _TfdsInput:
-    """The files a jsonl/text spec names (sorted), or the TFDS dataset a tfds spec names."""
+    """The files a jsonl/text/parquet/arrow spec names (sorted), or the TFDS dataset a tfds spec names."""
     if spec.kind == "tfds":
         return _resolve_tfds(spec, tfds_data_dir)
+    if spec.kind == "arrow":
+        files = _arrow_files(spec)
+        for path in files:
+            _check_text_column("arrow", path, spec.field)
+        return files
     pattern = os.path.expanduser(spec.pattern)
     files = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
     if not files:
         raise ConfigError(f"--input {spec.spec}: the glob {pattern!r} matches no file, expected at least one")
+    for path in files if spec.kind == "parquet" else ():
+        _check_text_column("parquet", path, spec.field)
     return files
 
 
@@ -237,6 +296,32 @@ def _text_tasks(files: list[str]) -> Iterator[tuple]:
         yield ("text", tuple(group))
 
 
+def _record_batches(kind: str, path: str, column: str) -> Iterator[pa.RecordBatch]:
+    if kind == "parquet":
+        yield from pq.ParquetFile(path).iter_batches(batch_size=ARROW_BATCH_ROWS, columns=[column])
+        return
+    with pa.memory_map(path) as source:
+        yield from pa.ipc.open_stream(source)
+
+
+def _arrow_tasks(kind: str, path: str, column: str) -> Iterator[tuple]:
+    """The column's texts in blocks of about TASK_BYTES, read by pyarrow record batches (in this
+    process: decoding columnar files is fast next to tokenizing them)."""
+    first, texts, size = 0, [], 0
+    try:
+        for batch in _record_batches(kind, path, column):
+            values = batch.column(column)
+            texts += values.to_pylist()
+            size += int(pc.sum(pc.binary_length(values)).as_py() or 0)
+            if size >= TASK_BYTES:
+                yield ("texts", path, first, tuple(texts), size)
+                first, texts, size = first + len(texts), [], 0
+    except (pa.ArrowException, OSError) as e:
+        raise ConfigError(f"{path}: unreadable at row {first + len(texts)} ({str(e).splitlines()[0][:200]})") from None
+    if texts:
+        yield ("texts", path, first, tuple(texts), size)
+
+
 def _tasks(resolved: list[tuple[InputSpec, list[str] | _TfdsInput]]) -> Iterator[tuple]:
     for spec, target in resolved:
         if isinstance(target, _TfdsInput):
@@ -246,6 +331,9 @@ def _tasks(resolved: list[tuple[InputSpec, list[str] | _TfdsInput]]) -> Iterator
         elif spec.kind == "jsonl":
             for path in target:
                 yield from _jsonl_tasks(path, spec.field)
+        elif spec.kind in ("parquet", "arrow"):
+            for path in target:
+                yield from _arrow_tasks(spec.kind, path, spec.field)
         else:
             yield from _text_tasks(target)
 
@@ -425,16 +513,19 @@ def _read_task(task: tuple, bad: _Bad) -> tuple[list[str], int]:
         return _read_text(task[1], bad)
     if kind == "tfds":
         return _read_tfds(*task[1:], bad=bad)
+    if kind == "texts":  # a null is a document without text
+        return ["" if t is None else t for t in task[3]], task[4]
     raise ValueError(f"unknown task kind {kind!r}")
 
 
-def _process_task(task: tuple, tokenizer_path: str, fingerprint: str, skip_bad_records: bool) -> _Chunk:
+def _process_task(task: tuple, tokenizer_path: str, fingerprint: str, skip_bad_records: bool,
+                  add_bos: bool = False) -> _Chunk:
     """Read one task's documents and tokenize them (runs in a worker process)."""
     bad = _Bad(skip_bad_records)
     docs, text_bytes = _read_task(task, bad)
     # An empty document would only add a lone EOS: count it, do not emit it.
     nonempty = [d for d in docs if d]
-    tokens = _tokenizer(tokenizer_path, fingerprint).encode_documents(nonempty, num_threads=1)
+    tokens = _tokenizer(tokenizer_path, fingerprint).encode_documents(nonempty, num_threads=1, add_bos=add_bos)
     return _Chunk(tokens, len(nonempty), len(docs) - len(nonempty), text_bytes, bad.count)
 
 
@@ -448,7 +539,7 @@ class _Runner:
     """Runs tasks in order: in this process for one worker, else in a process pool with a bounded
     number of tasks in flight (reading stays ahead of the workers without reading everything)."""
 
-    def __init__(self, workers: int, context: tuple[str, str, bool]):
+    def __init__(self, workers: int, context: tuple[str, str, bool, bool]):
         self.workers = workers
         self.context = context
         self.pool: ProcessPoolExecutor | None = None
@@ -590,9 +681,25 @@ def _positive(flag: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
-def prepare(inputs: list[str], tokenizer_path: str, seq_len: int, out_dir: str, val_examples: int,
-            workers: int = 1, name: str | None = None, skip_bad_records: bool = False,
-            tfds_data_dir: str | None = None, *, examples_per_shard: int | None = None) -> dict:
+def resolve_bos(choice: str, tok: Tokenizer) -> bool:
+    """Whether documents start with BOS for `--bos` auto (the tokenizer's own convention), always
+    or never. ConfigError for an unknown choice or 'always' without a BOS to add."""
+    if choice not in BOS_CHOICES:
+        raise ConfigError(f"--bos: {choice!r}, expected one of {', '.join(BOS_CHOICES)}")
+    if choice == "always" and tok.bos_id is None:
+        raise ConfigError(f"--bos always: tokenizer {tok.path} has no BOS token, expected one (use --bos auto or "
+                          "never)")
+    if choice == "always" and tok.bos_id == tok.eos_id:
+        raise ConfigError(f"--bos always: tokenizer {tok.path}'s BOS is its EOS (id {tok.eos_id}), which already "
+                          "separates the documents; expected --bos auto or never")
+    # A BOS that is also the EOS would end a document where it starts: the EOS before it serves.
+    return choice == "always" or (choice == "auto" and tok.adds_bos and tok.bos_id != tok.eos_id)
+
+
+def prepare(inputs: list[str], tokenizer_path: str, seq_len: int, out_dir: str,
+            val_examples: int = DEFAULT_VAL_EXAMPLES, workers: int = 1, name: str | None = None,
+            skip_bad_records: bool = False, tfds_data_dir: str | None = None, *,
+            examples_per_shard: int | None = None, bos: str = "auto") -> dict:
     """Tokenize and pack `inputs` into `out_dir`; returns the manifest (also in out_dir/manifest.json).
 
     Args:
@@ -601,11 +708,15 @@ def prepare(inputs: list[str], tokenizer_path: str, seq_len: int, out_dir: str, 
       seq_len: tokens a training sequence has; examples hold seq_len + 1 (inputs and targets).
       out_dir: must not exist or be empty.
       val_examples: examples held out (the last ones) for the val split; fewer than the total.
+        Default 64, what an in-loop evaluation reads of a source by default.
       workers: tokenizer processes; 1 tokenizes in this process.
       name: the source's name (default: the basename of out_dir).
       skip_bad_records: skip and count bad JSONL lines, non-UTF-8 records, instead of failing.
       tfds_data_dir: where tfds: inputs are prepared (default $TFDS_DATA_DIR or ~/tensorflow_datasets).
       examples_per_shard: train examples per shard (default: shards of about 256 MiB).
+      bos: 'auto' (BOS before every document when the tokenizer itself adds one: sentencepiece
+        models with a BOS piece, as Llama 2; tokenizer.json whose tokenizer_config.json says
+        add_bos_token or whose template starts with BOS, as Llama 3 and Mistral), 'always', 'never'.
 
     Raises ConfigError (one line, nothing written) for every user error. With workers > 1 the
     workers are started with 'spawn' (safe in a process that runs JAX), which re-imports the
@@ -621,6 +732,7 @@ def prepare(inputs: list[str], tokenizer_path: str, seq_len: int, out_dir: str, 
     _check_out_dir(out_dir)
     name = name or os.path.basename(out_dir)
     tok = load_tokenizer(tokenizer_path)
+    add_bos = resolve_bos(bos, tok)
     resolved = _resolve_all(inputs, tfds_data_dir)
     length = seq_len + 1
     dtype = tok.dtype.newbyteorder("<")
@@ -640,7 +752,7 @@ def prepare(inputs: list[str], tokenizer_path: str, seq_len: int, out_dir: str, 
     documents = empty_documents = text_bytes = skipped = document_tokens = 0
     carry = np.empty(0, dtype)
     try:
-        with _Runner(workers, (tok.path, tok.fingerprint, skip_bad_records)) as runner:
+        with _Runner(workers, (tok.path, tok.fingerprint, skip_bad_records, add_bos)) as runner:
             for chunk in runner.map(_tasks(resolved)):
                 documents += chunk.documents
                 empty_documents += chunk.empty_documents
@@ -669,6 +781,8 @@ def prepare(inputs: list[str], tokenizer_path: str, seq_len: int, out_dir: str, 
             "name": name,
             "inputs": list(inputs),
             **describe(tok),
+            "bos": bos,
+            "add_bos": add_bos,  # whether every document starts with BOS (what the trainer checks)
             "seq_len": seq_len,
             "example_length": length,
             "dtype": tok.dtype.name,

@@ -1,23 +1,30 @@
-"""A prepared source (the output of `cpt_jax.prepare`) as a random-access grain dataset, and the
+"""A prepared source (the output of `cpt_jax.prepare`) as random-access grain datasets, and the
 pure functions that decide its order: per-epoch permutations and segment ids.
 
 Data order is a function of (seed, source name, draw index) only, never of the topology or of
 iterator state: the k-th draw from a source of n examples is record `perm(epoch=k // n)[k % n]`,
 where each epoch's permutation comes from a seed derived by a stable hash of (seed, name, epoch).
 A source therefore repeats when exhausted, and every epoch visits every example exactly once.
+`Source.draws` is that order as grain transforms: `MapDataset.source(ArrayRecordDataSource)`,
+decoded, `EpochShuffle`d (grain's own shuffle with this stable, numpy-version-proof permutation),
+repeated.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import grain
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader
 
 from cpt_jax.config import ConfigError
 from cpt_jax.data.prepare import FORMAT_VERSION, MANIFEST, VAL_FILE
@@ -52,6 +59,50 @@ class _DecodeRecord:
         return tokens
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [f"{type(e).__name__} without a message"])[0][:200]
+
+
+class DataError(ConfigError):
+    """A prepared file found unreadable while a run reads it (a damaged shard): reported as one line."""
+
+
+class _Shards(grain.sources.ArrayRecordDataSource):
+    """grain's ArrayRecord source over a split's files, naming the file when a read fails (the
+    reader's own error names neither the file nor the record)."""
+
+    def __init__(self, paths: list[str], counts: list[int]):
+        # Each read is served in the calling thread: reads are single records, for which the
+        # reader's own thread pool costs more than it saves (and competes with the train step).
+        super().__init__(paths, reader_options={"max_parallelism": "0"})
+        self._starts = [0, *itertools.accumulate(counts)]
+
+    def __getitem__(self, key: int) -> bytes:
+        try:
+            return super().__getitem__(key)
+        except RuntimeError as e:
+            shard = bisect.bisect_right(self._starts, int(key)) - 1
+            raise DataError(f"{self.paths[shard]}: record {int(key) - self._starts[shard]} unreadable "
+                            f"({_first_line(e)}); the file is damaged, prepare the source again") from None
+
+
+class EpochShuffle(grain.MapDataset):
+    """Index k -> the parent's record `epoch_permutation(seed, name, k // n)[k % n]`: a new order
+    every epoch (like grain's `shuffle`), stable across processes, hosts and library versions."""
+
+    def __init__(self, parent: grain.MapDataset, seed: int, name: str):
+        super().__init__(parent)
+        self._seed, self._name, self._n = int(seed), str(name), len(parent)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[record_index(self._seed, self._name, self._n, index)]
+
+
 @dataclasses.dataclass
 class Source:
     """One split of a prepared source.
@@ -83,6 +134,10 @@ class Source:
     @property
     def manifest_path(self) -> str:
         return os.path.join(self.directory, MANIFEST)
+
+    def draws(self, seed: int) -> grain.MapDataset:
+        """The source's examples in the run's order: index k is the k-th draw (any k >= 0)."""
+        return EpochShuffle(self.dataset, seed, self.name).repeat()
 
     def check_compatible(self, *, tokenizer_fingerprint: str | None, vocab_size: int, seq_len: int) -> None:
         """Raise ConfigError when this source cannot feed a model with this tokenizer, vocabulary
@@ -148,10 +203,18 @@ def load_source(directory: str | os.PathLike, split: str = "train") -> Source:
     if expected <= 0:
         raise ConfigError(f"{path}: {expected} {split} examples, expected a non-empty source")
     paths = [os.path.join(directory, f) for f in files]
+    counts = []
     for p in paths:
         if not os.path.isfile(p):
             raise ConfigError(f"{p}: missing, expected the file listed in {path}")
-    records = grain.sources.ArrayRecordDataSource(paths)
+        try:  # opening reads the file's index at its end: a truncated or damaged file fails here
+            reader = ArrayRecordReader(p)
+            counts.append(reader.num_records())
+            reader.close()
+        except (RuntimeError, OSError) as e:
+            raise ConfigError(f"{p}: not a readable ArrayRecord file, truncated or damaged ({_first_line(e)}); "
+                              "prepare the directory again") from None
+    records = _Shards(paths, counts)
     if len(records) != expected:
         raise ConfigError(f"{directory}: {len(records)} {split} records in the files, expected {expected} (from "
                           f"{path}); the directory is damaged, prepare it again")
@@ -162,6 +225,20 @@ def load_source(directory: str | os.PathLike, split: str = "train") -> Source:
                           f"(seq_len + 1 = {length} {manifest['dtype']} tokens, from {path})")
     dataset = grain.MapDataset.source(records).map(_DecodeRecord(manifest["dtype"], length))
     return Source(manifest["name"], directory, split, manifest, expected, dataset)
+
+
+def starts_with_bos(manifests: Sequence[tuple[str, dict[str, Any]]]) -> bool:
+    """Whether the documents of these sources (pairs of manifest path and manifest, all made with
+    one tokenizer) begin with BOS. A model trained on both conventions would learn neither: sources
+    prepared with different `--bos` outcomes are a ConfigError naming two of them."""
+    seen: dict[bool, str] = {}
+    for path, manifest in manifests:
+        seen.setdefault(bool(manifest.get("add_bos", False)), path)  # prepared before --bos existed: none
+    if len(seen) > 1:
+        raise ConfigError(f"{seen[True]}: add_bos true (documents start with BOS), but {seen[False]} has add_bos "
+                          "false; expected one convention for all sources of a tokenizer (prepare them again with "
+                          "the same --bos)")
+    return bool(seen and next(iter(seen)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,7 +253,9 @@ def epoch_seed(seed: int, name: str, epoch: int) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
-@functools.lru_cache(maxsize=8)
+# Examples are looked up one at a time: keep the permutations of the current (and next) epoch of
+# up to 16 sources.
+@functools.lru_cache(maxsize=32)
 def _permutation(seed: int, name: str, epoch: int, n: int) -> np.ndarray:
     # Argsort of raw 64-bit draws rather than Generator.permutation: a BitGenerator's raw stream is
     # fixed by its algorithm, while Generator methods may change between numpy versions, and a

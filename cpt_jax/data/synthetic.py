@@ -34,3 +34,18 @@ def synthetic_examples(
     for t in range(seq_len):
         out[:, t + 1] = table[out[:, t], choices[:, t]]
     return out.astype(np.int32)
+
+
+class SyntheticWalks:
+    """A grain batch function: a batch of draws (global example indices) -> their examples.
+
+    Generates all rows at once: a walk is sequential in time, so generating one example at a time
+    would cost seq_len numpy steps per row instead of per batch.
+    """
+
+    def __init__(self, seed: int, seq_len: int, vocab_size: int, branching: int):
+        self.args = (int(seed), int(seq_len), int(vocab_size), int(branching))
+
+    def __call__(self, indices) -> np.ndarray:
+        seed, seq_len, vocab_size, branching = self.args
+        return synthetic_examples(seed, np.asarray(indices, np.int64), seq_len, vocab_size, branching)

@@ -53,6 +53,8 @@ class Tokenizer(abc.ABC):
       bos_id: beginning-of-sequence id, or None when the tokenizer has none.
       eos_id: end-of-document id; `prepare` appends it after every document.
       pad_id: padding id; the eos id when the tokenizer defines no pad token.
+      adds_bos: whether the tokenizer itself starts every text with BOS (its models were trained
+        on documents that begin with it): what `prepare --bos auto` follows.
       fingerprint: sha256 hex digest of the tokenizer file.
     """
 
@@ -66,6 +68,7 @@ class Tokenizer(abc.ABC):
         self.bos_id = bos_id
         self.eos_id = eos_id
         self.pad_id = pad_id
+        self.adds_bos = False
 
     @property
     def dtype(self) -> np.dtype:
@@ -80,8 +83,10 @@ class Tokenizer(abc.ABC):
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:
         """The text of a sequence of ids (special tokens are kept in the text)."""
 
-    def encode_documents(self, texts: Sequence[str], num_threads: int | None = None) -> np.ndarray:
-        """All texts encoded and concatenated, each followed by eos, as one array of `self.dtype`.
+    def encode_documents(self, texts: Sequence[str], num_threads: int | None = None,
+                         add_bos: bool = False) -> np.ndarray:
+        """All texts encoded and concatenated, each followed by eos (and preceded by bos with
+        `add_bos`), as one array of `self.dtype`.
 
         This is what `prepare` packs; one concatenation and one vectorised insert instead of a
         Python-level append per document.
@@ -91,7 +96,13 @@ class Tokenizer(abc.ABC):
         arrays = self.encode_batch(texts, num_threads=num_threads)
         lengths = np.fromiter((a.size for a in arrays), np.int64, count=len(arrays))
         flat = np.concatenate(arrays).astype(self.dtype, copy=False)
-        return np.insert(flat, np.cumsum(lengths), np.asarray(self.eos_id, self.dtype))
+        ends = np.cumsum(lengths)
+        if not add_bos:
+            return np.insert(flat, ends, np.asarray(self.eos_id, self.dtype))
+        # (start, end) of every document in order; np.insert keeps equal positions in this order.
+        where = np.stack([ends - lengths, ends], axis=1).reshape(-1)
+        marks = np.tile(np.asarray([self.bos_id, self.eos_id], self.dtype), len(arrays))
+        return np.insert(flat, where, marks)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(path={self.path!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
@@ -124,6 +135,8 @@ class SentencePieceTokenizer(Tokenizer):
         pad = sp.pad_id()
         super().__init__(path, fingerprint, sp.vocab_size(), bos if bos >= 0 else None, eos,
                          pad if pad >= 0 else eos)
+        # Llama 2's convention: a sentencepiece model with a BOS piece starts every text with it.
+        self.adds_bos = self.bos_id is not None
 
     def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[np.ndarray]:
         return self._sp.encode(list(texts), num_threads=_threads(num_threads), return_type="numpy",
@@ -162,6 +175,14 @@ class HuggingFaceTokenizer(Tokenizer):
         bos = self._special_id("bos", named, BOS_CANDIDATES, path)
         pad = self._special_id("pad", named, PAD_CANDIDATES, path)
         super().__init__(path, fingerprint, vocab_size, bos, eos, eos if pad is None else pad)
+        # tokenizer_config.json's add_bos_token when it says (transformers honours it over the
+        # template), else what the post-processor's template does (Llama 3 and Mistral start with
+        # BOS; Qwen2 has no BOS).
+        config_says = _config_add_bos(path)
+        if config_says is None:
+            ids = tok.encode("a", add_special_tokens=True).ids
+            config_says = bos is not None and bool(ids) and ids[0] == bos
+        self.adds_bos = bool(config_says) and bos is not None
 
     def _special_id(self, which: str, named: dict[str, str | None], candidates: Sequence[str],
                     path: str) -> int | None:
@@ -197,11 +218,11 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0]
 
 
-def _config_special_tokens(path: str) -> dict[str, str | None]:
-    """{'eos': content, ...} for the special tokens a tokenizer_config.json beside `path` names."""
+def _tokenizer_config(path: str) -> tuple[str, dict[str, Any]]:
+    """(path, content) of the tokenizer_config.json beside `path` ({} when there is none)."""
     config = os.path.join(os.path.dirname(path), "tokenizer_config.json")
     if not os.path.exists(config):
-        return {}
+        return config, {}
     try:
         with open(config, encoding="utf-8") as f:
             cfg = json.load(f)
@@ -209,6 +230,21 @@ def _config_special_tokens(path: str) -> dict[str, str | None]:
         raise ConfigError(f"{config}: unreadable ({_first_line(e)}), expected a JSON object") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"{config}: a JSON {type(cfg).__name__}, expected a JSON object")
+    return config, cfg
+
+
+def _config_add_bos(path: str) -> bool | None:
+    """tokenizer_config.json's add_bos_token (None when it does not say)."""
+    config, cfg = _tokenizer_config(path)
+    value = cfg.get("add_bos_token")
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError(f"{config}: add_bos_token is {value!r}, expected true or false")
+    return value
+
+
+def _config_special_tokens(path: str) -> dict[str, str | None]:
+    """{'eos': content, ...} for the special tokens a tokenizer_config.json beside `path` names."""
+    config, cfg = _tokenizer_config(path)
     named: dict[str, str | None] = {}
     for which in ("eos", "bos", "pad"):
         key = f"{which}_token"
@@ -359,6 +395,7 @@ def describe(tok: Tokenizer) -> dict[str, Any]:
         "tokenizer_fingerprint": tok.fingerprint,
         "vocab_size": tok.vocab_size,
         "bos_id": tok.bos_id,
+        "adds_bos": tok.adds_bos,
         "eos_id": tok.eos_id,
         "pad_id": tok.pad_id,
     }

@@ -168,7 +168,7 @@ class Data:
 
 def prepare_data(seed_dir: str, s: Scale, seed: int, say: Callable[[str], None]) -> Data:
     """Corpus, tokenizer and prepared sources of one seed (each made only when absent)."""
-    from cpt_jax.data.prepare import prepare
+    from cpt_jax.data.prepare import prepare, resolve_bos
     from cpt_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 
     corpus_dir = os.path.join(seed_dir, "corpus")
@@ -184,13 +184,14 @@ def prepare_data(seed_dir: str, s: Scale, seed: int, say: Callable[[str], None])
         train_sentencepiece(generated.training_texts(), tok_path, s.vocab_size, model_type="bpe",
                             byte_fallback=False, num_threads=2)
     tok = load_tokenizer(tok_path)
+    marks = 1 + resolve_bos("auto", tok)  # EOS after every document, BOS before it when prepare adds one
     sources = {}
     for name in SOURCES:
         out = sources[name] = os.path.join(seed_dir, "prepared", name)
         if os.path.exists(os.path.join(out, "manifest.json")):
             continue
         docs, val_docs = documents[name]
-        counts = [len(ids) + 1 for ids in tok.encode_batch(docs)]  # + EOS, as prepare appends it
+        counts = [len(ids) + marks for ids in tok.encode_batch(docs)]
         val = corpus_lib.validation_examples(counts, val_docs, s.seq_len + 1)
         with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
             prepare([f"jsonl:{paths[name]}"], tok_path, s.seq_len, out, val_examples=val, workers=1, name=name)
@@ -256,6 +257,7 @@ def train_run(workdir: str, s: Scale, data: Data, seed: int, steps: int, schedul
     """Train one run (its plan first), then score its tasks question by question; False when both
     were already done."""
     from cpt_jax import cli, evaluate, plan, train
+    from cpt_jax.data import sources as sources_lib
 
     scores = os.path.join(workdir, "tasks.json")
     if os.path.exists(scores) and _final_eval(_records(workdir), steps) is not None:
@@ -276,9 +278,12 @@ def train_run(workdir: str, s: Scale, data: Data, seed: int, steps: int, schedul
         if status:
             raise _fail(f"training in {workdir}", log_path, status)
     tasks = ",".join(f"{name}={path}" for name, path in data.tasks.items())
+    # Questions are posed as the documents were trained: after BOS when prepare put one first.
+    bos = sources_lib.starts_with_bos([(d, sources_lib.read_manifest(d)) for d in data.sources.values()])
     with _quiet(log_path):
         status = evaluate.main(["--checkpoint", os.path.join(workdir, "checkpoints"), "--tasks", tasks,
-                                "--batch_size", str(TASK_BATCH), "--out", scores, "--log_samples"])
+                                "--batch_size", str(TASK_BATCH), "--out", scores, "--log_samples",
+                                *(["--add_bos"] if bos else [])])
     if status:
         raise _fail(f"evaluating {workdir}", log_path, status)
     return True

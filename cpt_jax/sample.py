@@ -1,0 +1,111 @@
+"""Continue prompts with a checkpoint: what does the model write?
+
+    python -m cpt_jax.sample --checkpoint DIR --prompt TEXT [--prompt TEXT ...] [--max_new_tokens N]
+        [--temperature T] [--top_p P] [--seed S] [--tokenizer FILE] [--add_bos] [--dtype float32] [--json]
+
+DIR is any checkpoint: a run's workdir, its checkpoints/ directory, one step directory, or a model
+imported with `python -m cpt_jax.hf import`. Prompts are tokenized with the checkpoint's tokenizer
+(the one its metadata or its run's config names; --tokenizer otherwise) and continued together,
+the parameters sharded over every device as `python -m cpt_jax.evaluate` shards them, with a KV
+cache and one jitted decode step per token (cpt_jax.decode). Temperature 0 (the default) is greedy
+decoding; above 0, tokens are sampled from the top_p nucleus with --seed. A row stops at the
+tokenizer's EOS. Each prompt is printed followed by its continuation (--json: one JSON object per
+prompt). Nothing is written. User errors are one line, `error: ...`, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from typing import Any
+
+import jax
+
+from cpt_jax import checkpoint, decode, evaluate, model
+from cpt_jax.config import ConfigError
+from cpt_jax.data.tokenizer import load_tokenizer
+from cpt_jax.metrics import log
+
+DEFAULT_NEW_TOKENS = 64
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cpt_jax.sample", description="Continue prompts with a checkpoint.")
+    p.add_argument("--checkpoint", required=True,
+                   help="a run's workdir, its checkpoints/ directory, a step directory or an imported model")
+    p.add_argument("--prompt", action="append", required=True, help="text to continue (repeat for several)")
+    p.add_argument("--max_new_tokens", type=int, default=None,
+                   help=f"tokens to generate per prompt (default: {DEFAULT_NEW_TOKENS}, or what fits in max_seq_len)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above 0: sampling")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens with "
+                   "this much probability (with --temperature > 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the checkpoint's)")
+    p.add_argument("--add_bos", action="store_true", help="put the tokenizer's BOS token before every prompt")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="compute dtype (default: the checkpoint's model.dtype)")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt instead of text")
+    return p
+
+
+def run(args: argparse.Namespace, log) -> list[dict[str, Any]]:
+    """Everything `main` does but printing: validate, restore, generate. Returns one record per
+    prompt: prompt, continuation (text), tokens (the new ids), stopped ('eos' or 'length')."""
+    ckpt = os.path.abspath(os.path.expanduser(args.checkpoint))
+    meta = checkpoint.read_metadata(ckpt, key="--checkpoint")
+    if not isinstance(meta.get("model"), dict):
+        raise ConfigError(f"--checkpoint {ckpt}: metadata without a model config, expected a cpt_jax checkpoint")
+    mc = model.ModelConfig.from_config(meta["model"])
+    if args.dtype:
+        mc = dataclasses.replace(mc, dtype=args.dtype)
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise ConfigError(f"--temperature: {args.temperature}, expected 0 (greedy) or a positive number")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top_p: {args.top_p}, expected a probability in (0, 1]")
+    path = args.tokenizer or evaluate.checkpoint_tokenizer(ckpt, meta)
+    if not path:
+        raise ConfigError(f"--tokenizer: the checkpoint {ckpt} names no tokenizer found on disk, expected "
+                          "--tokenizer FILE")
+    tok = load_tokenizer(path)
+    fingerprint = meta.get("tokenizer_fingerprint")
+    if fingerprint and tok.fingerprint != fingerprint:
+        log(f"warning: tokenizer {tok.path} differs from the one the checkpoint records ({fingerprint[:16]}...)")
+    new_tokens = args.max_new_tokens
+    if new_tokens is None:  # as many as fit, up to the default
+        longest = max(len(ids) for ids in tok.encode_batch(args.prompt, num_threads=1)) + int(args.add_bos)
+        new_tokens = max(1, min(DEFAULT_NEW_TOKENS, mc.max_seq_len - longest))
+    prompts = decode.prompt_tokens(tok, args.prompt, max_new_tokens=new_tokens, max_seq_len=mc.max_seq_len,
+                                   add_bos=args.add_bos)
+
+    mesh, rules, shardings = evaluate.mesh_for(mc)
+    params = evaluate.restore_params(ckpt, meta, mc, shardings)
+    generator = decode.Generator(mc, mesh=mesh, rules=rules, vocab_limit=tok.vocab_size)
+    outs = generator.generate(params, prompts, new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              seed=args.seed, eos_id=tok.eos_id)
+    return [{"prompt": text, "continuation": decode.text_of(tok, o), "tokens": o.tokens, "stopped": o.stopped}
+            for text, o in zip(args.prompt, outs, strict=True)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        records = run(args, log)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if jax.process_index() == 0:
+        for i, r in enumerate(records):
+            if args.json:
+                print(json.dumps(r, ensure_ascii=False))
+            else:
+                print(("" if i == 0 else "\n") + f"--- prompt {i + 1} ({len(r['tokens'])} new tokens, stopped at "
+                      f"{r['stopped']})\n{r['prompt']}{r['continuation']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
