@@ -64,7 +64,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if r["fits"]:
             fits = "yes"
         else:
-            needed = (r["refusal"] or "").split("temporaries (")[-1].split(")")[0]
+            refusal = r["refusal"] or ""
+            # The TPU compiler's refusal names the temporaries' size as "temporaries (N)"; other
+            # refusals say nothing about it, and the table then shows only "no".
+            needed = refusal.split("temporaries (", 1)[1].split(")")[0] if "temporaries (" in refusal else ""
             fits = f"**no**: temporaries alone need {needed}" if needed else "**no**"
         print(f"| {r['preset']} ({r['params'] / 1e9:.2f}B) | {r['topology']} ({r['chips']}) | "
               f"{r['batch']} x {r['seq_len']} | {r['remat']} | {_gib(r['argument_bytes'])} / {_gib(r['temp_bytes'])} / "

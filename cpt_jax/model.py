@@ -291,11 +291,11 @@ def attention_implementation(c: ModelConfig, platform: str | None = None) -> str
 
 
 def _attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, c: ModelConfig):
-    T = q_BTNH.shape[1]
-    causal = jnp.tril(jnp.ones((T, T), bool))
-    same_doc = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-    mask_B1TT = (causal[None] & same_doc)[:, None]
-    return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TT,
+    # Causality goes in as is_causal, not folded into the mask: cuDNN then runs its causal kernel
+    # (which skips the upper triangle) and takes only the documents' mask as a bias; XLA computes
+    # the same either way.
+    same_doc_B1TT = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=same_doc_B1TT, is_causal=True,
                                         implementation=attention_implementation(c))
 
 
