@@ -421,13 +421,7 @@ def load(checkpoint_dir: str, dtype: str | None = None) -> tuple[Decoder, ModelC
     # Imported here: checkpoint.py pulls in orbax, which the model's computation does not need.
     from cpt_jax import checkpoint
 
-    meta = checkpoint.read_metadata(checkpoint_dir, key="checkpoint")
-    if not isinstance(meta.get("model"), dict):
-        raise ConfigError(f"checkpoint {checkpoint_dir}: metadata without a model config, expected a cpt_jax "
-                          "checkpoint")
-    c = ModelConfig.from_config(meta["model"])
-    if dtype:
-        c = dataclasses.replace(c, dtype=dtype)
+    meta, c = checkpoint.read_model_config(checkpoint_dir, key="checkpoint", dtype=dtype)
     abstract = abstract_params(c)
     if "param_shapes" in meta:
         checkpoint.check_param_shapes(meta["param_shapes"], abstract, f"checkpoint {checkpoint_dir}")

@@ -16,7 +16,6 @@ prompt). Nothing is written. User errors are one line, `error: ...`, exit status
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -25,7 +24,7 @@ from typing import Any
 
 import jax
 
-from cpt_jax import checkpoint, decode, evaluate, model
+from cpt_jax import checkpoint, decode, evaluate
 from cpt_jax.config import ConfigError
 from cpt_jax.data.tokenizer import load_tokenizer
 from cpt_jax.metrics import log
@@ -56,12 +55,7 @@ def run(args: argparse.Namespace, log) -> list[dict[str, Any]]:
     """Everything `main` does but printing: validate, restore, generate. Returns one record per
     prompt: prompt, continuation (text), tokens (the new ids), stopped ('eos' or 'length')."""
     ckpt = os.path.abspath(os.path.expanduser(args.checkpoint))
-    meta = checkpoint.read_metadata(ckpt, key="--checkpoint")
-    if not isinstance(meta.get("model"), dict):
-        raise ConfigError(f"--checkpoint {ckpt}: metadata without a model config, expected a cpt_jax checkpoint")
-    mc = model.ModelConfig.from_config(meta["model"])
-    if args.dtype:
-        mc = dataclasses.replace(mc, dtype=args.dtype)
+    meta, mc = checkpoint.read_model_config(ckpt, key="--checkpoint", dtype=args.dtype)
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise ConfigError(f"--temperature: {args.temperature}, expected 0 (greedy) or a positive number")
     if not 0 < args.top_p <= 1:

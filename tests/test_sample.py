@@ -62,12 +62,20 @@ def test_sampling_is_seeded_and_text_output_shows_each_prompt(zoo, capsys):
                    f"{PROMPTS[1]}{runs[0][1]['continuation']}\n")
 
 
+_TINY = model.ModelConfig(n_layers=1, d_model=32, n_heads=2, n_kv_heads=2, d_ff=64, vocab_size=64, max_seq_len=32)
+
+
 def _own_checkpoint_without_tokenizer(tmp_path):
-    mc = model.ModelConfig(n_layers=1, d_model=32, n_heads=2, n_kv_heads=2, d_ff=64, vocab_size=64, max_seq_len=32)
+    mc = _TINY
     params = model.init_params(mc, 0)
     hf.write_checkpoint(str(tmp_path / "own"), params, {
         "step": 0, "model": mc.to_dict(), "param_shapes": checkpoint.param_shapes(params), "lr_min": 1e-5})
     return str(tmp_path / "own")
+
+
+def _checkpoint_without_model(tmp_path):
+    hf.write_checkpoint(str(tmp_path / "nomodel"), {"w": model.init_params(_TINY, 0)["embed"]}, {"step": 0})
+    return str(tmp_path / "nomodel")
 
 
 BAD = [
@@ -81,6 +89,8 @@ BAD = [
      "--temperature: -1.0"),
     ("top_p of 0", lambda z, t: ["--checkpoint", z.ckpt("qwen3"), "--prompt", "a", "--top_p", "0"], "--top_p: 0.0"),
     ("no checkpoint", lambda z, t: ["--checkpoint", str(t / "nothing"), "--prompt", "a"], "does not exist"),
+    ("no model config", lambda z, t: ["--checkpoint", _checkpoint_without_model(t), "--prompt", "a"],
+     "metadata without a model config, expected a cpt_jax checkpoint"),
 ]
 
 
