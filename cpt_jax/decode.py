@@ -100,6 +100,27 @@ def choose(logits_BV, key, temperature: float, top_p: float, vocab_limit: int | 
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+@functools.lru_cache(maxsize=64)
+def _caster(dtype: str, shardings: tuple) -> Any:
+    return jax.jit(lambda leaves: [x.astype(dtype) for x in leaves], out_shardings=list(shardings))
+
+
+def compute_params(params: Params, c: ModelConfig) -> Params:
+    """`params` with every compute weight (model.is_compute_weight) in the compute dtype, each
+    sharded as it was; the norms stay as they are. Decoding is memory-bound: casting once per
+    generation instead of inside every step halves the weight bytes a bfloat16 step reads from
+    float32 parameters, and computes exactly the same (the model casts them before use anyway)."""
+    dt = jnp.dtype(c.dtype)
+    flat, tree = jax.tree_util.tree_flatten_with_path(params)
+    todo = [i for i, (path, x) in enumerate(flat) if model.is_compute_weight(str(path[-1].key)) and x.dtype != dt]
+    leaves = [x for _, x in flat]
+    if todo:
+        cast = _caster(dt.name, tuple(getattr(leaves[i], "sharding", None) for i in todo))([leaves[i] for i in todo])
+        for i, x in zip(todo, cast, strict=True):
+            leaves[i] = x
+    return jax.tree.unflatten(tree, leaves)
+
+
 @dataclasses.dataclass(frozen=True)
 class Continuation:
     """What one prompt was continued with: the new token ids (ending with EOS when `stopped` is
@@ -161,7 +182,9 @@ class Generator:
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                  eos_id: int | None = None) -> list[Continuation]:
         """Up to `max_new_tokens` new tokens per prompt. Each prompt is non-empty and its length
-        plus max_new_tokens is at most the model's max_seq_len (callers check, naming their keys)."""
+        plus max_new_tokens is at most the model's max_seq_len (callers check, naming their keys).
+        Float32 `params` are cast to the compute dtype once here (compute_params); pass them cast
+        already to spare that copy."""
         n = len(prompts)
         B = math.ceil(n / self.ways) * self.ways
         P = max(len(p) for p in prompts)
@@ -177,6 +200,7 @@ class Generator:
         out: list[list[int]] = [[] for _ in range(n)]
         stopped = ["length"] * n
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            params = compute_params(params, self.model_config)
             cache = init(self.model_config, B, P + max_new_tokens)
             new, cache = first(params, cache, self._put(tokens, ("batch", "length")), self._put(lengths, ("batch",)),
                                jax.random.fold_in(key, 0))

@@ -210,6 +210,13 @@ def constrain(x: jax.Array, names: tuple[str | None, ...], rules: tuple) -> jax.
     return jax.lax.with_sharding_constraint(x, spec)
 
 
+def is_compute_weight(name: str) -> bool:
+    """Whether the parameter `name` (a leaf's key, e.g. 'wq') is cast to the compute dtype before
+    use: every one but the norm scales and biases, which `_norm` reads in fp32. Casting these once
+    ahead (as decoding does) computes exactly what the casts below compute."""
+    return "norm" not in name
+
+
 def _norm(x, scale, bias, c: ModelConfig, kind: str | None = None, axes: tuple[int, ...] = (-1,)):
     """`kind` (default c.norm) over `axes`; statistics in fp32 whatever the compute dtype (a bf16
     variance loses too much precision)."""

@@ -76,7 +76,8 @@ def run(args: argparse.Namespace, log) -> list[dict[str, Any]]:
                                    add_bos=args.add_bos)
 
     mesh, rules, shardings = evaluate.mesh_for(mc)
-    params = evaluate.restore_params(ckpt, meta, mc, shardings)
+    # Cast to the compute dtype at once, so that the float32 copy is freed before decoding.
+    params = decode.compute_params(evaluate.restore_params(ckpt, meta, mc, shardings), mc)
     generator = decode.Generator(mc, mesh=mesh, rules=rules, vocab_limit=tok.vocab_size)
     outs = generator.generate(params, prompts, new_tokens, temperature=args.temperature, top_p=args.top_p,
                               seed=args.seed, eos_id=tok.eos_id)
