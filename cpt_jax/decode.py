@@ -10,7 +10,9 @@ tokens before any query can reach it. The blocks are the training model's (`mode
 every position).
 
 `Generator` wires this to batches of token-id prompts: greedy decoding (temperature 0), or sampling
-with a temperature and nucleus (top-p) filtering from a seeded key; it stops a row at EOS.
+with a temperature and nucleus (top-p) filtering from a seeded key; it stops a row at EOS. The weights
+are cast to the compute dtype once per generation, and each step is dispatched before the previous
+one's tokens are read.
 """
 
 from __future__ import annotations
@@ -133,24 +135,28 @@ class Continuation:
 @functools.lru_cache(maxsize=16)
 def _programs(c: ModelConfig, rules: tuple, temperature: float, top_p: float, vocab_limit: int | None,
               mesh: jax.sharding.Mesh | None):
-    """(init, prefill, step) jitted for one model and sampling setting; the cache is donated. With a
-    mesh the cache is sharded like activations and the chosen tokens come back replicated, so every
+    """(init, prefill, step) jitted for one model and sampling setting; the cache is donated.
+    Each returns (tokens, their positions, cache), so positions stay on the device. With a mesh the
+    cache is sharded like activations and the tokens and positions come back replicated, so every
     process can read them."""
+
+    def pick(logits, key):
+        return choose(logits, key, temperature, top_p, vocab_limit)
 
     def first(params, cache, tokens, lengths, key):
         logits, cache = prefill(params, cache, tokens, lengths, c, rules)
-        return choose(logits, key, temperature, top_p, vocab_limit), cache
+        return pick(logits, jax.random.fold_in(key, 0)), lengths.astype(jnp.int32), cache
 
-    def step(params, cache, tokens, positions, key):
+    def step(params, cache, tokens, positions, key, t):
         logits, cache = decode_step(params, cache, tokens, positions, c, rules)
-        return choose(logits, key, temperature, top_p, vocab_limit), cache
+        return pick(logits, jax.random.fold_in(key, t)), positions + 1, cache
 
     if mesh is None:
         return jax.jit(init_cache, static_argnums=(0, 1, 2)), jax.jit(first, donate_argnums=(1,)), jax.jit(
             step, donate_argnums=(1,))
     spec = jax.sharding.NamedSharding(mesh, sharding.spec_for(_CACHE_NAMES, dict(rules)))
     cache_sharding = {"k": spec, "v": spec}
-    out = (sharding.replicated(mesh), cache_sharding)
+    out = (sharding.replicated(mesh), sharding.replicated(mesh), cache_sharding)
     return (jax.jit(init_cache, static_argnums=(0, 1, 2), out_shardings=cache_sharding),
             jax.jit(first, donate_argnums=(1,), out_shardings=out),
             jax.jit(step, donate_argnums=(1,), out_shardings=out))
@@ -185,6 +191,7 @@ class Generator:
         plus max_new_tokens is at most the model's max_seq_len (callers check, naming their keys).
         Float32 `params` are cast to the compute dtype once here (compute_params); pass them cast
         already to spare that copy."""
+        c = self.model_config
         n = len(prompts)
         B = math.ceil(n / self.ways) * self.ways
         P = max(len(p) for p in prompts)
@@ -194,27 +201,29 @@ class Generator:
             tokens[i, : len(p)] = p
             lengths[i] = len(p)
         rules = sharding.rules_tuple(self.rules) if self.mesh is not None else ()
-        init, first, step = _programs(self.model_config, rules, float(temperature), float(top_p), self.vocab_limit,
-                                      self.mesh)
+        init, first, step = _programs(c, rules, float(temperature), float(top_p), self.vocab_limit, self.mesh)
         key = jax.random.key(seed)
         out: list[list[int]] = [[] for _ in range(n)]
         stopped = ["length"] * n
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            params = compute_params(params, self.model_config)
-            cache = init(self.model_config, B, P + max_new_tokens)
-            new, cache = first(params, cache, self._put(tokens, ("batch", "length")), self._put(lengths, ("batch",)),
-                               jax.random.fold_in(key, 0))
+            params = compute_params(params, c)
+            cache = init(c, B, P + max_new_tokens)
+            new, positions, cache = first(params, cache, self._put(tokens, ("batch", "length")),
+                                          self._put(lengths, ("batch",)), key)
             for t in range(max_new_tokens):
-                chosen = np.asarray(jax.device_get(new))
+                # Dispatch the next step before reading this one's tokens, so the device never waits
+                # on the host; a batch that has stopped costs at most that one step more.
+                chosen = new
+                if t + 1 < max_new_tokens:
+                    new, positions, cache = step(params, cache, chosen, positions, key, np.int32(t + 1))
+                chosen = np.asarray(jax.device_get(chosen))
                 for i in range(n):
                     if stopped[i] != "eos":
                         out[i].append(int(chosen[i]))
                         if chosen[i] == eos_id:
                             stopped[i] = "eos"
-                if t + 1 == max_new_tokens or "length" not in stopped:
+                if "length" not in stopped:
                     break
-                new, cache = step(params, cache, new, self._put(lengths + t, ("batch",)),
-                                  jax.random.fold_in(key, t + 1))
         return [Continuation(tokens, why) for tokens, why in zip(out, stopped, strict=True)]
 
 
