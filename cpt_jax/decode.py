@@ -10,9 +10,10 @@ tokens before any query can reach it. The blocks are the training model's (`mode
 every position).
 
 `Generator` wires this to batches of token-id prompts: greedy decoding (temperature 0), or sampling
-with a temperature and nucleus (top-p) filtering from a seeded key; it stops a row at EOS. The weights
-are cast to the compute dtype once per generation, and each step is dispatched before the previous
-one's tokens are read.
+with a temperature and nucleus (top-p) filtering from a seeded key; it stops a row at EOS. Programs
+are compiled per power-of-two bucket of prompt lengths and per kind of choice (greedy or sampling,
+nucleus or not), never per temperature or top_p; the weights are cast to the compute dtype once per
+generation, and each step is dispatched before the previous one's tokens are read.
 """
 
 from __future__ import annotations
@@ -82,24 +83,33 @@ def decode_step(params: Params, cache: Cache, tokens_B, positions_B, c: ModelCon
     return model.logits_from_hidden(params, hidden, c)[:, 0], cache
 
 
-def choose(logits_BV, key, temperature: float, top_p: float, vocab_limit: int | None):
+def choose(logits_BV, key, temperature, top_p, vocab_limit: int | None, *, greedy: bool | None = None,
+           nucleus: bool | None = None):
     """Next tokens [B]: argmax at temperature 0; else a sample from softmax(logits / temperature)
     restricted to the smallest set of tokens whose probability reaches top_p. Ids from
-    `vocab_limit` on (embedding rows the tokenizer has no token for) are never chosen."""
+    `vocab_limit` on (embedding rows the tokenizer has no token for) are never chosen.
+
+    `temperature` and `top_p` may be traced scalars when `greedy` (temperature is 0) and `nucleus`
+    (top_p < 1) say statically which of these computations to build."""
+    greedy = temperature == 0 if greedy is None else greedy
+    nucleus = top_p < 1 if nucleus is None else nucleus
     logits = logits_BV.astype(jnp.float32)
     V = logits.shape[-1]
     if vocab_limit is not None and vocab_limit < V:
         logits = jnp.where(jnp.arange(V) < vocab_limit, logits, -jnp.inf)
-    if temperature == 0:
+    if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
-    if top_p < 1:
+    if nucleus:
         ordered = jnp.sort(logits, axis=-1)[:, ::-1]
         probs = jax.nn.softmax(ordered, axis=-1)
         keep = jnp.cumsum(probs, axis=-1) - probs < top_p  # the most likely token always stays
         cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+# ============================================================================ generation
 
 
 @functools.lru_cache(maxsize=64)
@@ -123,6 +133,17 @@ def compute_params(params: Params, c: ModelConfig) -> Params:
     return jax.tree.unflatten(tree, leaves)
 
 
+_MIN_BUCKET = 16
+
+
+def padded_length(longest: int, max_new_tokens: int, max_seq_len: int) -> int:
+    """The prompt length the programs are compiled for: the longest prompt rounded up to a power of
+    two (at least 16), so prompts of similar lengths share one compiled prefill and step; capped
+    so that it plus max_new_tokens still fits in max_seq_len."""
+    bucket = max(_MIN_BUCKET, 1 << (longest - 1).bit_length())
+    return max(longest, min(bucket, max_seq_len - max_new_tokens))
+
+
 @dataclasses.dataclass(frozen=True)
 class Continuation:
     """What one prompt was continued with: the new token ids (ending with EOS when `stopped` is
@@ -133,23 +154,24 @@ class Continuation:
 
 
 @functools.lru_cache(maxsize=16)
-def _programs(c: ModelConfig, rules: tuple, temperature: float, top_p: float, vocab_limit: int | None,
+def _programs(c: ModelConfig, rules: tuple, greedy: bool, nucleus: bool, vocab_limit: int | None,
               mesh: jax.sharding.Mesh | None):
-    """(init, prefill, step) jitted for one model and sampling setting; the cache is donated.
+    """(init, prefill, step) jitted for one model and kind of choice (greedy or sampling, with or
+    without a nucleus; the temperature and top_p themselves are arguments); the cache is donated.
     Each returns (tokens, their positions, cache), so positions stay on the device. With a mesh the
     cache is sharded like activations and the tokens and positions come back replicated, so every
     process can read them."""
 
-    def pick(logits, key):
-        return choose(logits, key, temperature, top_p, vocab_limit)
+    def pick(logits, key, temperature, top_p):
+        return choose(logits, key, temperature, top_p, vocab_limit, greedy=greedy, nucleus=nucleus)
 
-    def first(params, cache, tokens, lengths, key):
+    def first(params, cache, tokens, lengths, key, temperature, top_p):
         logits, cache = prefill(params, cache, tokens, lengths, c, rules)
-        return pick(logits, jax.random.fold_in(key, 0)), lengths.astype(jnp.int32), cache
+        return pick(logits, jax.random.fold_in(key, 0), temperature, top_p), lengths.astype(jnp.int32), cache
 
-    def step(params, cache, tokens, positions, key, t):
+    def step(params, cache, tokens, positions, key, t, temperature, top_p):
         logits, cache = decode_step(params, cache, tokens, positions, c, rules)
-        return pick(logits, jax.random.fold_in(key, t)), positions + 1, cache
+        return pick(logits, jax.random.fold_in(key, t), temperature, top_p), positions + 1, cache
 
     if mesh is None:
         return jax.jit(init_cache, static_argnums=(0, 1, 2)), jax.jit(first, donate_argnums=(1,)), jax.jit(
@@ -194,28 +216,29 @@ class Generator:
         c = self.model_config
         n = len(prompts)
         B = math.ceil(n / self.ways) * self.ways
-        P = max(len(p) for p in prompts)
+        P = padded_length(max(len(p) for p in prompts), max_new_tokens, c.max_seq_len)
         tokens = np.zeros((B, P), np.int32)
         lengths = np.ones(B, np.int32)  # dummy rows: one padding token
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = p
             lengths[i] = len(p)
         rules = sharding.rules_tuple(self.rules) if self.mesh is not None else ()
-        init, first, step = _programs(c, rules, float(temperature), float(top_p), self.vocab_limit, self.mesh)
+        init, first, step = _programs(c, rules, temperature == 0, top_p < 1, self.vocab_limit, self.mesh)
         key = jax.random.key(seed)
+        knobs = (np.float32(temperature), np.float32(top_p))
         out: list[list[int]] = [[] for _ in range(n)]
         stopped = ["length"] * n
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             params = compute_params(params, c)
             cache = init(c, B, P + max_new_tokens)
             new, positions, cache = first(params, cache, self._put(tokens, ("batch", "length")),
-                                          self._put(lengths, ("batch",)), key)
+                                          self._put(lengths, ("batch",)), key, *knobs)
             for t in range(max_new_tokens):
                 # Dispatch the next step before reading this one's tokens, so the device never waits
                 # on the host; a batch that has stopped costs at most that one step more.
                 chosen = new
                 if t + 1 < max_new_tokens:
-                    new, positions, cache = step(params, cache, chosen, positions, key, np.int32(t + 1))
+                    new, positions, cache = step(params, cache, chosen, positions, key, np.int32(t + 1), *knobs)
                 chosen = np.asarray(jax.device_get(chosen))
                 for i in range(n):
                     if stopped[i] != "eos":

@@ -119,6 +119,34 @@ def test_weights_cast_once_compute_exactly_what_the_model_casts_and_keep_their_s
     assert [x.sharding for x in got] == [x.sharding for x in jax.tree.leaves(sharded)]
 
 
+def test_prompt_lengths_in_one_bucket_and_any_temperature_share_the_compiled_programs(monkeypatch):
+    c = dataclasses.replace(BASE, max_seq_len=48)  # a model no other test decodes: nothing compiled yet
+    params = _params(c)
+    traces = {"prefill": 0, "decode_step": 0}
+
+    def counting(name, f):
+        def counted(*args):
+            traces[name] += 1
+            return f(*args)
+        return counted
+
+    for name in traces:
+        monkeypatch.setattr(decode, name, counting(name, getattr(decode, name)))
+    generator = decode.Generator(c)
+    rng = np.random.default_rng(0)
+    short, long = [rng.integers(0, 96, n).tolist() for n in (17, 29)]  # both pad to 32
+    assert decode.padded_length(17, 6, 48) == decode.padded_length(29, 6, 48) == 32
+    assert decode.padded_length(29, 19, 48) == 29  # capped: 32 + 19 would not fit in max_seq_len
+    for prompts in ([short, [3, 1]], [long, [7]]):
+        got = generator.generate(params, prompts, 6)
+        assert [g.tokens for g in got] == [_greedy_reference(params, c, p, 6, None, width=48) for p in prompts]
+    assert traces == {"prefill": 1, "decode_step": 1}
+    draws = [generator.generate(params, prompts, 6, temperature=t, top_p=0.9, seed=1)
+             for prompts in ([short], [long]) for t in (0.7, 1.3)]
+    assert traces == {"prefill": 2, "decode_step": 2}  # sampling is one more program, whatever the temperature
+    assert draws[0] != draws[1]  # the temperature is an argument that counts
+
+
 def test_choose_greedy_top_p_temperature_and_vocab_limit():
     logits = jnp.asarray([[0.0, 3.0, 2.9, -1.0, 9.0], [1.0, 0.0, 0.5, 2.0, 0.0]])
     key = jax.random.key(0)
