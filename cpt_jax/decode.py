@@ -253,13 +253,15 @@ class Generator:
 # ============================================================================ prompts as text
 
 
-def prompt_tokens(tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int, max_seq_len: int,
+def prompt_tokens(tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int | None, max_seq_len: int,
                   add_bos: bool = False, prompt_key: str = "--prompt",
                   tokens_key: str = "--max_new_tokens") -> list[list[int]]:
     """Token ids of each prompt (after the tokenizer's BOS with `add_bos`). ConfigError, naming the
     keys, for a prompt that tokenizes to nothing or one whose length plus max_new_tokens exceeds
-    max_seq_len."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    max_seq_len; with max_new_tokens None (the caller sizes it to what fits), for a prompt that
+    leaves no room for a new token."""
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                       or max_new_tokens < 1):
         raise ConfigError(f"{tokens_key}: {max_new_tokens!r}, expected a positive integer")
     if add_bos and tokenizer.bos_id is None:
         raise ConfigError(f"--add_bos: tokenizer {tokenizer.path} has no BOS token, expected one")
@@ -270,7 +272,10 @@ def prompt_tokens(tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int
         if not ids:
             raise ConfigError(f"{prompt_key} {i + 1} ({text!r}): tokenizes to no tokens, expected a prompt with at "
                               "least one token")
-        if len(ids) + max_new_tokens > max_seq_len:
+        if max_new_tokens is None and len(ids) >= max_seq_len:
+            raise ConfigError(f"{prompt_key} {i + 1}: {len(ids)} tokens, too long for the model's max_seq_len "
+                              f"{max_seq_len}, expected at most {max_seq_len - 1} to leave room for a new token")
+        if max_new_tokens is not None and len(ids) + max_new_tokens > max_seq_len:
             raise ConfigError(f"{tokens_key}: {max_new_tokens} after the {len(ids)} tokens of {prompt_key} {i + 1} "
                               f"exceeds the model's max_seq_len {max_seq_len}, expected at most "
                               f"{max(max_seq_len - len(ids), 0)}")

@@ -68,12 +68,12 @@ def run(args: argparse.Namespace, log) -> list[dict[str, Any]]:
     fingerprint = meta.get("tokenizer_fingerprint")
     if fingerprint and tok.fingerprint != fingerprint:
         log(f"warning: tokenizer {tok.path} differs from the one the checkpoint records ({fingerprint[:16]}...)")
-    new_tokens = args.max_new_tokens
-    if new_tokens is None:  # as many as fit, up to the default
-        longest = max(len(ids) for ids in tok.encode_batch(args.prompt, num_threads=1)) + int(args.add_bos)
-        new_tokens = max(1, min(DEFAULT_NEW_TOKENS, mc.max_seq_len - longest))
-    prompts = decode.prompt_tokens(tok, args.prompt, max_new_tokens=new_tokens, max_seq_len=mc.max_seq_len,
+    prompts = decode.prompt_tokens(tok, args.prompt, max_new_tokens=args.max_new_tokens, max_seq_len=mc.max_seq_len,
                                    add_bos=args.add_bos)
+    # Unless told, as many as fit, up to the default (prompt_tokens left room for at least one).
+    new_tokens = args.max_new_tokens
+    if new_tokens is None:
+        new_tokens = min(DEFAULT_NEW_TOKENS, mc.max_seq_len - max(len(p) for p in prompts))
 
     mesh, rules, shardings = evaluate.mesh_for(mc)
     # Cast to the compute dtype at once, so that the float32 copy is freed before decoding.

@@ -173,3 +173,8 @@ def test_prompt_tokens_refuse_an_empty_prompt_and_one_too_long(sp_path):
         decode.prompt_tokens(tok, ["the model reads"], max_new_tokens=62, max_seq_len=64)
     with pytest.raises(ConfigError, match=r"^--max_new_tokens: 0, expected a positive integer"):
         decode.prompt_tokens(tok, ["data"], max_new_tokens=0, max_seq_len=64)
+    # Without max_new_tokens (the caller fills what is left) a prompt must leave room for one token.
+    assert decode.prompt_tokens(tok, ["the model reads"], max_new_tokens=None, max_seq_len=n + 1) == ids[:1]
+    with pytest.raises(ConfigError, match=rf"^--prompt 1: {n} tokens, too long for the model's max_seq_len {n}, "
+                                          rf"expected at most {n - 1} to leave room for a new token$"):
+        decode.prompt_tokens(tok, ["the model reads"], max_new_tokens=None, max_seq_len=n)

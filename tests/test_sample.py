@@ -3,6 +3,7 @@ for token, sampling is seeded, bad input is one line (exit 2); eval.sample_promp
 
 import json
 import os
+import re
 
 import pytest
 
@@ -81,6 +82,9 @@ def _checkpoint_without_model(tmp_path):
 BAD = [
     ("beyond max_seq_len", lambda z, t: ["--checkpoint", z.ckpt("qwen3"), "--prompt", "a", "--max_new_tokens", "500"],
      "--max_new_tokens: 500 after the "),
+    ("prompt filling max_seq_len", lambda z, t: ["--checkpoint", z.ckpt("qwen3"), "--prompt", "a", "--prompt",
+                                                 "data and " * 600],  # no --max_new_tokens: none fits
+     "--prompt 2: "),
     ("empty prompt", lambda z, t: ["--checkpoint", z.ckpt("qwen3"), "--prompt", "data", "--prompt", ""],
      "--prompt 2 (''): tokenizes to no tokens"),
     ("no tokenizer", lambda z, t: ["--checkpoint", _own_checkpoint_without_tokenizer(t), "--prompt", "a"],
@@ -104,6 +108,10 @@ def test_bad_input_is_one_line(zoo, tmp_path, capsys, case):
     lines = err.strip().splitlines()
     assert status == 2 and out == "" and len(lines) == 1 and lines[0].startswith("error: "), err
     assert expected in lines[0], lines[0]
+    if case[0] == "prompt filling max_seq_len":
+        assert re.fullmatch(r"error: --prompt 2: (\d+) tokens, too long for the model's max_seq_len (\d+), expected "
+                            r"at most (\d+) to leave room for a new token", lines[0]), lines[0]
+        assert "--max_new_tokens" not in lines[0]  # never passed
     assert (sorted(os.walk(ckpt)) if os.path.exists(ckpt) else None) == before
 
 
