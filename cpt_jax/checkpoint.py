@@ -15,6 +15,7 @@ Format 1 (items `params`, `opt_state` and a JSON item `metadata`) is still read.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from cpt_jax.config import ConfigError
+from cpt_jax.model import ModelConfig
 
 FORMAT_VERSION = 2
 # Weight files that are Python pickles: loading one can execute arbitrary code.
@@ -140,6 +142,17 @@ def read_metadata(path: str, key: str = "init_from") -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise ConfigError(f"{key}: {step_dir} has metadata that is not a JSON object, expected cpt_jax metadata")
     return meta
+
+
+def read_model_config(path: str, key: str = "init_from", dtype: str | None = None
+                      ) -> tuple[dict[str, Any], ModelConfig]:
+    """(metadata, model config) of a checkpoint, as read_metadata finds it; `dtype` (e.g. "float32")
+    replaces the compute dtype. ConfigError, naming `key` and `path`, for metadata without a model."""
+    meta = read_metadata(path, key)
+    if not isinstance(meta.get("model"), dict):
+        raise ConfigError(f"{key} {path}: metadata without a model config, expected a cpt_jax checkpoint")
+    c = ModelConfig.from_config(meta["model"])
+    return meta, dataclasses.replace(c, dtype=dtype) if dtype else c
 
 
 def metadata_chain(meta: dict[str, Any], limit: int = 8) -> Iterator[dict[str, Any]]:

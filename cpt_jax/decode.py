@@ -10,7 +10,10 @@ tokens before any query can reach it. The blocks are the training model's (`mode
 every position).
 
 `Generator` wires this to batches of token-id prompts: greedy decoding (temperature 0), or sampling
-with a temperature and nucleus (top-p) filtering from a seeded key; it stops a row at EOS.
+with a temperature and nucleus (top-p) filtering from a seeded key; it stops a row at EOS. Programs
+are compiled per power-of-two bucket of prompt lengths and per kind of choice (greedy or sampling,
+nucleus or not), never per temperature or top_p; the weights are cast to the compute dtype once per
+generation, and each step is dispatched before the previous one's tokens are read.
 """
 
 from __future__ import annotations
@@ -80,24 +83,65 @@ def decode_step(params: Params, cache: Cache, tokens_B, positions_B, c: ModelCon
     return model.logits_from_hidden(params, hidden, c)[:, 0], cache
 
 
-def choose(logits_BV, key, temperature: float, top_p: float, vocab_limit: int | None):
+def choose(logits_BV, key, temperature, top_p, vocab_limit: int | None, *, greedy: bool | None = None,
+           nucleus: bool | None = None):
     """Next tokens [B]: argmax at temperature 0; else a sample from softmax(logits / temperature)
     restricted to the smallest set of tokens whose probability reaches top_p. Ids from
-    `vocab_limit` on (embedding rows the tokenizer has no token for) are never chosen."""
+    `vocab_limit` on (embedding rows the tokenizer has no token for) are never chosen.
+
+    `temperature` and `top_p` may be traced scalars when `greedy` (temperature is 0) and `nucleus`
+    (top_p < 1) say statically which of these computations to build."""
+    greedy = temperature == 0 if greedy is None else greedy
+    nucleus = top_p < 1 if nucleus is None else nucleus
     logits = logits_BV.astype(jnp.float32)
     V = logits.shape[-1]
     if vocab_limit is not None and vocab_limit < V:
         logits = jnp.where(jnp.arange(V) < vocab_limit, logits, -jnp.inf)
-    if temperature == 0:
+    if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
-    if top_p < 1:
+    if nucleus:
         ordered = jnp.sort(logits, axis=-1)[:, ::-1]
         probs = jax.nn.softmax(ordered, axis=-1)
         keep = jnp.cumsum(probs, axis=-1) - probs < top_p  # the most likely token always stays
         cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+# ============================================================================ generation
+
+
+@functools.lru_cache(maxsize=64)
+def _caster(dtype: str, shardings: tuple) -> Any:
+    return jax.jit(lambda leaves: [x.astype(dtype) for x in leaves], out_shardings=list(shardings))
+
+
+def compute_params(params: Params, c: ModelConfig) -> Params:
+    """`params` with every compute weight (model.is_compute_weight) in the compute dtype, each
+    sharded as it was; the norms stay as they are. Decoding is memory-bound: casting once per
+    generation instead of inside every step halves the weight bytes a bfloat16 step reads from
+    float32 parameters, and computes exactly the same (the model casts them before use anyway)."""
+    dt = jnp.dtype(c.dtype)
+    flat, tree = jax.tree_util.tree_flatten_with_path(params)
+    todo = [i for i, (path, x) in enumerate(flat) if model.is_compute_weight(str(path[-1].key)) and x.dtype != dt]
+    leaves = [x for _, x in flat]
+    if todo:
+        cast = _caster(dt.name, tuple(getattr(leaves[i], "sharding", None) for i in todo))([leaves[i] for i in todo])
+        for i, x in zip(todo, cast, strict=True):
+            leaves[i] = x
+    return jax.tree.unflatten(tree, leaves)
+
+
+_MIN_BUCKET = 16
+
+
+def padded_length(longest: int, max_new_tokens: int, max_seq_len: int) -> int:
+    """The prompt length the programs are compiled for: the longest prompt rounded up to a power of
+    two (at least 16), so prompts of similar lengths share one compiled prefill and step; capped
+    so that it plus max_new_tokens still fits in max_seq_len."""
+    bucket = max(_MIN_BUCKET, 1 << (longest - 1).bit_length())
+    return max(longest, min(bucket, max_seq_len - max_new_tokens))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,26 +154,31 @@ class Continuation:
 
 
 @functools.lru_cache(maxsize=16)
-def _programs(c: ModelConfig, rules: tuple, temperature: float, top_p: float, vocab_limit: int | None,
+def _programs(c: ModelConfig, rules: tuple, greedy: bool, nucleus: bool, vocab_limit: int | None,
               mesh: jax.sharding.Mesh | None):
-    """(init, prefill, step) jitted for one model and sampling setting; the cache is donated. With a
-    mesh the cache is sharded like activations and the chosen tokens come back replicated, so every
+    """(init, prefill, step) jitted for one model and kind of choice (greedy or sampling, with or
+    without a nucleus; the temperature and top_p themselves are arguments); the cache is donated.
+    Each returns (tokens, their positions, cache), so positions stay on the device. With a mesh the
+    cache is sharded like activations and the tokens and positions come back replicated, so every
     process can read them."""
 
-    def first(params, cache, tokens, lengths, key):
-        logits, cache = prefill(params, cache, tokens, lengths, c, rules)
-        return choose(logits, key, temperature, top_p, vocab_limit), cache
+    def pick(logits, key, temperature, top_p):
+        return choose(logits, key, temperature, top_p, vocab_limit, greedy=greedy, nucleus=nucleus)
 
-    def step(params, cache, tokens, positions, key):
+    def first(params, cache, tokens, lengths, key, temperature, top_p):
+        logits, cache = prefill(params, cache, tokens, lengths, c, rules)
+        return pick(logits, jax.random.fold_in(key, 0), temperature, top_p), lengths.astype(jnp.int32), cache
+
+    def step(params, cache, tokens, positions, key, t, temperature, top_p):
         logits, cache = decode_step(params, cache, tokens, positions, c, rules)
-        return choose(logits, key, temperature, top_p, vocab_limit), cache
+        return pick(logits, jax.random.fold_in(key, t), temperature, top_p), positions + 1, cache
 
     if mesh is None:
         return jax.jit(init_cache, static_argnums=(0, 1, 2)), jax.jit(first, donate_argnums=(1,)), jax.jit(
             step, donate_argnums=(1,))
     spec = jax.sharding.NamedSharding(mesh, sharding.spec_for(_CACHE_NAMES, dict(rules)))
     cache_sharding = {"k": spec, "v": spec}
-    out = (sharding.replicated(mesh), cache_sharding)
+    out = (sharding.replicated(mesh), sharding.replicated(mesh), cache_sharding)
     return (jax.jit(init_cache, static_argnums=(0, 1, 2), out_shardings=cache_sharding),
             jax.jit(first, donate_argnums=(1,), out_shardings=out),
             jax.jit(step, donate_argnums=(1,), out_shardings=out))
@@ -161,49 +210,58 @@ class Generator:
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                  eos_id: int | None = None) -> list[Continuation]:
         """Up to `max_new_tokens` new tokens per prompt. Each prompt is non-empty and its length
-        plus max_new_tokens is at most the model's max_seq_len (callers check, naming their keys)."""
+        plus max_new_tokens is at most the model's max_seq_len (callers check, naming their keys).
+        Float32 `params` are cast to the compute dtype once here (compute_params); pass them cast
+        already to spare that copy."""
+        c = self.model_config
         n = len(prompts)
         B = math.ceil(n / self.ways) * self.ways
-        P = max(len(p) for p in prompts)
+        P = padded_length(max(len(p) for p in prompts), max_new_tokens, c.max_seq_len)
         tokens = np.zeros((B, P), np.int32)
         lengths = np.ones(B, np.int32)  # dummy rows: one padding token
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = p
             lengths[i] = len(p)
         rules = sharding.rules_tuple(self.rules) if self.mesh is not None else ()
-        init, first, step = _programs(self.model_config, rules, float(temperature), float(top_p), self.vocab_limit,
-                                      self.mesh)
+        init, first, step = _programs(c, rules, temperature == 0, top_p < 1, self.vocab_limit, self.mesh)
         key = jax.random.key(seed)
+        knobs = (np.float32(temperature), np.float32(top_p))
         out: list[list[int]] = [[] for _ in range(n)]
         stopped = ["length"] * n
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            cache = init(self.model_config, B, P + max_new_tokens)
-            new, cache = first(params, cache, self._put(tokens, ("batch", "length")), self._put(lengths, ("batch",)),
-                               jax.random.fold_in(key, 0))
+            params = compute_params(params, c)
+            cache = init(c, B, P + max_new_tokens)
+            new, positions, cache = first(params, cache, self._put(tokens, ("batch", "length")),
+                                          self._put(lengths, ("batch",)), key, *knobs)
             for t in range(max_new_tokens):
-                chosen = np.asarray(jax.device_get(new))
+                # Dispatch the next step before reading this one's tokens, so the device never waits
+                # on the host; a batch that has stopped costs at most that one step more.
+                chosen = new
+                if t + 1 < max_new_tokens:
+                    new, positions, cache = step(params, cache, chosen, positions, key, np.int32(t + 1), *knobs)
+                chosen = np.asarray(jax.device_get(chosen))
                 for i in range(n):
                     if stopped[i] != "eos":
                         out[i].append(int(chosen[i]))
                         if chosen[i] == eos_id:
                             stopped[i] = "eos"
-                if t + 1 == max_new_tokens or "length" not in stopped:
+                if "length" not in stopped:
                     break
-                new, cache = step(params, cache, new, self._put(lengths + t, ("batch",)),
-                                  jax.random.fold_in(key, t + 1))
         return [Continuation(tokens, why) for tokens, why in zip(out, stopped, strict=True)]
 
 
 # ============================================================================ prompts as text
 
 
-def prompt_tokens(tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int, max_seq_len: int,
+def prompt_tokens(tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int | None, max_seq_len: int,
                   add_bos: bool = False, prompt_key: str = "--prompt",
                   tokens_key: str = "--max_new_tokens") -> list[list[int]]:
     """Token ids of each prompt (after the tokenizer's BOS with `add_bos`). ConfigError, naming the
     keys, for a prompt that tokenizes to nothing or one whose length plus max_new_tokens exceeds
-    max_seq_len."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    max_seq_len; with max_new_tokens None (the caller sizes it to what fits), for a prompt that
+    leaves no room for a new token."""
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                       or max_new_tokens < 1):
         raise ConfigError(f"{tokens_key}: {max_new_tokens!r}, expected a positive integer")
     if add_bos and tokenizer.bos_id is None:
         raise ConfigError(f"--add_bos: tokenizer {tokenizer.path} has no BOS token, expected one")
@@ -214,7 +272,10 @@ def prompt_tokens(tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int
         if not ids:
             raise ConfigError(f"{prompt_key} {i + 1} ({text!r}): tokenizes to no tokens, expected a prompt with at "
                               "least one token")
-        if len(ids) + max_new_tokens > max_seq_len:
+        if max_new_tokens is None and len(ids) >= max_seq_len:
+            raise ConfigError(f"{prompt_key} {i + 1}: {len(ids)} tokens, too long for the model's max_seq_len "
+                              f"{max_seq_len}, expected at most {max_seq_len - 1} to leave room for a new token")
+        if max_new_tokens is not None and len(ids) + max_new_tokens > max_seq_len:
             raise ConfigError(f"{tokens_key}: {max_new_tokens} after the {len(ids)} tokens of {prompt_key} {i + 1} "
                               f"exceeds the model's max_seq_len {max_seq_len}, expected at most "
                               f"{max(max_seq_len - len(ids), 0)}")

@@ -736,12 +736,7 @@ def run_cli(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     from cpt_jax.data.tokenizer import load_tokenizer
 
     ckpt = os.path.abspath(os.path.expanduser(args.checkpoint))
-    meta = checkpoint.read_metadata(ckpt, key="--checkpoint")
-    if not isinstance(meta.get("model"), dict):
-        raise ConfigError(f"--checkpoint {ckpt}: metadata without a model config, expected a cpt_jax checkpoint")
-    mc = ModelConfig.from_config(meta["model"])
-    if args.dtype:
-        mc = dataclasses.replace(mc, dtype=args.dtype)
+    meta, mc = checkpoint.read_model_config(ckpt, key="--checkpoint", dtype=args.dtype)
     run_cfg = meta.get("config") or {}
     sources = parse_pairs(args.sources, "--sources") if args.sources else checkpoint_sources(meta, log)
     task_files = parse_pairs(args.tasks, "--tasks")

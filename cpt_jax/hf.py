@@ -515,10 +515,7 @@ def _plan_export(checkpoint_dir: str, out_dir: str, dtype: str | None) -> _Expor
         raise ConfigError(f"--dtype: {dtype!r}, expected one of {', '.join(EXPORT_DTYPES)}")
     root, step = checkpoint.resolve(checkpoint_dir, key="--checkpoint")
     step_dir = os.path.join(root, str(step))
-    meta = checkpoint.read_metadata(step_dir, key="--checkpoint")
-    if not isinstance(meta.get("model"), dict):
-        raise ConfigError(f"--checkpoint {step_dir}: metadata without a model config, expected a cpt_jax checkpoint")
-    c = model.ModelConfig.from_config(meta["model"])
+    meta, c = checkpoint.read_model_config(step_dir, key="--checkpoint")
     chain = list(checkpoint.metadata_chain(meta))
     source = next((m["source"] for m in chain if isinstance(m.get("source"), dict)), {})
     architecture = architecture_for(c, source.get("architecture"), f"--checkpoint {step_dir}")

@@ -210,6 +210,13 @@ def constrain(x: jax.Array, names: tuple[str | None, ...], rules: tuple) -> jax.
     return jax.lax.with_sharding_constraint(x, spec)
 
 
+def is_compute_weight(name: str) -> bool:
+    """Whether the parameter `name` (a leaf's key, e.g. 'wq') is cast to the compute dtype before
+    use: every one but the norm scales and biases, which `_norm` reads in fp32. Casting these once
+    ahead (as decoding does) computes exactly what the casts below compute."""
+    return "norm" not in name
+
+
 def _norm(x, scale, bias, c: ModelConfig, kind: str | None = None, axes: tuple[int, ...] = (-1,)):
     """`kind` (default c.norm) over `axes`; statistics in fp32 whatever the compute dtype (a bf16
     variance loses too much precision)."""
@@ -421,13 +428,7 @@ def load(checkpoint_dir: str, dtype: str | None = None) -> tuple[Decoder, ModelC
     # Imported here: checkpoint.py pulls in orbax, which the model's computation does not need.
     from cpt_jax import checkpoint
 
-    meta = checkpoint.read_metadata(checkpoint_dir, key="checkpoint")
-    if not isinstance(meta.get("model"), dict):
-        raise ConfigError(f"checkpoint {checkpoint_dir}: metadata without a model config, expected a cpt_jax "
-                          "checkpoint")
-    c = ModelConfig.from_config(meta["model"])
-    if dtype:
-        c = dataclasses.replace(c, dtype=dtype)
+    meta, c = checkpoint.read_model_config(checkpoint_dir, key="checkpoint", dtype=dtype)
     abstract = abstract_params(c)
     if "param_shapes" in meta:
         checkpoint.check_param_shapes(meta["param_shapes"], abstract, f"checkpoint {checkpoint_dir}")

@@ -16,7 +16,6 @@ prompt). Nothing is written. User errors are one line, `error: ...`, exit status
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -25,7 +24,7 @@ from typing import Any
 
 import jax
 
-from cpt_jax import checkpoint, decode, evaluate, model
+from cpt_jax import checkpoint, decode, evaluate
 from cpt_jax.config import ConfigError
 from cpt_jax.data.tokenizer import load_tokenizer
 from cpt_jax.metrics import log
@@ -56,12 +55,7 @@ def run(args: argparse.Namespace, log) -> list[dict[str, Any]]:
     """Everything `main` does but printing: validate, restore, generate. Returns one record per
     prompt: prompt, continuation (text), tokens (the new ids), stopped ('eos' or 'length')."""
     ckpt = os.path.abspath(os.path.expanduser(args.checkpoint))
-    meta = checkpoint.read_metadata(ckpt, key="--checkpoint")
-    if not isinstance(meta.get("model"), dict):
-        raise ConfigError(f"--checkpoint {ckpt}: metadata without a model config, expected a cpt_jax checkpoint")
-    mc = model.ModelConfig.from_config(meta["model"])
-    if args.dtype:
-        mc = dataclasses.replace(mc, dtype=args.dtype)
+    meta, mc = checkpoint.read_model_config(ckpt, key="--checkpoint", dtype=args.dtype)
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise ConfigError(f"--temperature: {args.temperature}, expected 0 (greedy) or a positive number")
     if not 0 < args.top_p <= 1:
@@ -74,15 +68,16 @@ def run(args: argparse.Namespace, log) -> list[dict[str, Any]]:
     fingerprint = meta.get("tokenizer_fingerprint")
     if fingerprint and tok.fingerprint != fingerprint:
         log(f"warning: tokenizer {tok.path} differs from the one the checkpoint records ({fingerprint[:16]}...)")
-    new_tokens = args.max_new_tokens
-    if new_tokens is None:  # as many as fit, up to the default
-        longest = max(len(ids) for ids in tok.encode_batch(args.prompt, num_threads=1)) + int(args.add_bos)
-        new_tokens = max(1, min(DEFAULT_NEW_TOKENS, mc.max_seq_len - longest))
-    prompts = decode.prompt_tokens(tok, args.prompt, max_new_tokens=new_tokens, max_seq_len=mc.max_seq_len,
+    prompts = decode.prompt_tokens(tok, args.prompt, max_new_tokens=args.max_new_tokens, max_seq_len=mc.max_seq_len,
                                    add_bos=args.add_bos)
+    # Unless told, as many as fit, up to the default (prompt_tokens left room for at least one).
+    new_tokens = args.max_new_tokens
+    if new_tokens is None:
+        new_tokens = min(DEFAULT_NEW_TOKENS, mc.max_seq_len - max(len(p) for p in prompts))
 
     mesh, rules, shardings = evaluate.mesh_for(mc)
-    params = evaluate.restore_params(ckpt, meta, mc, shardings)
+    # Cast to the compute dtype at once, so that the float32 copy is freed before decoding.
+    params = decode.compute_params(evaluate.restore_params(ckpt, meta, mc, shardings), mc)
     generator = decode.Generator(mc, mesh=mesh, rules=rules, vocab_limit=tok.vocab_size)
     outs = generator.generate(params, prompts, new_tokens, temperature=args.temperature, top_p=args.top_p,
                               seed=args.seed, eos_id=tok.eos_id)

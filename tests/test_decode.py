@@ -87,6 +87,66 @@ def test_greedy_generation_on_a_sharded_mesh_is_the_argmax_of_the_full_forward()
         assert g.tokens == want and g.stopped == ("eos" if want[-1] == eos else "length")
 
 
+def test_weights_cast_once_compute_exactly_what_the_model_casts_and_keep_their_shardings():
+    c = dataclasses.replace(BASE, dtype="bfloat16", qk_norm="head", qkv_bias=True, norm="layernorm1p")
+    params = _params(c)
+    cast = decode.compute_params(params, c)
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(cast), strict=True):
+        name = path[-1].key
+        assert y.dtype == (jnp.float32 if "norm" in name else jnp.bfloat16), name
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(x.astype(y.dtype)))
+    lengths = np.array([3, 5])
+    prompts = np.asarray(jax.random.randint(jax.random.key(3), (2, 5), 0, c.vocab_size))
+    prefill = jax.jit(decode.prefill, static_argnums=(4,))
+    step = jax.jit(decode.decode_step, static_argnums=(4,))
+    logits = {}
+    for which, p in (("fp32", params), ("cast", cast)):
+        first, cache = prefill(p, decode.init_cache(c, 2, 12), prompts, lengths, c)
+        nxt, _ = step(p, cache, jnp.argmax(first, -1), lengths, c)
+        logits[which] = (np.asarray(first), np.asarray(nxt))
+    np.testing.assert_array_equal(logits["fp32"][0], logits["cast"][0])
+    np.testing.assert_array_equal(logits["fp32"][1], logits["cast"][1])
+    generator = decode.Generator(c)
+    rows = [[5, 9, 2], [11, 4, 4, 60, 1]]
+    assert generator.generate(params, rows, 8) == generator.generate(cast, rows, 8)
+
+    cfg = config.default_config()
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 4, 2
+    mesh, rules = sharding.make_mesh(cfg.mesh), sharding.rules_from_config(cfg.mesh)
+    sharded = jax.device_put(params, sharding.param_shardings(model.abstract_params(c), model.logical_axes(c),
+                                                              mesh, rules))
+    got = jax.tree.leaves(decode.compute_params(sharded, c))
+    assert [x.sharding for x in got] == [x.sharding for x in jax.tree.leaves(sharded)]
+
+
+def test_prompt_lengths_in_one_bucket_and_any_temperature_share_the_compiled_programs(monkeypatch):
+    c = dataclasses.replace(BASE, max_seq_len=48)  # a model no other test decodes: nothing compiled yet
+    params = _params(c)
+    traces = {"prefill": 0, "decode_step": 0}
+
+    def counting(name, f):
+        def counted(*args):
+            traces[name] += 1
+            return f(*args)
+        return counted
+
+    for name in traces:
+        monkeypatch.setattr(decode, name, counting(name, getattr(decode, name)))
+    generator = decode.Generator(c)
+    rng = np.random.default_rng(0)
+    short, long = [rng.integers(0, 96, n).tolist() for n in (17, 29)]  # both pad to 32
+    assert decode.padded_length(17, 6, 48) == decode.padded_length(29, 6, 48) == 32
+    assert decode.padded_length(29, 19, 48) == 29  # capped: 32 + 19 would not fit in max_seq_len
+    for prompts in ([short, [3, 1]], [long, [7]]):
+        got = generator.generate(params, prompts, 6)
+        assert [g.tokens for g in got] == [_greedy_reference(params, c, p, 6, None, width=48) for p in prompts]
+    assert traces == {"prefill": 1, "decode_step": 1}
+    draws = [generator.generate(params, prompts, 6, temperature=t, top_p=0.9, seed=1)
+             for prompts in ([short], [long]) for t in (0.7, 1.3)]
+    assert traces == {"prefill": 2, "decode_step": 2}  # sampling is one more program, whatever the temperature
+    assert draws[0] != draws[1]  # the temperature is an argument that counts
+
+
 def test_choose_greedy_top_p_temperature_and_vocab_limit():
     logits = jnp.asarray([[0.0, 3.0, 2.9, -1.0, 9.0], [1.0, 0.0, 0.5, 2.0, 0.0]])
     key = jax.random.key(0)
@@ -113,3 +173,8 @@ def test_prompt_tokens_refuse_an_empty_prompt_and_one_too_long(sp_path):
         decode.prompt_tokens(tok, ["the model reads"], max_new_tokens=62, max_seq_len=64)
     with pytest.raises(ConfigError, match=r"^--max_new_tokens: 0, expected a positive integer"):
         decode.prompt_tokens(tok, ["data"], max_new_tokens=0, max_seq_len=64)
+    # Without max_new_tokens (the caller fills what is left) a prompt must leave room for one token.
+    assert decode.prompt_tokens(tok, ["the model reads"], max_new_tokens=None, max_seq_len=n + 1) == ids[:1]
+    with pytest.raises(ConfigError, match=rf"^--prompt 1: {n} tokens, too long for the model's max_seq_len {n}, "
+                                          rf"expected at most {n - 1} to leave room for a new token$"):
+        decode.prompt_tokens(tok, ["the model reads"], max_new_tokens=None, max_seq_len=n)

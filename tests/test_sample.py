@@ -3,6 +3,7 @@ for token, sampling is seeded, bad input is one line (exit 2); eval.sample_promp
 
 import json
 import os
+import re
 
 import pytest
 
@@ -62,17 +63,28 @@ def test_sampling_is_seeded_and_text_output_shows_each_prompt(zoo, capsys):
                    f"{PROMPTS[1]}{runs[0][1]['continuation']}\n")
 
 
+_TINY = model.ModelConfig(n_layers=1, d_model=32, n_heads=2, n_kv_heads=2, d_ff=64, vocab_size=64, max_seq_len=32)
+
+
 def _own_checkpoint_without_tokenizer(tmp_path):
-    mc = model.ModelConfig(n_layers=1, d_model=32, n_heads=2, n_kv_heads=2, d_ff=64, vocab_size=64, max_seq_len=32)
+    mc = _TINY
     params = model.init_params(mc, 0)
     hf.write_checkpoint(str(tmp_path / "own"), params, {
         "step": 0, "model": mc.to_dict(), "param_shapes": checkpoint.param_shapes(params), "lr_min": 1e-5})
     return str(tmp_path / "own")
 
 
+def _checkpoint_without_model(tmp_path):
+    hf.write_checkpoint(str(tmp_path / "nomodel"), {"w": model.init_params(_TINY, 0)["embed"]}, {"step": 0})
+    return str(tmp_path / "nomodel")
+
+
 BAD = [
     ("beyond max_seq_len", lambda z, t: ["--checkpoint", z.ckpt("qwen3"), "--prompt", "a", "--max_new_tokens", "500"],
      "--max_new_tokens: 500 after the "),
+    ("prompt filling max_seq_len", lambda z, t: ["--checkpoint", z.ckpt("qwen3"), "--prompt", "a", "--prompt",
+                                                 "data and " * 600],  # no --max_new_tokens: none fits
+     "--prompt 2: "),
     ("empty prompt", lambda z, t: ["--checkpoint", z.ckpt("qwen3"), "--prompt", "data", "--prompt", ""],
      "--prompt 2 (''): tokenizes to no tokens"),
     ("no tokenizer", lambda z, t: ["--checkpoint", _own_checkpoint_without_tokenizer(t), "--prompt", "a"],
@@ -81,6 +93,8 @@ BAD = [
      "--temperature: -1.0"),
     ("top_p of 0", lambda z, t: ["--checkpoint", z.ckpt("qwen3"), "--prompt", "a", "--top_p", "0"], "--top_p: 0.0"),
     ("no checkpoint", lambda z, t: ["--checkpoint", str(t / "nothing"), "--prompt", "a"], "does not exist"),
+    ("no model config", lambda z, t: ["--checkpoint", _checkpoint_without_model(t), "--prompt", "a"],
+     "metadata without a model config, expected a cpt_jax checkpoint"),
 ]
 
 
@@ -94,6 +108,10 @@ def test_bad_input_is_one_line(zoo, tmp_path, capsys, case):
     lines = err.strip().splitlines()
     assert status == 2 and out == "" and len(lines) == 1 and lines[0].startswith("error: "), err
     assert expected in lines[0], lines[0]
+    if case[0] == "prompt filling max_seq_len":
+        assert re.fullmatch(r"error: --prompt 2: (\d+) tokens, too long for the model's max_seq_len (\d+), expected "
+                            r"at most (\d+) to leave room for a new token", lines[0]), lines[0]
+        assert "--max_new_tokens" not in lines[0]  # never passed
     assert (sorted(os.walk(ckpt)) if os.path.exists(ckpt) else None) == before
 
 
