@@ -2,7 +2,7 @@
 
     python -m cpt_jax.evaluate --checkpoint DIR [--sources name=prepared_dir,...] \\
         [--tasks name=file.jsonl,...] [--out results.json] [--batch_size N] [--seq_len N] \\
-        [--examples_per_source N] [--tokenizer FILE] [--fewshot K] [--template T] [--add_bos] \\
+        [--examples_per_source N] [--tokenizer FILE] [--fewshot K] [--template T] [--bos auto|always|never] \\
         [--dtype float32] [--log_samples]
 
 Parameters are restored sharded (FSDP) over every local device. User errors print one line,
@@ -24,11 +24,14 @@ loss on held-out data. Reported per source:
 Tasks (`TaskEvaluator`, formats in `cpt_jax.tasks`): each choice is scored by the summed
 log-likelihood of its tokens given the prompt. The prompt and prompt+choice are tokenized
 separately (as lm-eval-harness does); the tokens of prompt+choice past the prompt's token count
-are the choice's. `add_bos` puts the tokenizer's BOS first (in-loop evaluation does when the
-training sources were prepared with BOS); an empty prompt without it is preceded by EOS, the
-document separator. A sequence longer than seq_len + 1 tokens loses tokens from the left of its
-context. `acc` is the fraction of questions where the highest sum is the gold choice; `acc_norm`
-the same with each sum divided by the choice's length in UTF-8 bytes. Ties go to the first choice.
+are the choice's. `add_bos` puts the tokenizer's BOS first, so that questions begin the way the
+training documents did: the in-loop evaluation and the command line (`--bos auto`, the default)
+do when the run's data sources were prepared with BOS (their manifests' `add_bos`); a checkpoint
+whose config names no source found on disk (an import) follows the tokenizer's own convention, as
+`prepare --bos auto` does. An empty prompt without BOS is preceded by EOS, the document
+separator. A sequence longer than seq_len + 1 tokens loses tokens from the left of its context.
+`acc` is the fraction of questions where the highest sum is the gold choice; `acc_norm` the same
+with each sum divided by the choice's length in UTF-8 bytes. Ties go to the first choice.
 `--log_samples` adds, per question, the choices' log-likelihoods, the prediction and the gold to
 the --out JSON (what paired comparisons of two checkpoints on the same questions need).
 
@@ -650,7 +653,28 @@ def checkpoint_sources(meta: dict[str, Any], log: Log | None = None) -> dict[str
     return out
 
 
+def checkpoint_bos(meta: dict[str, Any], tok: Any, choice: str = "auto") -> bool:
+    """Whether questions to this checkpoint start with BOS for `--bos` `choice`: with 'auto', as
+    the documents of its run's data sources did (sources.starts_with_bos over those found on disk,
+    what the in-loop evaluation uses), else (an import, sources gone) as `prepare --bos auto` would
+    prepare documents for `tok`; 'always' and 'never' as prepare's --bos."""
+    from cpt_jax.data.prepare import resolve_bos
+
+    if choice == "auto":
+        data = (meta.get("config") or {}).get("data") or {}
+        named = (data.get("sources") or {}) if data.get("kind", "mixture") == "mixture" else {}
+        found = []
+        for directory in named.values():
+            with contextlib.suppress(ConfigError):  # gone: checkpoint_sources notes it
+                found.append((directory, sources_lib.read_manifest(directory)))
+        if found:
+            return sources_lib.starts_with_bos(found)
+    return resolve_bos(choice, tok)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from cpt_jax.data.prepare import BOS_CHOICES
+
     p = argparse.ArgumentParser(
         prog="python -m cpt_jax.evaluate",
         description="Validation loss/perplexity/bits per byte per source and multiple-choice accuracy of a "
@@ -671,7 +695,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer file for --tasks (default: the checkpoint's)")
     p.add_argument("--fewshot", type=int, default=0, help="few-shot examples per prompt for every task")
     p.add_argument("--template", default=None, help="prompt template with a {context} placeholder")
-    p.add_argument("--add_bos", action="store_true", help="put the tokenizer's BOS token before every prompt")
+    p.add_argument("--bos", default="auto", choices=BOS_CHOICES,
+                   help="BOS before every question: auto (default) as the checkpoint's training sources were "
+                        "prepared (their manifests' add_bos; without any on disk, the tokenizer's own convention), "
+                        "always, never")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="compute dtype (default: the checkpoint's model.dtype)")
     p.add_argument("--log_samples", action="store_true",
@@ -780,8 +807,8 @@ def run_cli(args: argparse.Namespace, log: Log) -> dict[str, Any]:
                 f"({fingerprint[:16]}...); scores may be meaningless")
         specs = {name: {"path": f, "fewshot": args.fewshot, "template": args.template}
                  for name, f in task_files.items()}
-        task_eval = TaskEvaluator(specs, tok, mc, seq_len=args.seq_len or mc.max_seq_len, add_bos=args.add_bos,
-                                  **common)
+        task_eval = TaskEvaluator(specs, tok, mc, seq_len=args.seq_len or mc.max_seq_len,
+                                  add_bos=checkpoint_bos(meta, tok, args.bos), **common)
 
     t0 = time.perf_counter()
     params = restore_params(ckpt, meta, mc, param_shardings)

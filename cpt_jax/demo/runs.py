@@ -257,7 +257,6 @@ def train_run(workdir: str, s: Scale, data: Data, seed: int, steps: int, schedul
     """Train one run (its plan first), then score its tasks question by question; False when both
     were already done."""
     from cpt_jax import cli, evaluate, plan, train
-    from cpt_jax.data import sources as sources_lib
 
     scores = os.path.join(workdir, "tasks.json")
     if os.path.exists(scores) and _final_eval(_records(workdir), steps) is not None:
@@ -278,12 +277,10 @@ def train_run(workdir: str, s: Scale, data: Data, seed: int, steps: int, schedul
         if status:
             raise _fail(f"training in {workdir}", log_path, status)
     tasks = ",".join(f"{name}={path}" for name, path in data.tasks.items())
-    # Questions are posed as the documents were trained: after BOS when prepare put one first.
-    bos = sources_lib.starts_with_bos([(d, sources_lib.read_manifest(d)) for d in data.sources.values()])
+    # The evaluator poses the questions as the run's documents began (--bos auto), like the trainer's.
     with _quiet(log_path):
         status = evaluate.main(["--checkpoint", os.path.join(workdir, "checkpoints"), "--tasks", tasks,
-                                "--batch_size", str(TASK_BATCH), "--out", scores, "--log_samples",
-                                *(["--add_bos"] if bos else [])])
+                                "--batch_size", str(TASK_BATCH), "--out", scores, "--log_samples"])
     if status:
         raise _fail(f"evaluating {workdir}", log_path, status)
     return True
