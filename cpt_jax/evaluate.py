@@ -307,11 +307,11 @@ def choice_predictions(logliks: Sequence[Sequence[float]],
 def choice_metrics(logliks: Sequence[Sequence[float]], choice_bytes: Sequence[Sequence[int]],
                    golds: Sequence[int]) -> tuple[float, float]:
     """(acc, acc_norm) of questions given each choice's summed log-likelihood and UTF-8 length."""
-    if not golds:
-        return 0.0, 0.0
-    acc = sum(p == g for p, g in zip(choice_predictions(logliks), golds, strict=True))
-    norm = sum(p == g for p, g in zip(choice_predictions(logliks, choice_bytes), golds, strict=True))
-    return acc / len(golds), norm / len(golds)
+    return _accuracy(choice_predictions(logliks), golds), _accuracy(choice_predictions(logliks, choice_bytes), golds)
+
+
+def _accuracy(predictions: Sequence[int], golds: Sequence[int]) -> float:
+    return sum(p == g for p, g in zip(predictions, golds, strict=True)) / len(golds) if golds else 0.0
 
 
 def _bucket(longest: int, seq_len: int, chunk_tokens: int) -> int:
@@ -452,13 +452,14 @@ class TaskEvaluator:
         for name, s in self.sets.items():
             t0 = time.perf_counter()
             logliks = self.loglikelihoods(params, name)
-            acc, acc_norm = choice_metrics(logliks, s.choice_bytes, s.golds)
+            preds = choice_predictions(logliks)
+            acc, acc_norm = _accuracy(preds, s.golds), _accuracy(choice_predictions(logliks, s.choice_bytes), s.golds)
             results[name] = {"acc": acc, "acc_norm": acc_norm, "n": len(s.golds)}
             if samples:
                 results[name]["samples"] = [
                     {"line": ex.line, "loglikelihoods": [float(x) for x in ll], "pred": pred, "gold": ex.gold,
                      "correct": pred == ex.gold}
-                    for ex, ll, pred in zip(s.task.examples, logliks, choice_predictions(logliks), strict=True)]
+                    for ex, ll, pred in zip(s.task.examples, logliks, preds, strict=True)]
             if log is not None:
                 cut = f", {s.truncated} truncated" if s.truncated else ""
                 log(f"eval task {name}: acc {acc:.4f} acc_norm {acc_norm:.4f} ({len(s.golds)} questions, "
@@ -576,7 +577,7 @@ def from_config(cfg: Any, model_config: ModelConfig, *, mesh: Any = None, rules:
             raise ConfigError("eval.sample_prompts: no tokenizer to tokenize the prompts, expected data.tokenizer to "
                               "name the model's tokenizer file")
         samples = decode.SampleEvaluator(prompts, tok, model_config, max_new_tokens=e.sample_max_new_tokens,
-                                         mesh=mesh, rules=dict(_rules_tuple(rules)) or None, add_bos=add_bos)
+                                         mesh=mesh, rules=dict(_rules_tuple(rules)), add_bos=add_bos)
     return Evaluation(every, source_eval, task_eval, samples)
 
 
