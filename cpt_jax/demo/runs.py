@@ -1,6 +1,7 @@
 """The demo's scales, its continued-pretraining variants, and how one seed's data, base model and
 runs are made through the product's own entry points: `prepare`, `plan`, `train` (a config file
-per run, as a user writes one) and `evaluate` (the tasks of a finished run, question by question).
+per run, as a user writes one) and `evaluate` (a finished run's validation losses and its tasks,
+question by question).
 
 Every stage is skipped when its output is already there, so a later call (more seeds, an ablation)
 reuses the corpus, the base model and the runs it shares with an earlier one.
