@@ -2,7 +2,7 @@
 
     python -m cpt_jax.evaluate --checkpoint DIR [--sources name=prepared_dir,...] \\
         [--tasks name=file.jsonl,...] [--out results.json] [--batch_size N] [--seq_len N] \\
-        [--examples_per_source N] [--tokenizer FILE] [--fewshot K] [--template T] [--add_bos] \\
+        [--examples_per_source N] [--tokenizer FILE] [--fewshot K] [--template T] [--bos auto|always|never] \\
         [--dtype float32] [--log_samples]
 
 Parameters are restored sharded (FSDP) over every local device. User errors print one line,
@@ -24,11 +24,14 @@ loss on held-out data. Reported per source:
 Tasks (`TaskEvaluator`, formats in `cpt_jax.tasks`): each choice is scored by the summed
 log-likelihood of its tokens given the prompt. The prompt and prompt+choice are tokenized
 separately (as lm-eval-harness does); the tokens of prompt+choice past the prompt's token count
-are the choice's. `add_bos` puts the tokenizer's BOS first (in-loop evaluation does when the
-training sources were prepared with BOS); an empty prompt without it is preceded by EOS, the
-document separator. A sequence longer than seq_len + 1 tokens loses tokens from the left of its
-context. `acc` is the fraction of questions where the highest sum is the gold choice; `acc_norm`
-the same with each sum divided by the choice's length in UTF-8 bytes. Ties go to the first choice.
+are the choice's. `add_bos` puts the tokenizer's BOS first, so that questions begin the way the
+training documents did: the in-loop evaluation and the command line (`--bos auto`, the default)
+do when the run's data sources were prepared with BOS (their manifests' `add_bos`); a checkpoint
+whose config names no source found on disk (an import) follows the tokenizer's own convention, as
+`prepare --bos auto` does. An empty prompt without BOS is preceded by EOS, the document
+separator. A sequence longer than seq_len + 1 tokens loses tokens from the left of its context.
+`acc` is the fraction of questions where the highest sum is the gold choice; `acc_norm` the same
+with each sum divided by the choice's length in UTF-8 bytes. Ties go to the first choice.
 `--log_samples` adds, per question, the choices' log-likelihoods, the prediction and the gold to
 the --out JSON (what paired comparisons of two checkpoints on the same questions need).
 
@@ -304,11 +307,11 @@ def choice_predictions(logliks: Sequence[Sequence[float]],
 def choice_metrics(logliks: Sequence[Sequence[float]], choice_bytes: Sequence[Sequence[int]],
                    golds: Sequence[int]) -> tuple[float, float]:
     """(acc, acc_norm) of questions given each choice's summed log-likelihood and UTF-8 length."""
-    if not golds:
-        return 0.0, 0.0
-    acc = sum(p == g for p, g in zip(choice_predictions(logliks), golds, strict=True))
-    norm = sum(p == g for p, g in zip(choice_predictions(logliks, choice_bytes), golds, strict=True))
-    return acc / len(golds), norm / len(golds)
+    return _accuracy(choice_predictions(logliks), golds), _accuracy(choice_predictions(logliks, choice_bytes), golds)
+
+
+def _accuracy(predictions: Sequence[int], golds: Sequence[int]) -> float:
+    return sum(p == g for p, g in zip(predictions, golds, strict=True)) / len(golds) if golds else 0.0
 
 
 def _bucket(longest: int, seq_len: int, chunk_tokens: int) -> int:
@@ -449,13 +452,14 @@ class TaskEvaluator:
         for name, s in self.sets.items():
             t0 = time.perf_counter()
             logliks = self.loglikelihoods(params, name)
-            acc, acc_norm = choice_metrics(logliks, s.choice_bytes, s.golds)
+            preds = choice_predictions(logliks)
+            acc, acc_norm = _accuracy(preds, s.golds), _accuracy(choice_predictions(logliks, s.choice_bytes), s.golds)
             results[name] = {"acc": acc, "acc_norm": acc_norm, "n": len(s.golds)}
             if samples:
                 results[name]["samples"] = [
                     {"line": ex.line, "loglikelihoods": [float(x) for x in ll], "pred": pred, "gold": ex.gold,
                      "correct": pred == ex.gold}
-                    for ex, ll, pred in zip(s.task.examples, logliks, choice_predictions(logliks), strict=True)]
+                    for ex, ll, pred in zip(s.task.examples, logliks, preds, strict=True)]
             if log is not None:
                 cut = f", {s.truncated} truncated" if s.truncated else ""
                 log(f"eval task {name}: acc {acc:.4f} acc_norm {acc_norm:.4f} ({len(s.golds)} questions, "
@@ -573,7 +577,7 @@ def from_config(cfg: Any, model_config: ModelConfig, *, mesh: Any = None, rules:
             raise ConfigError("eval.sample_prompts: no tokenizer to tokenize the prompts, expected data.tokenizer to "
                               "name the model's tokenizer file")
         samples = decode.SampleEvaluator(prompts, tok, model_config, max_new_tokens=e.sample_max_new_tokens,
-                                         mesh=mesh, rules=dict(_rules_tuple(rules)) or None, add_bos=add_bos)
+                                         mesh=mesh, rules=dict(_rules_tuple(rules)), add_bos=add_bos)
     return Evaluation(every, source_eval, task_eval, samples)
 
 
@@ -650,7 +654,28 @@ def checkpoint_sources(meta: dict[str, Any], log: Log | None = None) -> dict[str
     return out
 
 
+def checkpoint_bos(meta: dict[str, Any], tok: Any, choice: str = "auto") -> bool:
+    """Whether questions to this checkpoint start with BOS for `--bos` `choice`: with 'auto', as
+    the documents of its run's data sources did (sources.starts_with_bos over those found on disk,
+    what the in-loop evaluation uses), else (an import, sources gone) as `prepare --bos auto` would
+    prepare documents for `tok`; 'always' and 'never' as prepare's --bos."""
+    from cpt_jax.data.prepare import resolve_bos
+
+    if choice == "auto":
+        data = (meta.get("config") or {}).get("data") or {}
+        named = (data.get("sources") or {}) if data.get("kind", "mixture") == "mixture" else {}
+        found = []
+        for directory in named.values():
+            with contextlib.suppress(ConfigError):  # gone: checkpoint_sources notes it
+                found.append((directory, sources_lib.read_manifest(directory)))
+        if found:
+            return sources_lib.starts_with_bos(found)
+    return resolve_bos(choice, tok)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from cpt_jax.data.prepare import BOS_CHOICES
+
     p = argparse.ArgumentParser(
         prog="python -m cpt_jax.evaluate",
         description="Validation loss/perplexity/bits per byte per source and multiple-choice accuracy of a "
@@ -671,7 +696,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer file for --tasks (default: the checkpoint's)")
     p.add_argument("--fewshot", type=int, default=0, help="few-shot examples per prompt for every task")
     p.add_argument("--template", default=None, help="prompt template with a {context} placeholder")
-    p.add_argument("--add_bos", action="store_true", help="put the tokenizer's BOS token before every prompt")
+    p.add_argument("--bos", default="auto", choices=BOS_CHOICES,
+                   help="BOS before every question: auto (default) as the checkpoint's training sources were "
+                        "prepared (their manifests' add_bos; without any on disk, the tokenizer's own convention), "
+                        "always, never")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="compute dtype (default: the checkpoint's model.dtype)")
     p.add_argument("--log_samples", action="store_true",
@@ -775,8 +803,8 @@ def run_cli(args: argparse.Namespace, log: Log) -> dict[str, Any]:
                 f"({fingerprint[:16]}...); scores may be meaningless")
         specs = {name: {"path": f, "fewshot": args.fewshot, "template": args.template}
                  for name, f in task_files.items()}
-        task_eval = TaskEvaluator(specs, tok, mc, seq_len=args.seq_len or mc.max_seq_len, add_bos=args.add_bos,
-                                  **common)
+        task_eval = TaskEvaluator(specs, tok, mc, seq_len=args.seq_len or mc.max_seq_len,
+                                  add_bos=checkpoint_bos(meta, tok, args.bos), **common)
 
     t0 = time.perf_counter()
     params = restore_params(ckpt, meta, mc, param_shardings)

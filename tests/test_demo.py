@@ -52,6 +52,10 @@ def _run_dir(demo_dir, seed, name):
     return os.path.join(demo_dir, f"seed_{seed}", "base" if name == "base" else os.path.join("runs", name))
 
 
+def _task_file(demo_dir, seed, task):
+    return os.path.join(demo_dir, f"seed_{seed}", "corpus", f"{task}.jsonl")
+
+
 def _row(text, name):
     line = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
     return [c.strip() for c in line.strip("|").split("|")]
@@ -76,6 +80,10 @@ def test_every_stage_ran_for_every_seed(demo_dir, demo_run):
             assert [r["step"] for r in _records(workdir, "train")] == list(range(S.run_steps))
             # Each run is a config file for the trainer, scored by the evaluator question by question.
             assert "python -m cpt_jax.train --config" in open(os.path.join(workdir, "demo_config.py")).read()
+            # One evaluation of the final checkpoint gives the validation losses and the tasks; the
+            # continued runs are not evaluated in the loop.
+            assert _records(workdir, "eval") == []
+            assert set(json.load(open(os.path.join(workdir, "tasks.json")))["sources"]) == {"A", "B"}
             samples = _samples(workdir)
             assert {k: len(v) for k, v in samples.items()} == {"retention": 4 * S.people_a,
                                                                 "acquisition": 4 * S.people_b,
@@ -121,9 +129,11 @@ def test_report_numbers_come_from_the_runs(demo_dir, demo_run):
         assert cells[4].startswith(f"{sum(accs) / 3:.3f} [")
         assert _row(demo_run, name) == cells  # the table is printed at the end too
     # The differences and the answer to the first question follow from the same samples.
-    diffs = [stats.paired_difference([s[g] for s in correct["recipe"]], [s[g] for s in correct["baseline"]])
-             for g in corpus_lib.TASKS]
-    avg = stats.average_difference(diffs)
+    facts = {g: [[(r["name"], r["attribute"]) for r in map(json.loads, open(_task_file(demo_dir, s, g)))]
+                 for s in SEEDS] for g in corpus_lib.TASKS}
+    diffs = {g: [[float(x) - float(y) for x, y in zip(a[g], b[g], strict=True)]
+                 for a, b in zip(correct["recipe"], correct["baseline"], strict=True)] for g in corpus_lib.TASKS}
+    avg = stats.average(diffs, facts)
     cells = _row(text.split("| run - baseline |", 1)[1], "recipe")
     assert cells[4] == f"{100 * avg.value:+.1f} [{100 * avg.lo:+.1f}, {100 * avg.hi:+.1f}] {stats.outcome(avg)}"
     verdict = stats.verdict([stats.outcome(avg)])
@@ -131,7 +141,8 @@ def test_report_numbers_come_from_the_runs(demo_dir, demo_run):
                      r"\*\*" + verdict + r"\*\* at this scale", text)
     for key in runs.ABLATIONS:
         assert f"`python -m cpt_jax.demo --ablations {key}` runs it" in text
-    assert "Every run's switch to the QA Blend happened at the step the plan computed" in text
+    assert "`python -m cpt_jax.plan` and the trainer resolve the same switch to the QA Blend" in text
+    assert "The plans gave no warnings." in text
 
 
 def test_report_shows_the_base_plateau(demo_dir, demo_run):
@@ -161,6 +172,20 @@ def test_another_scale_in_the_same_workdir_is_refused(demo_dir, demo_run, capsys
     assert len(err) == 1 and "scale 'tiny'" in err[0]
 
 
+def test_a_run_trained_with_another_config_is_refused(demo_dir, demo_run, capsys):
+    cfg_file = os.path.join(_run_dir(demo_dir, 0, "recipe"), "demo_config.py")
+    text = open(cfg_file).read()
+    try:
+        with open(cfg_file, "w") as f:
+            f.write(text.replace("c.seed = 0", "c.seed = 5"))
+        assert demo.main(["--workdir", demo_dir, "--scale", "tiny", "--seeds", "1"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: --workdir: {cfg_file} was trained with another config; use another --workdir"]
+    finally:
+        with open(cfg_file, "w") as f:
+            f.write(text)
+
+
 @pytest.mark.parametrize("argv, message", [(["--ablations", "warmup,bogus"], "--ablations: 'bogus'"),
                                            (["--seeds", "0"], "--seeds: 0")])
 def test_bad_flags_are_one_line(tmp_path, capsys, argv, message):
@@ -180,7 +205,8 @@ def test_an_ablation_reuses_the_base_and_the_main_runs(demo_dir, demo_run):
     assert (os.stat(base_metrics).st_mtime_ns, os.stat(recipe_metrics).st_mtime_ns) == before
     assert "[demo] seed 1/1 base (pretraining on A, 400 steps): reused" in out
     assert "[demo] seed 1/1 recipe: reused" in out and "[demo] seed 1/1 floor_10pct: done in" in out
-    results = {name: [runs.load_result(_run_dir(demo_dir, 0, name), S.run_steps)]
+    tasks = {t: _task_file(demo_dir, 0, t) for t in corpus_lib.TASKS}
+    results = {name: [runs.load_result(_run_dir(demo_dir, 0, name), S.run_steps, tasks)]
                for name in ("recipe", "floor_10pct", "floor_0.1pct")}
     for name, ratio in (("floor_10pct", 0.1), ("floor_0.1pct", 0.001)):
         start = results[name][0].first_lr

@@ -80,3 +80,10 @@ def test_the_corpus_is_a_function_of_the_seed(tmp_path):
         assert open(one[name], "rb").read() == open(two[name], "rb").read()
     records = [json.loads(line) for line in open(one["retention"])]
     assert records == [dict(r) for r in a.tasks["retention"]]
+
+
+def test_acquisition_and_heldout_qa_ask_about_the_same_facts():
+    c = corpus_lib.generate(4, people_a=6, people_b=7, val_bios=2)
+    facts = {t: [(r["name"], r["attribute"]) for r in c.tasks[t]] for t in corpus_lib.TASKS}
+    assert facts["acquisition"] == facts["heldout_qa"] and len(set(facts["acquisition"])) == 4 * 7
+    assert not {n for n, _ in facts["retention"]} & {n for n, _ in facts["acquisition"]}

@@ -42,12 +42,62 @@ def test_accuracy_pools_the_seeds_and_keeps_each_seeds_value():
     assert (e.lo, e.hi) == pytest.approx(stats.wilson(7, 10))
 
 
-def test_average_is_the_mean_of_the_groups_with_their_half_widths_in_quadrature():
-    groups = [stats.accuracy([[True] * 30 + [False] * 70]), stats.accuracy([[True] * 80 + [False] * 20])]
-    avg = stats.average(groups)
+def _keys(prefix, n):
+    return [[(prefix, i) for i in range(n)]]
+
+
+def test_average_is_the_mean_of_the_groups_and_independent_groups_add_in_quadrature():
+    a = [[True] * 30 + [False] * 70]
+    b = [[True] * 80 + [False] * 20]
+    avg = stats.average({"a": a, "b": b}, {"a": _keys("A", 100), "b": _keys("B", 100)})
     assert avg.value == pytest.approx(0.55) and avg.per_seed == pytest.approx((0.55,))
-    assert avg.half_width == pytest.approx(math.hypot(groups[0].half_width, groups[1].half_width) / 2)
+    # Different facts: the groups' variances of the mean add, over 2^2.
+    se = math.sqrt((0.3 * 0.7 * 100 / 99) / 100 + (0.8 * 0.2 * 100 / 99) / 100) / 2
+    assert (avg.lo, avg.hi) == pytest.approx((0.55 - stats.Z95 * se, 0.55 + stats.Z95 * se))
     assert avg.n == 200
+
+
+def test_average_pairs_questions_about_the_same_fact():
+    rng = random.Random(3)
+    n_a, n_b, seeds = 40, 30, 2
+    ret = [[rng.random() < 0.9 for _ in range(n_a)] for _ in range(seeds)]
+    known = [[rng.random() < 0.6 for _ in range(n_b)] for _ in range(seeds)]  # a fact known -> both right
+    acq = [[k or rng.random() < 0.25 for k in ks] for ks in known]
+    qa = [[(k and rng.random() < 0.8) or rng.random() < 0.25 for k in ks] for ks in known]
+    facts_a = [[("A", s, i) for i in range(n_a)] for s in range(seeds)]
+    facts_b = [[("B", s, i) for i in range(n_b)] for s in range(seeds)]
+    # The held-out questions in another order: pairing goes by the fact, not by position.
+    order = list(range(n_b))
+    rng.shuffle(order)
+    qa_shuffled = [[q[i] for i in order] for q in qa]
+    facts_qa = [[f[i] for i in order] for f in facts_b]
+    avg = stats.average({"retention": ret, "acquisition": acq, "heldout_qa": qa_shuffled},
+                        {"retention": facts_a, "acquisition": facts_b, "heldout_qa": facts_qa})
+
+    def var(xs):
+        m = sum(xs) / len(xs)
+        return sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+
+    flat_ret = [float(x) for s in ret for x in s]
+    z = [float(x) + float(y) for sa, sq in zip(acq, qa, strict=True) for x, y in zip(sa, sq, strict=True)]
+    value = (sum(flat_ret) / len(flat_ret) + sum(z) / len(z)) / 3
+    se = math.sqrt((var(flat_ret) / len(flat_ret) + var(z) / len(z)) / 9)
+    assert avg.value == pytest.approx(value) and avg.half_width == pytest.approx(stats.Z95 * se)
+    # Positively correlated groups: wider than treating them as independent.
+    independent = math.sqrt((var(flat_ret) / len(flat_ret) + var([float(x) for s in acq for x in s]) / len(z)
+                             + var([float(x) for s in qa for x in s]) / len(z)) / 9)
+    assert se > independent
+    # Two groups on the same facts and as many questions: se^2 is the brute-force variance of the
+    # per-fact mean over the facts, divided by their number.
+    n = 25
+    x = [[rng.random() < 0.5 for _ in range(n)]]
+    y = [[v and rng.random() < 0.9 for v in x[0]]]
+    keys = _keys("F", n)
+    two = stats.average({"x": x, "y": y}, {"x": keys, "y": keys})
+    per_fact = [(float(u) + float(v)) / 2 for u, v in zip(x[0], y[0], strict=True)]
+    assert two.half_width == pytest.approx(stats.Z95 * math.sqrt(var(per_fact) / n))
+    with pytest.raises(ValueError, match="twice"):
+        stats.average({"x": [[True, False]]}, {"x": [[("F", 0), ("F", 0)]]})
 
 
 def test_paired_difference():
@@ -59,8 +109,7 @@ def test_paired_difference():
     assert d.value == pytest.approx(4 / 5) and d.per_seed == pytest.approx((1.0, 0.5))
     with pytest.raises(ValueError, match="different numbers"):
         stats.paired_difference([[True]], [[True, False]])
-    avg = stats.average_difference([stats.paired_difference([[True] * 10], [[False] * 10]),
-                                    stats.paired_difference([[True] * 5 + [False] * 5], [[True] * 5 + [False] * 5])])
+    avg = stats.average({"a": [[1.0] * 10], "b": [[0.0] * 10]}, {"a": _keys("A", 10), "b": _keys("B", 10)})
     assert avg.value == pytest.approx(0.5) and avg.lo == pytest.approx(0.5) and avg.per_seed == (0.5,)
 
 
@@ -98,8 +147,15 @@ def test_plateau_check():
     assert stats.relative_improvement(wobbly) == pytest.approx(0.015 / 1.015) and not stats.plateaued(wobbly)
     wobbly[-2] = (950, 1.03)
     assert stats.relative_improvement(wobbly) == pytest.approx(0.0) and stats.plateaued(wobbly)
-    rising = [(800, 0.9), (900, 0.80), (1000, 0.82)]  # overfitting: no improvement left
+    rising = [(800, 0.9), (900, 0.80), (1000, 0.82)]  # a rise within the tolerance: no improvement left
     assert stats.relative_improvement(rising) == pytest.approx(-0.025) and stats.plateaued(rising)
+    # A rise beyond 5% (the 3-biography scale's 0.58 -> 0.85) is its own failure, never "flattened".
+    overfit = [(800, 0.9), (900, 0.60), (1000, 0.84)]
+    p = stats.plateau(overfit)
+    assert p.relative_improvement == pytest.approx(-0.4) and p.verdict == stats.ROSE and not stats.plateaued(overfit)
+    assert p.describe() == "rose by 40.0%: the base overfits"
+    assert (p.before, p.last, p.before_steps, p.last_steps) == (0.6, 0.84, (800, 900), (900, 1000))
+    assert stats.plateau(curve).verdict == stats.IMPROVING and stats.plateau(flat).describe() == "flattened"
     assert stats.relative_improvement([(1000, 1.0), (850, 2.0), (950, 1.5)]) == pytest.approx(0.375)  # any order
     with pytest.raises(ValueError, match="no evaluation in steps"):
         stats.relative_improvement([(950, 1.0), (1000, 1.0)])

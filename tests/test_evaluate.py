@@ -381,7 +381,7 @@ def test_cli_end_to_end_writes_the_results(ckpt, data, mc, tmp_path, capsys):
     assert "b " in captured.out and "eval source b:" in captured.err
 
 
-def test_cli_log_samples_give_every_questions_scores(ckpt, mc, sp_path, tmp_path, capsys):
+def test_cli_log_samples_give_every_questions_scores(ckpt, data, mc, sp_path, tmp_path, capsys):
     out = tmp_path / "samples.json"
     status = evaluate.main(["--checkpoint", ckpt, "--tasks", f"mc={mc['path']}", "--template", TEMPLATE,
                             "--seq_len", "64", "--out", str(out), "--log_samples"])
@@ -390,8 +390,10 @@ def test_cli_log_samples_give_every_questions_scores(ckpt, mc, sp_path, tmp_path
     samples = res["samples"]
     records = [json.loads(line) for line in open(mc["path"])]
     assert len(samples) == res["n"] == len(records)
+    # Questions start as the checkpoint's source `a` starts its documents (with BOS: --bos auto).
+    assert sources.read_manifest(data["a"])["add_bos"]
     ev = evaluate.TaskEvaluator({"mc": {"path": mc["path"], "template": TEMPLATE}}, sp_path, C, seq_len=64,
-                                batch_size=8)
+                                batch_size=8, add_bos=True)
     direct = ev.loglikelihoods(mc["trained"], "mc")
     for i, (q, ll) in enumerate(zip(samples, direct, strict=True)):
         assert q["line"] == i + 1 and q["gold"] == records[i]["gold"]
@@ -431,3 +433,50 @@ def test_cli_without_tokenizer_or_anything_to_evaluate(tmp_path, mc, capsys):
     assert "error: --sources/--tasks: nothing to evaluate" in capsys.readouterr().err
     assert evaluate.main(["--checkpoint", d, "--tasks", f"mc={mc['path']}"]) == 2
     assert "error: --tokenizer: the checkpoint" in capsys.readouterr().err
+
+
+def _bos_checkpoint(tmp_path, data, mc, sp_path, add_bos):
+    """A checkpoint like `ckpt` whose data source's manifest says documents start (or not) with BOS."""
+    import shutil
+
+    from cpt_jax import checkpoint, hf
+
+    src = str(tmp_path / f"a_bos_{add_bos}")
+    shutil.copytree(data["a"], src)
+    path = os.path.join(src, "manifest.json")
+    manifest = json.load(open(path))
+    json.dump(dict(manifest, bos="always" if add_bos else "never", add_bos=add_bos), open(path, "w"))
+    d = str(tmp_path / f"run_bos_{add_bos}")
+    meta = {"step": 90, "model": C.to_dict(), "param_shapes": checkpoint.param_shapes(mc["trained"]),
+            "config": {"data": {"kind": "mixture", "tokenizer": sp_path, "sources": {"a": src}}}}
+    hf.write_checkpoint(d, jax.device_get(mc["trained"]), meta)
+    return d
+
+
+def test_cli_poses_questions_as_the_checkpoints_sources_were_prepared(data, mc, sp_path, tmp_path, capsys):
+    """--bos auto (the default) puts BOS first exactly when the run's sources start documents with it,
+    as the trainer's in-loop evaluation does, so both score a checkpoint alike; always/never override."""
+    tok = load_tokenizer(sp_path)
+    assert tok.bos_id is not None and tok.bos_id != tok.eos_id
+    ev = {bos: evaluate.TaskEvaluator({"mc": {"path": mc["path"], "template": TEMPLATE}}, tok, C, seq_len=64,
+                                      batch_size=8, add_bos=bos) for bos in (False, True)}
+    direct = {bos: ev[bos].loglikelihoods(mc["trained"], "mc") for bos in ev}
+    assert not np.allclose(np.concatenate(direct[False]), np.concatenate(direct[True]))
+    for add_bos in (False, True):
+        ckpt = _bos_checkpoint(tmp_path, data, mc, sp_path, add_bos)
+        for flag, expected in (([], add_bos), (["--bos", "always"], True), (["--bos", "never"], False)):
+            out = tmp_path / "bos.json"
+            status = evaluate.main(["--checkpoint", ckpt, "--tasks", f"mc={mc['path']}", "--template", TEMPLATE,
+                                    "--seq_len", "64", "--out", str(out), "--log_samples", *flag])
+            assert status == 0, capsys.readouterr().err
+            samples = json.loads(out.read_text())["tasks"]["mc"]["samples"]
+            for q, ll in zip(samples, direct[expected], strict=True):
+                assert q["loglikelihoods"] == pytest.approx(list(ll), rel=1e-4, abs=1e-4), (add_bos, flag)
+    # A checkpoint whose sources are gone follows the tokenizer's convention, as prepare --bos auto.
+    from cpt_jax.data.prepare import resolve_bos
+
+    gone = {"config": {"data": {"kind": "mixture", "sources": {"a": str(tmp_path / "gone")}}}}
+    assert evaluate.checkpoint_bos(gone, tok) == resolve_bos("auto", tok)
+    with pytest.raises(SystemExit) as exit_info:  # argparse: one usage line, status 2
+        evaluate.main(["--checkpoint", ckpt, "--tasks", f"mc={mc['path']}", "--bos", "sometimes"])
+    assert exit_info.value.code == 2

@@ -70,20 +70,24 @@ def _compilation_cache(workdir: str) -> None:
 
 
 class Progress:
-    """One line per finished stage: what, how long, elapsed, and the time left from the steps done."""
+    """One line per finished stage: what, how long, elapsed, and the time left. The rate comes from
+    the stages that ran (a reused stage adds steps but took no time)."""
 
     def __init__(self, total_steps: int):
         self.total, self.done, self.start = total_steps, 0, time.monotonic()
+        self.ran_steps, self.ran_seconds = 0, 0.0
 
     def say(self, message: str) -> None:
         print(f"[demo] {message}", flush=True)
 
     def finished(self, what: str, steps: int, seconds: float, ran: bool) -> None:
         self.done += steps
+        if ran:
+            self.ran_steps, self.ran_seconds = self.ran_steps + steps, self.ran_seconds + seconds
         elapsed = time.monotonic() - self.start
         left = ""
-        if 0 < self.done < self.total:
-            left = f", about {format_duration(elapsed / self.done * (self.total - self.done))} left"
+        if self.ran_steps and 0 < self.done < self.total:
+            left = f", about {format_duration(self.ran_seconds / self.ran_steps * (self.total - self.done))} left"
         how = f"done in {seconds:.0f}s" if ran else "reused"
         self.say(f"{what}: {how} ({100 * self.done // self.total}% of the steps, elapsed "
                  f"{format_duration(elapsed)}{left})")
@@ -91,8 +95,6 @@ class Progress:
 
 def run(workdir: str, scale: str = "small", seeds: int | None = None, ablations: Sequence[str] = ()) -> str:
     """The demo: every seed's data, base and runs, then the report. Returns the report's path."""
-    from cpt_jax import model
-
     s = runs.SCALES[scale]
     n_seeds = seeds if seeds is not None else (s.ablation_seeds if ablations else s.seeds)
     if n_seeds < 1:
@@ -111,15 +113,14 @@ def run(workdir: str, scale: str = "small", seeds: int | None = None, ablations:
         data = runs.prepare_data(seed_dir, s, seed, lambda m, tag=tag: progress.say(f"{tag} {m}"))
         ran, secs = runs.timed(lambda: runs.run_base(seed_dir, s, data, seed))  # noqa: B023
         progress.finished(f"{tag} base (pretraining on A, {s.base_steps} steps)", s.base_steps, secs, ran)
-        base.append(runs.load_result(os.path.join(seed_dir, "base"), s.base_steps))
+        base.append(runs.load_result(os.path.join(seed_dir, "base"), s.base_steps, data.tasks))
         meta = runs.base_metadata(seed_dir)
         variants = runs.variants(meta, s.run_steps)
         for name in names:
             ran, secs = runs.timed(lambda: runs.run_variant(seed_dir, s, data, seed, variants[name]))  # noqa: B023
             progress.finished(f"{tag} {name}", s.run_steps, secs, ran)
-            results[name].append(runs.load_result(os.path.join(seed_dir, "runs", name), s.run_steps))
-    params = model.ModelConfig.from_config(meta["model"]).num_params()
-    path, printed = report.build(workdir, scale, s, list(range(n_seeds)), base, results, variants, meta, params)
+            results[name].append(runs.load_result(os.path.join(seed_dir, "runs", name), s.run_steps, data.tasks))
+    path, printed = report.build(workdir, scale, s, list(range(n_seeds)), base, results, variants, meta)
     print("\n".join(printed), flush=True)
     progress.say(f"report: {path} ({format_duration(time.monotonic() - progress.start)})")
     return path

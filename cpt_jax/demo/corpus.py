@@ -210,18 +210,20 @@ def source_documents(corpus: Corpus) -> dict[str, tuple[list[str], int]]:
             "qa": (list(corpus.qa_train), 0)}
 
 
+def paths(directory: str) -> dict[str, str]:
+    """{name: the JSONL file in `directory`} of every source and task `write` writes."""
+    return {name: os.path.join(directory, f"{name}.jsonl") for name in (*SOURCES, *TASKS)}
+
+
 def write(corpus: Corpus, directory: str) -> dict[str, str]:
-    """Write every source as JSONL (field 'text') and every task file; returns {name: path} for the
-    names of SOURCES and TASKS."""
+    """Write every source as JSONL (field 'text') and every task file; returns `paths(directory)`."""
     os.makedirs(directory, exist_ok=True)
-    paths = {}
+    files = paths(directory)
     for name, (docs, _) in source_documents(corpus).items():
-        paths[name] = os.path.join(directory, f"{name}.jsonl")
-        _write_jsonl(paths[name], [{"text": t} for t in docs])
+        _write_jsonl(files[name], [{"text": t} for t in docs])
     for name, records in corpus.tasks.items():
-        paths[name] = os.path.join(directory, f"{name}.jsonl")
-        _write_jsonl(paths[name], records)
-    return paths
+        _write_jsonl(files[name], records)
+    return files
 
 
 def validation_examples(doc_tokens: Sequence[int], val_docs: int, example_length: int) -> int:

@@ -1,10 +1,11 @@
 """The demo's report: report.md (tables with intervals, the paper's four questions answered, the
-checks) and report.png (the base's curve, accuracies with intervals, the learning rates), written
-from the finished runs of every seed. Every number comes from the runs' own records."""
+checks) and report.png (the base's curve, accuracies with intervals), written from the finished
+runs of every seed. Every number comes from the runs' own records."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Sequence
 
@@ -26,20 +27,33 @@ class Table:
     losses: dict[str, dict[str, list[float]]]  # run -> source -> per seed
 
 
+def _facts(per_seed: Sequence[RunResult]) -> dict[str, list[list[tuple[str, str]]]]:
+    """{group: [seed][question] -> (name, attribute)}: the key that pairs a fact's questions."""
+    return {g: [r.facts[g] for r in per_seed] for g in TASKS}
+
+
 def tabulate(results: dict[str, Sequence[RunResult]]) -> Table:
     accuracy, losses = {}, {}
     for name, per_seed in results.items():
-        groups = {g: stats.accuracy([r.correct[g] for r in per_seed]) for g in TASKS}
-        accuracy[name] = {**groups, AVERAGE: stats.average(list(groups.values()))}
+        correct = {g: [r.correct[g] for r in per_seed] for g in TASKS}
+        groups = {g: stats.accuracy(correct[g]) for g in TASKS}
+        accuracy[name] = {**groups, AVERAGE: stats.average(correct, _facts(per_seed))}
         losses[name] = {src: [r.losses.get(src, float("nan")) for r in per_seed] for src in ("A", "B")}
     return Table(accuracy, losses)
 
 
 def differences(results: dict[str, Sequence[RunResult]], run: str, reference: str) -> dict[str, stats.Estimate]:
-    """Paired differences `run` - `reference` per group and of the average."""
-    groups = {g: stats.paired_difference([r.correct[g] for r in results[run]],
-                                         [r.correct[g] for r in results[reference]]) for g in TASKS}
-    return {**groups, AVERAGE: stats.average_difference(list(groups.values()))}
+    """Paired differences `run` - `reference` per group and of the average (the two runs of a seed
+    answered the same questions: checked fact by fact)."""
+    facts = _facts(results[run])
+    if facts != _facts(results[reference]):
+        raise RuntimeError(f"runs {run} and {reference} answered different questions; expected the same task files")
+    a = {g: [r.correct[g] for r in results[run]] for g in TASKS}
+    b = {g: [r.correct[g] for r in results[reference]] for g in TASKS}
+    groups = {g: stats.paired_difference(a[g], b[g]) for g in TASKS}
+    diffs = {g: [[float(x) - float(y) for x, y in zip(sa, sb, strict=True)] for sa, sb in zip(a[g], b[g], strict=True)]
+             for g in TASKS}
+    return {**groups, AVERAGE: stats.average(diffs, facts)}
 
 
 def _acc(e: stats.Estimate) -> str:
@@ -99,55 +113,61 @@ def answer(q: Question, results: dict[str, Sequence[RunResult]]) -> tuple[str, l
     return stats.verdict(outcomes), lines
 
 
-def plateau_lines(base: Sequence[RunResult], seeds: Sequence[int], s: Scale) -> tuple[bool, list[str]]:
-    tenth = int(s.base_steps * stats.PLATEAU_FRACTION)
-    lines = [f"| seed | mean val loss A, steps {s.base_steps - 2 * tenth + 1}-{s.base_steps - tenth} | steps "
-             f"{s.base_steps - tenth + 1}-{s.base_steps} | relative improvement over the last 10% | flattened (< 1%) |",
+def _steps(span: tuple[float, float]) -> str:
+    lo, hi = span
+    return f"{math.floor(lo + 1e-9) + 1}-{math.floor(hi + 1e-9)}"
+
+
+def plateau_lines(base: Sequence[RunResult], seeds: Sequence[int]) -> tuple[bool, list[str]]:
+    checks = [stats.plateau(r.curve) for r in base]
+    first = checks[0]
+    lines = [f"| seed | mean val loss A, steps {_steps(first.before_steps)} | steps {_steps(first.last_steps)} | "
+             f"relative improvement over the last 10% | flattened (< {100 * stats.PLATEAU_THRESHOLD:g}%) |",
              "|---|---|---|---|---|"]
-    ok = True
-    for seed, r in zip(seeds, base, strict=True):
-        rel = stats.relative_improvement(r.curve)
-        flat = stats.plateaued(r.curve)
-        ok &= flat
-        last = [loss for step, loss in r.curve if step > s.base_steps - tenth]
-        before = [loss for step, loss in r.curve if s.base_steps - 2 * tenth < step <= s.base_steps - tenth]
-        lines.append(f"| {seed} | {sum(before) / len(before):.4f} | {sum(last) / len(last):.4f} | {100 * rel:+.2f}% | "
-                     f"{'yes' if flat else 'NO'} |")
-    return ok, lines
+    for seed, p in zip(seeds, checks, strict=True):
+        lines.append(f"| {seed} | {p.before:.4f} | {p.last:.4f} | {100 * p.relative_improvement:+.2f}% | "
+                     f"{'yes' if p.flattened else 'NO: ' + p.describe()} |")
+    return all(p.flattened for p in checks), lines
 
 
 def check_lines(results: dict[str, Sequence[RunResult]], seeds: Sequence[int]) -> list[str]:
-    """Planned (python -m cpt_jax.plan) against actual (the train records): switch steps, tokens."""
-    bad = []
+    """`python -m cpt_jax.plan` against the trainer's own resolution of the same config: the switch
+    step (the trainer's plan record) and the tokens per source (its last train record); and every
+    plan warning."""
+    bad, warned = [], []
     for name, per_seed in results.items():
         for seed, r in zip(seeds, per_seed, strict=True):
             if r.planned_switch != r.actual_switch:
-                bad.append(f"{name} seed {seed}: switch planned at step {r.planned_switch}, happened at "
+                bad.append(f"{name} seed {seed}: switch planned at step {r.planned_switch}, the trainer resolved "
                            f"{r.actual_switch}")
             if r.planned_tokens != r.tokens:
-                bad.append(f"{name} seed {seed}: tokens per source planned {r.planned_tokens}, trained {r.tokens}")
+                bad.append(f"{name} seed {seed}: tokens per source planned {r.planned_tokens}, the trainer "
+                           f"counted {r.tokens}")
+            warned += [f"- plan warning, {name} seed {seed}: {w}" for w in r.warnings]
     if bad:
-        return ["- DISAGREE: " + b for b in bad]
+        return ["- DISAGREE: " + b for b in bad] + warned
     switches = {name: sorted({r.actual_switch for r in rs if r.actual_switch is not None}) for name, rs in
                 results.items()}
     shown = ", ".join(f"{n} {s[0]}" for n, s in switches.items() if s)
-    return [f"- Every run's switch to the QA Blend happened at the step the plan computed from its schedule "
-            f"({shown}), and every run trained the tokens per source the plan gave."]
+    return [f"- For every run, `python -m cpt_jax.plan` and the trainer resolve the same switch to the QA Blend "
+            f"from the config's LR condition ({shown}) and the same tokens per source. Both compute them from "
+            "the same schedule and mixture; the check is that plan and trainer agree, not a count of served "
+            "batches.", *(warned or ["- The plans gave no warnings."])]
 
 
 def build(workdir: str, scale_name: str, s: Scale, seeds: Sequence[int], base: Sequence[RunResult],
-          results: dict[str, Sequence[RunResult]], runs: dict[str, Variant], meta: dict,
-          params: int) -> tuple[str, list[str]]:
+          results: dict[str, Sequence[RunResult]], runs: dict[str, Variant], meta: dict) -> tuple[str, list[str]]:
     """Write report.md and report.png; returns the report's path and the lines to print."""
     table = tabulate({"base": base, **results})
     names = [n for n in results]
-    ok, plateau = plateau_lines(base, seeds, s)
+    ok, plateau = plateau_lines(base, seeds)
     run_tokens = s.run_steps * s.batch_size * s.seq_len
     lines = [
         f"# cpt_jax demo report (scale `{scale_name}`, seeds {', '.join(map(str, seeds))})",
         "",
         f"Per seed: a corpus of {s.people_a} people in A and {s.people_b} in B ({s.bios_per_person} biographies "
-        f"each), a base model of {params:,} parameters ({s.model['n_layers']} layers, width {s.model['d_model']}) "
+        f"each), a base model of {base[0].params:,} parameters ({s.model['n_layers']} layers, width "
+        f"{s.model['d_model']}) "
         f"pretrained on A for {s.base_steps} steps (warmup, cosine {s.peak_lr:g} -> {s.min_lr:g}), then "
         f"{len(results)} continued runs of {s.run_steps} steps ({run_tokens:,} tokens each, the same for every "
         f"run) from its checkpoint, which records peak LR {meta['lr_max']:.3g} and final LR {meta['lr_min']:.3g}.",
@@ -159,10 +179,14 @@ def build(workdir: str, scale_name: str, s: Scale, seeds: Sequence[int], base: S
         *plateau,
         "",
         "Relative improvement: the mean of the evaluations in the last tenth against the mean in the tenth before; "
-        "negative when the loss rose.",
+        f"negative when the loss rose (by more than {100 * stats.PLATEAU_RISE_TOLERANCE:g}%: the base overfits, "
+        "not flattened).",
         "",
         ("Its validation loss on A had flattened in every seed." if ok else
-         "**The base had NOT flattened in every seed: its continuations start from an unfinished model.**"),
+         "**The base had NOT flattened in every seed (" + "; ".join(
+             f"seed {seed}: {p.describe()}" for seed, r in zip(seeds, base, strict=True)
+             if not (p := stats.plateau(r.curve)).flattened) + "): its continuations do not start from a "
+         "finished model.**"),
         "",
         "## Accuracy",
         "",
@@ -235,7 +259,7 @@ def method_lines() -> list[str]:
 
 def figure(path: str, base: Sequence[RunResult], results: dict[str, Sequence[RunResult]], table: Table,
            seeds: Sequence[int]) -> None:
-    """report.png: the base's validation curve per seed, accuracy per group with intervals, the LRs."""
+    """report.png: the base's validation curve per seed, accuracy per group with intervals."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,6 +1,7 @@
 """The demo's scales, its continued-pretraining variants, and how one seed's data, base model and
 runs are made through the product's own entry points: `prepare`, `plan`, `train` (a config file
-per run, as a user writes one) and `evaluate` (the tasks of a finished run, question by question).
+per run, as a user writes one) and `evaluate` (a finished run's validation losses and its tasks,
+question by question).
 
 Every stage is skipped when its output is already there, so a later call (more seeds, an ablation)
 reuses the corpus, the base model and the runs it shares with an earlier one.
@@ -29,7 +30,9 @@ A_ONLY = {"A": 1.0, "B": 0.0, "qa": 0.0}
 SWITCH_RATIO = 0.2
 FINAL_RATIO = 0.01
 BASE_EVALS = 20  # evaluations of the base: its curve, and the plateau check over the last tenth
-RUN_EVALS = 5
+# Continued runs are not evaluated in the loop: their final validation losses come with their
+# tasks from one `python -m cpt_jax.evaluate` of the final checkpoint, as the base's do.
+RUN_EVALS = 0
 TASK_BATCH = 64  # question-choice rows per evaluation batch
 
 
@@ -172,7 +175,7 @@ def prepare_data(seed_dir: str, s: Scale, seed: int, say: Callable[[str], None])
     from cpt_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 
     corpus_dir = os.path.join(seed_dir, "corpus")
-    paths = {name: os.path.join(corpus_dir, f"{name}.jsonl") for name in (*SOURCES, *TASKS)}
+    paths = corpus_lib.paths(corpus_dir)
     generated = corpus_lib.generate(seed, people_a=s.people_a, people_b=s.people_b,
                                     bios_per_person=s.bios_per_person, val_bios=s.val_bios)
     documents = corpus_lib.source_documents(generated)
@@ -217,7 +220,7 @@ def get_config():
     c.data.tokenizer = {data.tokenizer!r}
     c.data.sources.update({data.sources!r})
     c.data.phases = {phases!r}
-    c.eval.every_steps = {max(1, steps // evals)}
+    c.eval.every_steps = {steps // evals if evals else 0}
     c.eval.examples_per_source = {s.eval_examples}
     c.eval.batch_size = {max(8, s.batch_size)}
     return c
@@ -232,9 +235,14 @@ def _records(workdir: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def _final_eval(records: list[dict], steps: int) -> dict | None:
-    evals = [r for r in records if r.get("kind") == "eval" and r.get("step") == steps]
-    return evals[-1] if evals else None
+def _trained(workdir: str, steps: int) -> bool:
+    """Whether the run's final checkpoint (step `steps`) is there."""
+    from cpt_jax.config import ConfigError
+
+    try:
+        return checkpoint.read_metadata(os.path.join(workdir, "checkpoints")).get("step") == steps
+    except ConfigError:
+        return False
 
 
 def _quiet(log_path: str):
@@ -254,20 +262,27 @@ def _fail(what: str, log_path: str, status: int) -> RuntimeError:
 
 def train_run(workdir: str, s: Scale, data: Data, seed: int, steps: int, schedule: dict, phases: tuple,
               init_from: str = "", evals: int = RUN_EVALS) -> bool:
-    """Train one run (its plan first), then score its tasks question by question; False when both
-    were already done."""
+    """Train one run (its plan first; `evals` evaluations in the loop), then score its validation
+    sources and tasks question by question; False when both were already done. A run trained
+    before with another config is a ConfigError naming its config file."""
     from cpt_jax import cli, evaluate, plan, train
-    from cpt_jax.data import sources as sources_lib
+    from cpt_jax.config import ConfigError
 
     scores = os.path.join(workdir, "tasks.json")
-    if os.path.exists(scores) and _final_eval(_records(workdir), steps) is not None:
-        return False
-    os.makedirs(workdir, exist_ok=True)
     cfg_file = os.path.join(workdir, "demo_config.py")
-    with open(cfg_file, "w") as f:
-        f.write(_config_text(s, data, seed, steps, schedule, phases, init_from, evals))
+    text = _config_text(s, data, seed, steps, schedule, phases, init_from, evals)
+    trained = _trained(workdir, steps)
+    if trained:
+        with open(cfg_file) if os.path.exists(cfg_file) else contextlib.nullcontext(None) as f:
+            if f is None or f.read() != text:
+                raise ConfigError(f"--workdir: {cfg_file} was trained with another config; use another --workdir")
+        if os.path.exists(scores):
+            return False
     log_path = os.path.join(workdir, "run.log")
-    if _final_eval(_records(workdir), steps) is None:
+    if not trained:
+        os.makedirs(workdir, exist_ok=True)
+        with open(cfg_file, "w") as f:
+            f.write(text)
         cfg, _ = cli.parse(["plan", f"--config={cfg_file}"])
         with open(os.path.join(workdir, "plan.json"), "w") as f:
             planned = plan.make_plan(cfg)
@@ -278,12 +293,10 @@ def train_run(workdir: str, s: Scale, data: Data, seed: int, steps: int, schedul
         if status:
             raise _fail(f"training in {workdir}", log_path, status)
     tasks = ",".join(f"{name}={path}" for name, path in data.tasks.items())
-    # Questions are posed as the documents were trained: after BOS when prepare put one first.
-    bos = sources_lib.starts_with_bos([(d, sources_lib.read_manifest(d)) for d in data.sources.values()])
+    # The evaluator poses the questions as the run's documents began (--bos auto), like the trainer's.
     with _quiet(log_path):
         status = evaluate.main(["--checkpoint", os.path.join(workdir, "checkpoints"), "--tasks", tasks,
-                                "--batch_size", str(TASK_BATCH), "--out", scores, "--log_samples",
-                                *(["--add_bos"] if bos else [])])
+                                "--batch_size", str(TASK_BATCH), "--out", scores, "--log_samples"])
     if status:
         raise _fail(f"evaluating {workdir}", log_path, status)
     return True
@@ -312,45 +325,59 @@ def run_variant(seed_dir: str, s: Scale, data: Data, seed: int, v: Variant) -> b
 
 @dataclasses.dataclass
 class RunResult:
-    """One finished run: final validation losses, its curve, each task's correct answers (in task
-    file order), the planned and actual switch step, tokens per source, first and last LR."""
+    """One finished run: final validation losses, its curve, each task's correct answers and the
+    fact (name, attribute) each question asks (in task file order), the switch step and tokens per
+    source that `cpt_jax.plan` computed and that the trainer resolved, plan warnings, the model's
+    parameters, first and last LR."""
 
     losses: dict[str, float]
-    curve: list[tuple[int, float]]  # (step, validation loss on A) of every evaluation
+    curve: list[tuple[int, float]]  # (step, validation loss on A) of every evaluation in the loop
     correct: dict[str, list[bool]]
+    facts: dict[str, list[tuple[str, str]]]
     planned_switch: int | None
-    actual_switch: int | None
+    actual_switch: int | None  # the trainer's own plan record
     tokens: dict[str, int]
     planned_tokens: dict[str, int]
+    warnings: list[str]
+    params: int  # the model's parameters (the trainer's plan record)
     first_lr: float
     last_lr: float
-    seconds: float
 
 
-def load_result(workdir: str, steps: int) -> RunResult:
+def _facts(task_file: str) -> dict[int, tuple[str, str]]:
+    """{line: (name, attribute)} of a demo task file."""
+    with open(task_file) as f:
+        return {i: (r["name"], r["attribute"]) for i, r in enumerate(map(json.loads, f), start=1)}
+
+
+def load_result(workdir: str, steps: int, task_files: dict[str, str]) -> RunResult:
+    """What the finished run in `workdir` recorded; `task_files` are its tasks ({name: file})."""
+    if not _trained(workdir, steps):
+        raise RuntimeError(f"{workdir}: no checkpoint at step {steps}")
     records = _records(workdir)
-    final = _final_eval(records, steps)
-    if final is None:
-        raise RuntimeError(f"{workdir}: no evaluation at step {steps}")
     train = sorted((r for r in records if r.get("kind") == "train"), key=lambda r: r["step"])
-    events = [r for r in records if r.get("kind") == "event"]
+    trainer_plan = [r for r in records if r.get("kind") == "plan"]
+    phases = trainer_plan[-1]["phases"] if trainer_plan else []
     evals = sorted((r for r in records if r.get("kind") == "eval"), key=lambda r: r["step"])
     with open(os.path.join(workdir, "tasks.json")) as f:
-        tasks = json.load(f)["tasks"]
+        scored = json.load(f)
     with open(os.path.join(workdir, "plan.json")) as f:
         planned = json.load(f)
-    nan = math.nan
+    tasks, nan = scored["tasks"], math.nan
+    facts = {name: _facts(task_files[name]) for name in TASKS}
     return RunResult(
-        losses={name: r.get("loss", nan) for name, r in (final.get("sources") or {}).items()},
+        losses={name: r.get("loss", nan) for name, r in (scored.get("sources") or {}).items()},
         curve=[(r["step"], r["sources"]["A"]["loss"]) for r in evals if "A" in (r.get("sources") or {})],
         correct={name: [bool(q["correct"]) for q in tasks[name]["samples"]] for name in TASKS},
+        facts={name: [facts[name][q["line"]] for q in tasks[name]["samples"]] for name in TASKS},
         planned_switch=planned["switch_step"],
-        actual_switch=next((r["step"] for r in train if r.get("phase") == 1), None),
+        actual_switch=phases[1]["start_step"] if len(phases) > 1 else None,
         tokens={k: int(v) for k, v in (train[-1]["tokens_per_source"] if train else {}).items()},
         planned_tokens={k: int(v) for k, v in planned["tokens_per_source"].items()},
+        warnings=list(planned.get("warnings") or []),
+        params=int(trainer_plan[-1]["params"]) if trainer_plan else 0,
         first_lr=train[0]["lr"] if train else nan,
         last_lr=train[-1]["lr"] if train else nan,
-        seconds=sum(e.get("loop_sec", 0.0) for e in events),
     )
 
 
