@@ -1,7 +1,7 @@
 """Continue prompts with a checkpoint: what does the model write?
 
     python -m cpt_jax.sample --checkpoint DIR --prompt TEXT [--prompt TEXT ...] [--max_new_tokens N]
-        [--temperature T] [--top_p P] [--seed S] [--tokenizer FILE] [--add_bos] [--dtype float32] [--json]
+        [--temperature T] [--top_p P] [--seed S] [--tokenizer FILE] [--bos auto|always|never] [--dtype float32] [--json]
 
 DIR is any checkpoint: a run's workdir, its checkpoints/ directory, one step directory, or a model
 imported with `python -m cpt_jax.hf import`. Prompts are tokenized with the checkpoint's tokenizer
@@ -33,6 +33,8 @@ DEFAULT_NEW_TOKENS = 64
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cpt_jax.data.prepare import BOS_CHOICES  # prepare pulls in pyarrow, which sampling never needs
+
     p = argparse.ArgumentParser(prog="python -m cpt_jax.sample", description="Continue prompts with a checkpoint.")
     p.add_argument("--checkpoint", required=True,
                    help="a run's workdir, its checkpoints/ directory, a step directory or an imported model")
@@ -44,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "this much probability (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the checkpoint's)")
-    p.add_argument("--add_bos", action="store_true", help="put the tokenizer's BOS token before every prompt")
+    p.add_argument("--bos", default="auto", choices=BOS_CHOICES,
+                   help="start every prompt with the tokenizer's BOS token: auto (default) as the documents of the "
+                        "checkpoint's data sources were prepared (without any on disk, the tokenizer's own "
+                        "convention), always, never")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="compute dtype (default: the checkpoint's model.dtype)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt instead of text")
@@ -69,7 +74,7 @@ def run(args: argparse.Namespace, log) -> list[dict[str, Any]]:
     if fingerprint and tok.fingerprint != fingerprint:
         log(f"warning: tokenizer {tok.path} differs from the one the checkpoint records ({fingerprint[:16]}...)")
     prompts = decode.prompt_tokens(tok, args.prompt, max_new_tokens=args.max_new_tokens, max_seq_len=mc.max_seq_len,
-                                   add_bos=args.add_bos)
+                                   add_bos=evaluate.checkpoint_bos(meta, tok, args.bos))
     # Unless told, as many as fit, up to the default (prompt_tokens left room for at least one).
     new_tokens = args.max_new_tokens
     if new_tokens is None:

@@ -32,12 +32,14 @@ def test_greedy_decoding_matches_transformers_generate(zoo, capsys, family):
     got = [json.loads(line) for line in out.splitlines()]
     assert [g["prompt"] for g in got] == PROMPTS
 
+    from cpt_jax.data.prepare import resolve_bos
     from cpt_jax.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(checkpoint.read_metadata(ckpt)["tokenizer"])
     reference = transformers.AutoModelForCausalLM.from_pretrained(zoo.hf(family), dtype=torch.float32).eval()
+    bos = [tok.bos_id] if resolve_bos("auto", tok) else []  # --bos auto on an import: the tokenizer's convention
     for text, g in zip(PROMPTS, got, strict=True):
-        ids = [int(t) for t in tok.encode_batch([text])[0]]
+        ids = bos + [int(t) for t in tok.encode_batch([text])[0]]
         with torch.no_grad():
             seq = reference.generate(
                 input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
@@ -61,6 +63,27 @@ def test_sampling_is_seeded_and_text_output_shows_each_prompt(zoo, capsys):
                    f"{PROMPTS[0]}{runs[0][0]['continuation']}\n\n"
                    f"--- prompt 2 ({len(runs[0][1]['tokens'])} new tokens, stopped at {runs[0][1]['stopped']})\n"
                    f"{PROMPTS[1]}{runs[0][1]['continuation']}\n")
+
+
+def test_prompts_start_with_bos_as_the_checkpoint_was_trained_unless_told(zoo, capsys, monkeypatch):
+    from cpt_jax import decode
+    from cpt_jax.data.prepare import resolve_bos
+    from cpt_jax.data.tokenizer import load_tokenizer
+
+    ckpt = zoo.ckpt("nemotron")  # a sentencepiece tokenizer with a BOS token
+    tok = load_tokenizer(checkpoint.read_metadata(ckpt)["tokenizer"])
+    seen = []
+    real = decode.prompt_tokens
+    monkeypatch.setattr(decode, "prompt_tokens", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    for choice in ("auto", "always", "never"):
+        status, _, err = _sample(capsys, "--checkpoint", ckpt, "--prompt", PROMPTS[0], "--max_new_tokens", "2",
+                                 "--bos", choice)
+        assert status == 0, err
+    plain = [int(t) for t in tok.encode_batch([PROMPTS[0]])[0]]
+    auto, always, never = (ids[0] for ids in seen)
+    assert always == [tok.bos_id, *plain] and never == plain
+    # An import has no data sources of its own: auto follows the tokenizer's convention, as prepare's.
+    assert auto == (always if resolve_bos("auto", tok) else never)
 
 
 _TINY = model.ModelConfig(n_layers=1, d_model=32, n_heads=2, n_kv_heads=2, d_ff=64, vocab_size=64, max_seq_len=32)
@@ -89,6 +112,8 @@ BAD = [
      "--prompt 2 (''): tokenizes to no tokens"),
     ("no tokenizer", lambda z, t: ["--checkpoint", _own_checkpoint_without_tokenizer(t), "--prompt", "a"],
      "names no tokenizer found on disk, expected --tokenizer FILE"),
+    ("bos always without a bos token", lambda z, t: ["--checkpoint", z.ckpt("qwen3"), "--prompt", "a", "--bos",
+                                                     "always"], "--bos always: tokenizer "),
     ("negative temperature", lambda z, t: ["--checkpoint", z.ckpt("qwen3"), "--prompt", "a", "--temperature", "-1"],
      "--temperature: -1.0"),
     ("top_p of 0", lambda z, t: ["--checkpoint", z.ckpt("qwen3"), "--prompt", "a", "--top_p", "0"], "--top_p: 0.0"),
