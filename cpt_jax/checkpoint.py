@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cpt_jax.config import ConfigError
+from cpt_jax.config import ConfigError, first_line
 
 FORMAT_VERSION = 2
 # Weight files that are Python pickles: loading one can execute arbitrary code.
@@ -257,7 +257,7 @@ def read_data_state(root: str, step: int) -> tuple[str, dict[str, Any] | None]:
     try:
         mngr.restore(step, args=ocp.args.Composite(**{_DATA: grain.checkpoint.CheckpointRestore(state)}))
     except ValueError as e:  # not JSON
-        raise ConfigError(f"{where}: unreadable ({str(e).splitlines()[0]}), expected the data iterator's JSON "
+        raise ConfigError(f"{where}: unreadable ({first_line(e)}), expected the data iterator's JSON "
                           "state") from None
     finally:
         mngr.close()

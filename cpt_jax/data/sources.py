@@ -26,7 +26,7 @@ import grain
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
 
-from cpt_jax.config import ConfigError
+from cpt_jax.config import ConfigError, first_line
 from cpt_jax.data.prepare import FORMAT_VERSION, MANIFEST, VAL_FILE
 
 _DTYPES = ("uint16", "uint32")
@@ -59,10 +59,6 @@ class _DecodeRecord:
         return tokens
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [f"{type(e).__name__} without a message"])[0][:200]
-
-
 class DataError(ConfigError):
     """A prepared file found unreadable while a run reads it (a damaged shard): reported as one line."""
 
@@ -83,7 +79,7 @@ class _Shards(grain.sources.ArrayRecordDataSource):
         except RuntimeError as e:
             shard = bisect.bisect_right(self._starts, int(key)) - 1
             raise DataError(f"{self.paths[shard]}: record {int(key) - self._starts[shard]} unreadable "
-                            f"({_first_line(e)}); the file is damaged, prepare the source again") from None
+                            f"({first_line(e)}); the file is damaged, prepare the source again") from None
 
 
 class EpochShuffle(grain.MapDataset):
@@ -167,7 +163,7 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: unreadable ({str(e).splitlines()[0]}), expected the JSON manifest written by "
+        raise ConfigError(f"{path}: unreadable ({first_line(e)}), expected the JSON manifest written by "
                           "cpt_jax.prepare") from None
     if not isinstance(manifest, dict):
         raise ConfigError(f"{path}: a JSON {type(manifest).__name__}, expected a JSON object")
@@ -212,7 +208,7 @@ def load_source(directory: str | os.PathLike, split: str = "train") -> Source:
             counts.append(reader.num_records())
             reader.close()
         except (RuntimeError, OSError) as e:
-            raise ConfigError(f"{p}: not a readable ArrayRecord file, truncated or damaged ({_first_line(e)}); "
+            raise ConfigError(f"{p}: not a readable ArrayRecord file, truncated or damaged ({first_line(e)}); "
                               "prepare the directory again") from None
     records = _Shards(paths, counts)
     if len(records) != expected:
