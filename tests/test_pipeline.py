@@ -10,7 +10,13 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from data_helpers import make_documents, make_hf_tokenizer, make_prepared_source, write_synthetic_source
+from data_helpers import (
+    make_documents,
+    make_hf_tokenizer,
+    make_prepared_source,
+    reference_segments,
+    write_synthetic_source,
+)
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cpt_jax import config, schedules
@@ -96,7 +102,7 @@ def test_batch_contract(pipe, data):
         np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
         assert batch["segment_ids"].min() >= 1
         assert np.all(batch["loss_mask"] == 1.0)
-        seg, pos = sources.segment_ids_and_positions(batch["inputs"], data["eos_id"])
+        seg, pos = reference_segments(batch["inputs"], data["eos_id"])
         np.testing.assert_array_equal(batch["segment_ids"], seg)
         np.testing.assert_array_equal(batch["positions"], pos)
         # The tokens are exactly the records examples_for_step names, read independently

@@ -9,7 +9,13 @@ import sys
 import grain
 import numpy as np
 import pytest
-from data_helpers import make_documents, make_prepared_source, make_sentencepiece, write_synthetic_source
+from data_helpers import (
+    make_documents,
+    make_prepared_source,
+    make_sentencepiece,
+    reference_segments,
+    write_synthetic_source,
+)
 
 from cpt_jax.config import ConfigError
 from cpt_jax.data.sources import (
@@ -227,6 +233,29 @@ def test_segment_ids_and_positions():
     segment_ids, positions = segment_ids_and_positions(batch, eos)
     assert segment_ids.tolist() == [[1, 2, 2, 2], [1, 1, 1, 1], [1, 1, 1, 1]]
     assert positions.tolist() == [[0, 0, 1, 2], [0, 1, 2, 3], [0, 1, 2, 3]]
+
+
+def test_segment_ids_and_positions_equal_the_plain_statement():
+    """The library's spread-from-the-starts computation gives what the cumulative statement gives:
+    on random rows, rows of EOS only or none, EOS in the first and last columns, and on stored
+    examples (seq_len + 1 tokens, searched whole) with length seq_len."""
+    rng = np.random.default_rng(0)
+    eos = 3
+    cases = [rng.integers(0, 6, size=(7, 33), dtype=np.uint16), rng.integers(0, 40, size=(2, 3, 50)),
+             np.full((2, 9), eos), np.zeros((3, 9), np.int32), np.array([[eos, 1, eos], [1, 1, eos]]),
+             np.array([eos]), np.array([1, eos, eos, 2])]
+    for tokens in cases:
+        for length in sorted({tokens.shape[-1], max(1, tokens.shape[-1] - 1)}):
+            got = segment_ids_and_positions(tokens, eos, length)
+            want = reference_segments(tokens[..., :length], eos)
+            for g, w in zip(got, want, strict=True):
+                assert g.dtype == np.int32 and g.shape == w.shape
+                np.testing.assert_array_equal(g, w, err_msg=f"{tokens.tolist()}, length {length}")
+    np.testing.assert_array_equal(segment_ids_and_positions(cases[0][:, :-1], eos)[1],
+                                  reference_segments(cases[0][:, :-1], eos)[1])  # a strided view
+    for length in (0, 34):
+        with pytest.raises(ValueError, match="length"):
+            segment_ids_and_positions(cases[0], eos, length)
 
 
 def test_segment_ids_mark_every_document_of_a_prepared_source(prepared):

@@ -110,13 +110,15 @@ class BatchFields:
         self.eos_id = eos_id
 
     def __call__(self, examples: np.ndarray) -> dict[str, np.ndarray]:
-        tokens = np.asarray(examples).astype(np.int32)
+        examples = np.asarray(examples)
+        tokens = np.asarray(examples, dtype=np.int32)  # a copy only when stored narrower (uint16)
         inputs = tokens[:, :-1]
         if self.eos_id is None:
             segment_ids = np.ones(inputs.shape, np.int32)
             positions = np.broadcast_to(np.arange(inputs.shape[1], dtype=np.int32), inputs.shape).copy()
         else:
-            segment_ids, positions = sources_lib.segment_ids_and_positions(inputs, self.eos_id)
+            # Searched in the stored examples: contiguous, and 2 bytes a token rather than 4.
+            segment_ids, positions = sources_lib.segment_ids_and_positions(examples, self.eos_id, inputs.shape[1])
         return {"inputs": inputs, "targets": tokens[:, 1:], "segment_ids": segment_ids, "positions": positions,
                 "loss_mask": np.ones(inputs.shape, np.float32)}
 

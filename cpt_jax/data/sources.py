@@ -294,20 +294,33 @@ def record_indices(seed: int, name: str, n: int, ks: np.ndarray) -> np.ndarray:
     return out
 
 
-def segment_ids_and_positions(tokens: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Document segment ids and in-document positions of a model's input tokens.
+def segment_ids_and_positions(
+    tokens: np.ndarray, eos_id: int, length: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Document segment ids and in-document positions of the first `length` tokens of each row.
 
-    Pass the inputs of an example (tokens[..., :-1] of the stored seq_len + 1 tokens), shape
-    [..., L]. Segment ids start at 1 and increase on the token after each EOS (the EOS itself ends
-    its document); positions count from 0 within each segment. Returns two int32 arrays [..., L].
+    `tokens` is [..., W] (`length` defaults to W): a model's inputs, or the stored examples of
+    seq_len + 1 tokens with `length` seq_len, which is faster (contiguous memory is searched
+    several times faster than the view that drops the last column). Segment ids start at 1 and
+    increase on the token after each EOS (the EOS itself ends its document); positions count from
+    0 within each segment. Returns two int32 arrays [..., length].
     """
     tokens = np.asarray(tokens)
-    is_eos = tokens == eos_id
-    # A segment starts at position 0 and right after every EOS.
-    starts = np.zeros(tokens.shape, bool)
-    starts[..., 0] = True
-    starts[..., 1:] = is_eos[..., :-1]
-    segment_ids = np.cumsum(starts, axis=-1, dtype=np.int32)
-    index = np.broadcast_to(np.arange(tokens.shape[-1], dtype=np.int32), tokens.shape)
-    start_of_segment = np.maximum.accumulate(np.where(starts, index, 0), axis=-1)
-    return segment_ids, (index - start_of_segment).astype(np.int32)
+    width = tokens.shape[-1]
+    length = width if length is None else int(length)
+    if not 0 < length <= width:
+        raise ValueError(f"length {length}: expected 1..{width}, the tokens' last dimension")
+    shape = (*tokens.shape[:-1], length)
+    rows = int(np.prod(shape[:-1], dtype=np.int64))
+    # One pass finds the EOS tokens; both outputs are spread from the few segment starts after.
+    row, col = np.divmod(np.flatnonzero(tokens == eos_id), width)
+    keep = col < length - 1  # an EOS in the last input (or a target) starts no segment of the row
+    row_starts = np.arange(rows, dtype=np.int64) * length
+    starts = np.sort(np.concatenate([row_starts, row[keep] * length + col[keep] + 1]))
+    lengths = np.diff(starts, append=rows * length)
+    first = np.searchsorted(starts, row_starts)  # where each row's first segment is among the starts
+    ids = np.arange(1, len(starts) + 1) - np.repeat(first, np.diff(first, append=len(starts)))
+    segment_ids = np.repeat(ids.astype(np.int32), lengths).reshape(shape)
+    positions = np.repeat((starts % length).astype(np.int32), lengths).reshape(shape)
+    np.subtract(np.arange(length, dtype=np.int32), positions, out=positions)
+    return segment_ids, positions
