@@ -23,7 +23,6 @@ from cpt_jax.data.sources import (
     load_source,
     read_manifest,
     record_index,
-    record_indices,
     segment_ids_and_positions,
 )
 from cpt_jax.data.tokenizer import load_tokenizer
@@ -207,18 +206,6 @@ def test_record_index_visits_every_example_once_per_epoch():
     assert draws[:n] != draws[n:2 * n]  # a fresh shuffle per epoch
     with pytest.raises(ValueError):
         record_index(3, "web", n, -1)
-
-
-def test_record_indices_matches_record_index():
-    n = 11
-    ks = np.array([[0, 5, 10, 11], [12, 54, 10**12, 10**12 + 3]])
-    got = record_indices(9, "code", n, ks)
-    assert got.shape == ks.shape and got.dtype == np.int64
-    expected = [[record_index(9, "code", n, int(k)) for k in row] for row in ks]
-    assert got.tolist() == expected
-    assert record_indices(9, "code", n, np.array([], np.int64)).shape == (0,)
-    with pytest.raises(ValueError):
-        record_indices(9, "code", n, np.array([3, -2]))
 
 
 def test_segment_ids_and_positions():

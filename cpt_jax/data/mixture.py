@@ -5,8 +5,8 @@ the first starts at a condition (a step, a fraction of the run, a token count, a
 fraction of the starting LR) that `resolve_phases` turns into a step ONCE, through the LR schedule.
 After that everything is a pure function of the global example index (Principles 1 and 2): the
 `Mixture` maps index `i` to the source that example comes from and to `k`, how many examples of
-that source came before it in the whole run. `sources.record_indices` then turns `k` into a record
-of the source (shuffled per epoch, repeating when exhausted).
+that source came before it in the whole run. The source's `EpochShuffle` then turns `k` into a
+record (shuffled per epoch, repeating when exhausted).
 
 Within a phase the selection is an exact deterministic interleave. The weights are written as
 integer counts `c_s` over a period `P` (exactly when they are ratios with a small common

@@ -214,15 +214,6 @@ class Pipeline:
         """Tokens each source has served to the model in steps [0, step) (train.seq_len per example)."""
         return self.mixture.tokens_per_source(step, self.seq_len)
 
-    def examples_for_step(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """(source id, record index) of each of the step's B global examples, in batch order
-        (generated data: the example's global index)."""
-        start = int(step) * self.batch_size
-        source, k = self.mixture.select(np.arange(start, start + self.batch_size, dtype=np.int64))
-        for s, src in enumerate(self.sources):
-            k[source == s] = sources_lib.record_indices(self.cfg.seed, src.name, src.num_examples, k[source == s])
-        return source, k
-
     # ------------------------------------------------------------------------- batches
 
     def host_batch(self, step: int) -> dict[str, np.ndarray]:

@@ -279,21 +279,6 @@ def record_index(seed: int, name: str, n: int, k: int) -> int:
     return int(epoch_permutation(seed, name, epoch, n)[i])
 
 
-def record_indices(seed: int, name: str, n: int, ks: np.ndarray) -> np.ndarray:
-    """`record_index` for an array of draws (any shape); returns int64 of the same shape."""
-    ks = np.asarray(ks, dtype=np.int64)
-    if ks.size and ks.min() < 0:
-        raise ValueError(f"draw indices must be >= 0, got {int(ks.min())}")
-    if n <= 0:
-        raise ValueError(f"n={n}: a source needs at least one example")
-    epochs, within = np.divmod(ks, n)
-    out = np.empty(ks.shape, np.int64)
-    for epoch in np.unique(epochs):  # a batch spans one or two epochs, so this loop is short
-        sel = epochs == epoch
-        out[sel] = epoch_permutation(seed, name, int(epoch), n)[within[sel]]
-    return out
-
-
 def segment_ids_and_positions(
     tokens: np.ndarray, eos_id: int, length: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
