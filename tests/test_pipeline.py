@@ -233,6 +233,7 @@ def test_same_batches_on_8_devices_4_devices_any_threads_and_after_resume(data):
             for key, value in as_numpy(batch).items():
                 np.testing.assert_array_equal(value, expected[step][key], err_msg=f"resume, step {step}, {key}")
             assert batches.get_state()["step"] == step + 1
+            assert batches.get_state()["grain"] == {"next_index": step + 1 - k}  # grain counts alike
     assert steps == list(range(k, STEPS))
     # global_batch without the iterator agrees too.
     for key, value in as_numpy(resumed.global_batch(7)).items():

@@ -282,13 +282,9 @@ class Batches:
         return self._next - 1, self._to_global(host)
 
     def get_state(self) -> dict[str, Any]:
-        """grain's state of the iterator and the step it stands at, as grain counts it (the
-        batches it has handed out): what a checkpoint saves as its cross-check of the step."""
-        state = self._iterator.get_state()
-        # One worker: {"next_index": n}; several: the interleave of the workers' own such states.
-        workers = state.get("iterators_in_use_states", [state])
-        return {"step": self._start + sum(w["next_index"] for w in workers if w), "start_step": self._start,
-                "grain": state}
+        """grain's state of the iterator and the step it stands at (the next step it hands out):
+        what a checkpoint saves as its cross-check of the step."""
+        return {"step": self._next, "start_step": self._start, "grain": self._iterator.get_state()}
 
     def close(self) -> None:
         """Stops grain's reading threads and worker processes."""
