@@ -82,7 +82,9 @@ def test_load_and_random_access(synthetic):
         example = source.dataset[i]
         assert example.dtype == np.uint16 and example.shape == (LENGTH,)
         np.testing.assert_array_equal(example, np.arange(i * LENGTH, (i + 1) * LENGTH))
-    example[0] = 1  # examples are writable copies, not views of the record
+    assert not example.flags.writeable  # a view of the record's bytes: nothing writes into the source
+    batch = source.dataset[4:7].batch(3)[0]
+    batch[:, 0] = 1  # what a batch stacks is an array of its own
     assert [int(x[0]) for x in source.dataset[4:7]] == [40, 50, 60]
     val = load_source(synthetic, "val")
     assert val.split == "val" and val.num_examples == 2

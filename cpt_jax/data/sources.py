@@ -45,18 +45,21 @@ _REQUIRED = {
 
 
 class _DecodeRecord:
-    """Record bytes -> the example's tokens (a picklable callable, so grain workers can use it)."""
+    """Record bytes -> the example's tokens (a picklable callable, so grain workers can use it).
+
+    The tokens are a read-only view of the record's bytes, not a copy: the batch that stacks them
+    makes the array the trainer reads (a big-endian host gets a native copy)."""
 
     def __init__(self, dtype: str, length: int):
         self.dtype = np.dtype(dtype)
+        self.stored = self.dtype.newbyteorder("<")  # records are little-endian
         self.length = length
 
     def __call__(self, record: bytes) -> np.ndarray:
-        # Records are little-endian; copy so callers get a writable array, not a view of the record.
-        tokens = np.frombuffer(record, dtype=self.dtype.newbyteorder("<")).astype(self.dtype)
+        tokens = np.frombuffer(record, dtype=self.stored)
         if tokens.size != self.length:
             raise ValueError(f"record of {tokens.size} tokens, expected {self.length}")
-        return tokens
+        return tokens if tokens.dtype.isnative else tokens.astype(self.dtype)
 
 
 class DataError(ConfigError):
@@ -109,7 +112,8 @@ class Source:
       split: 'train' or 'val'.
       manifest: manifest.json as a dict.
       num_examples: examples in this split.
-      dataset: grain.MapDataset of np arrays of seq_len + 1 tokens in the manifest dtype.
+      dataset: grain.MapDataset of np arrays of seq_len + 1 tokens in the manifest dtype (read-only views
+        of the records).
     """
 
     name: str
