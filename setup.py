@@ -21,7 +21,7 @@ setup(
         "tokenizers>=0.20",
         "ml-collections>=1.0",
         "array-record>=0.7",
-        "pyarrow>=14",  # prepare: Parquet and Arrow (datasets.save_to_disk) inputs
+        "pyarrow>=16",  # prepare: Parquet and Arrow (datasets.save_to_disk) inputs; string_view needs 16
         "absl-py>=2.0",
         "numpy>=1.26",
         "safetensors>=0.4",

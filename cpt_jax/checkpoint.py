@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cpt_jax.config import ConfigError
+from cpt_jax.config import ConfigError, first_line
 from cpt_jax.model import ModelConfig
 
 FORMAT_VERSION = 2
@@ -259,22 +259,25 @@ def restore_latest_good(root: str, abstract_state: dict[str, Any], warn) -> tupl
 
 
 def read_data_state(root: str, step: int) -> tuple[str, dict[str, Any] | None]:
-    """(where, the data iterator state this process saved with `step`), restored through grain's
-    orbax handler; None when there is none for this number of processes (a checkpoint from before
-    the item existed, or saved on another topology: the step alone gives the position)."""
+    """(where, the data iterator state this process saved with `step`); None when there is none
+    for this number of processes (a checkpoint from before the item existed, or saved on another
+    topology: the step alone gives the position).
+
+    The file is the JSON that grain's orbax handler wrote, read directly: each process reads its
+    own, with no checkpoint manager (whose creation is a barrier of all processes) in between.
+    """
     where = os.path.join(root, str(step), _DATA, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
     if not os.path.isfile(where):
         return where, None
-    state = _IteratorState()
-    mngr = ocp.CheckpointManager(root, item_handlers={_DATA: grain.checkpoint.CheckpointHandler()})
+    expected = "expected the data iterator's state as a JSON object"
     try:
-        mngr.restore(step, args=ocp.args.Composite(**{_DATA: grain.checkpoint.CheckpointRestore(state)}))
-    except ValueError as e:  # not JSON
-        raise ConfigError(f"{where}: unreadable ({str(e).splitlines()[0]}), expected the data iterator's JSON "
-                          "state") from None
-    finally:
-        mngr.close()
-    return where, state.state if isinstance(state.state, dict) else {}
+        with open(where, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+        raise ConfigError(f"{where}: unreadable ({first_line(e)}), {expected}") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"{where}: a JSON {type(state).__name__}, {expected}")
+    return where, state
 
 
 def set_aside_incomplete(root: str, warn) -> None:
@@ -313,20 +316,15 @@ def _array_registry(replica_parallel: bool):
 
 class _IteratorState:
     """A data iterator's state, taken when a save starts (a save written later, in the background,
-    must not read an iterator that has moved on), in the form grain's orbax handler writes and
-    restores: get_state/set_state of JSON bytes, as grain's DataLoader iterator has."""
+    must not read an iterator that has moved on), in the form grain's orbax handler saves: an
+    object whose get_state() gives the JSON bytes, as grain's DataLoader iterator does (a resume
+    reads the file back with read_data_state)."""
 
-    def __init__(self, state: dict[str, Any] | None = None):
+    def __init__(self, state: dict[str, Any]):
         self.state = state
 
     def get_state(self) -> bytes:
         return json.dumps(self.state, indent=1).encode()
-
-    def set_state(self, data: bytes) -> None:
-        self.state = json.loads(data)
-
-    def start_prefetch(self) -> None:  # grain's handler calls it after a restore
-        pass
 
 
 def _manager(root: str, *, max_to_keep: int | None, async_save: bool, multi_process: bool) -> ocp.CheckpointManager:

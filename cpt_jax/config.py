@@ -39,6 +39,14 @@ class ConfigError(ValueError):
     """A user error in the config, a data directory or a checkpoint: reported as one line."""
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """What a library's exception says, fit for a one-line ConfigError: the first line of its
+    message (up to `limit` characters; some libraries' messages run to pages), or the exception's
+    type when the message is empty."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:limit] if lines else type(e).__name__
+
+
 def _placeholder(kind: type) -> config_dict.FieldReference:
     return config_dict.placeholder(kind)
 

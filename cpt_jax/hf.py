@@ -45,7 +45,7 @@ import ml_dtypes
 import numpy as np
 
 from cpt_jax import checkpoint, model
-from cpt_jax.config import ConfigError
+from cpt_jax.config import ConfigError, first_line
 from cpt_jax.data.tokenizer import Tokenizer, file_sha256, load_tokenizer, resolve_tokenizer_path
 from cpt_jax.hf_arch import (
     TensorSpec,
@@ -131,17 +131,12 @@ def published_schedule(hf_config: dict[str, Any]) -> PublishedSchedule | None:
 # ============================================================================ reading files
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
-
-
 def _read_json(path: str, what: str) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: unreadable ({_first_line(e)}), expected {what}") from None
+        raise ConfigError(f"{path}: unreadable ({first_line(e)}), expected {what}") from None
 
 
 # ============================================================================ reading safetensors
@@ -165,7 +160,7 @@ class _Shard:
                     s = f.get_slice(name)
                     self.tensors[name] = (s.get_dtype(), tuple(s.get_shape()))
         except Exception as e:  # safetensors raises its own SafetensorError for a bad header
-            raise ConfigError(f"{path}: not a readable safetensors file ({_first_line(e)}), expected the "
+            raise ConfigError(f"{path}: not a readable safetensors file ({first_line(e)}), expected the "
                               "weights written by save_pretrained") from None
 
     def read(self, names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
@@ -664,7 +659,7 @@ def check_logits(model_dir: str, checkpoint_dir: str, *, batch_size: int = 2, se
     try:
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"--model_dir {model_dir}: transformers cannot load it ({_first_line(e)})") from None
+        raise ConfigError(f"--model_dir {model_dir}: transformers cannot load it ({first_line(e)})") from None
     hf.eval()
     T = min(seq_len, c.max_seq_len)
     vocab = min(c.vocab_size, int(hf.config.vocab_size))

@@ -323,3 +323,15 @@ def test_bad_prepare_input(world, tmp_path, capsys, setup, expected):
     assert status == 2 and err[-1].startswith("error: ") and expected in err[-1], err
     assert "Traceback" not in "\n".join(err)
     assert not os.path.exists(out)
+
+
+def test_a_library_error_becomes_one_line_whatever_its_message():
+    """What every one-line error quotes of a library's exception: its first line, capped; its type
+    when it says nothing (an empty message must not turn into an IndexError of our own)."""
+    from cpt_jax.config import first_line
+
+    assert first_line(ValueError("bad header\n  at byte 12\n")) == "bad header"
+    assert first_line(OSError("")) == "OSError"
+    assert first_line(RuntimeError("\n  \n")) == "RuntimeError"
+    assert first_line(KeyError("tokens")) == "'tokens'"
+    assert first_line(ValueError("x" * 1000)) == "x" * 300

@@ -3,6 +3,7 @@ from, refusal of non-finite parameters, write failures as one line, older checkp
 
 import json
 import os
+import re
 import subprocess
 
 import jax
@@ -51,6 +52,36 @@ def test_async_save_writes_the_state_of_its_step_although_the_buffers_are_donate
     meta = checkpoint.read_metadata(ckpt.root)
     assert meta["step"] == 1 and meta["note"] == "first" and meta["format_version"] == checkpoint.FORMAT_VERSION
     assert checkpoint.has_optimizer_state(ckpt.root)
+
+
+def test_data_iterator_state_reads_back_and_a_damaged_one_is_one_line(tmp_path):
+    """The iterator state a save writes (through grain's orbax handler) reads back as saved; a
+    missing file means none was saved for this topology; an unreadable or non-object one is a
+    ConfigError naming the file."""
+    from cpt_jax.config import ConfigError
+
+    saved = {"step": 1, "start_step": 0, "grain": {"next_index": 1}}
+    ckpt = checkpoint.Checkpointer(str(tmp_path), every_steps=1, max_to_keep=3)
+    try:
+        ckpt.save(1, _mesh_state(), {}, saved)
+        ckpt.wait()
+    finally:
+        ckpt.close()
+    where, state = checkpoint.read_data_state(ckpt.root, 1)
+    assert where == os.path.join(ckpt.root, "1", "data", "process_0-of-1.json") and state == saved
+    os.rename(where, where + ".moved")
+    assert checkpoint.read_data_state(ckpt.root, 1) == (where, None)
+    for text, found in (('{"step": 1', r"unreadable \(Expecting"), ("[1, 2]", "a JSON list"),
+                        ("null", "a JSON NoneType"), ("", r"unreadable \(Expecting value"),
+                        (b"\xff\xfe", r"unreadable \('utf-8' codec")):
+        with open(where, "wb") as f:
+            f.write(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(ConfigError) as e:
+            checkpoint.read_data_state(ckpt.root, 1)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(f"{where}: ") and msg.endswith(
+            "expected the data iterator's state as a JSON object"), msg
+        assert re.search(found, msg), msg
 
 
 @pytest.mark.parametrize("async_save", [True, False])

@@ -167,6 +167,24 @@ def test_select_is_pure_vectorised_and_order_free():
     assert s3.shape == k3.shape == (0,) and s3.dtype == np.int32 and k3.dtype == np.int64
 
 
+def test_select_one_equals_select():
+    """The per-example path grain takes gives exactly the vectorised answers: on every index of the
+    first phases, across each switch, with quantized weights (a period of MAX_PERIOD slots), and
+    far into the run."""
+    quantized = mx.Mixture([_phase(0, 0, {"a": 0.123457, "b": 0.5, "c": 0.376543}),
+                            _phase(1, 3, {"a": 0.0, "b": math.pi / 10, "c": 1 - math.pi / 10})], ["a", "b", "c"], 7)
+    assert quantized.periods.tolist() == [mx.MAX_PERIOD, mx.MAX_PERIOD]
+    for m in (_three_phase_mixture(), quantized, pickle.loads(pickle.dumps(quantized))):
+        far = np.random.default_rng(1).integers(0, 10**12, size=2000)
+        idx = np.concatenate([np.arange(3 * mx.MAX_PERIOD), far, [10**15]])
+        src, k = m.select(idx)
+        got = [m.select_one(i) for i in idx.tolist()]
+        assert got == list(zip(src.tolist(), k.tolist(), strict=True))
+        assert all(type(s) is int and type(n) is int for s, n in got[:10])
+    with pytest.raises(ValueError, match=">= 0"):
+        quantized.select_one(-1)
+
+
 def test_mixture_pickles_and_gives_the_same_answers():
     m = _three_phase_mixture()
     m2 = pickle.loads(pickle.dumps(m))

@@ -10,7 +10,13 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from data_helpers import make_documents, make_hf_tokenizer, make_prepared_source, write_synthetic_source
+from data_helpers import (
+    make_documents,
+    make_hf_tokenizer,
+    make_prepared_source,
+    reference_segments,
+    write_synthetic_source,
+)
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cpt_jax import config, schedules
@@ -77,6 +83,17 @@ def as_numpy(batch):
     return {k: np.asarray(v) for k, v in batch.items()}
 
 
+def examples_for_step(pipe, step):
+    """(source id, record index) of each of the step's B global examples, in batch order, from the
+    mixture and each source's epoch order (generated data: the example's global index)."""
+    start = int(step) * pipe.batch_size
+    source, k = pipe.mixture.select(np.arange(start, start + pipe.batch_size))
+    if pipe.sources:
+        k = np.array([sources.record_index(pipe.cfg.seed, pipe.sources[s].name, pipe.sources[s].num_examples, n)
+                      for s, n in zip(source.tolist(), k.tolist(), strict=True)])
+    return source, k
+
+
 @pytest.fixture(scope="module")
 def pipe(data):
     return make(mixture_config(data))
@@ -96,12 +113,12 @@ def test_batch_contract(pipe, data):
         np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
         assert batch["segment_ids"].min() >= 1
         assert np.all(batch["loss_mask"] == 1.0)
-        seg, pos = sources.segment_ids_and_positions(batch["inputs"], data["eos_id"])
+        seg, pos = reference_segments(batch["inputs"], data["eos_id"])
         np.testing.assert_array_equal(batch["segment_ids"], seg)
         np.testing.assert_array_equal(batch["positions"], pos)
         # The tokens are exactly the records examples_for_step names, read independently
         # through the source's grain dataset.
-        source_ids, records = pipe.examples_for_step(step)
+        source_ids, records = examples_for_step(pipe, step)
         for row in range(B):
             expected = pipe.sources[source_ids[row]].dataset[int(records[row])].astype(np.int32)
             np.testing.assert_array_equal(batch["inputs"][row], expected[:-1])
@@ -113,7 +130,7 @@ def test_real_documents_get_several_segments(pipe, data):
     real = pipe.source_names.index("real")
     found = False
     for step in range(STEPS):
-        source_ids, _ = pipe.examples_for_step(step)
+        source_ids, _ = examples_for_step(pipe, step)
         batch = pipe.host_batch(step)
         for row in np.flatnonzero(source_ids == real):
             inputs, seg, pos = batch["inputs"][row], batch["segment_ids"][row], batch["positions"][row]
@@ -140,7 +157,7 @@ def test_synthetic_batches():
     np.testing.assert_array_equal(batch["positions"], np.tile(np.arange(L), (B, 1)))
     for key, value in batch.items():
         assert value.dtype == np.dtype(pl.BATCH_DTYPES[key]) and value.shape == (B, L)
-    source_ids, records = p.examples_for_step(3)
+    source_ids, records = examples_for_step(p, 3)
     assert np.all(source_ids == 0) and records.tolist() == list(range(3 * B, 4 * B))
     assert p.tokens_per_source(5) == {"synthetic": 5 * B * L}
     assert p.phase_at(STEPS - 1) == 0
@@ -155,15 +172,15 @@ def test_order_follows_phases_and_carries_positions(pipe):
     switch = pipe.phases[1].start_step
     assert 0 < switch < STEPS
     assert pipe.phase_at(switch - 1) == 0 and pipe.phase_at(switch) == 1
-    before = np.concatenate([pipe.examples_for_step(s)[0] for s in range(switch)])
-    after = np.concatenate([pipe.examples_for_step(s)[0] for s in range(switch, STEPS)])
+    before = np.concatenate([examples_for_step(pipe, s)[0] for s in range(switch)])
+    after = np.concatenate([examples_for_step(pipe, s)[0] for s in range(switch, STEPS)])
     assert names.index("qa") not in before and names.index("code") not in after
     web = names.index("web")
     assert abs(np.mean(before == web) - 0.6) < 0.05 and abs(np.mean(after == web) - 1 / 3) < 0.05
     # Every source's draws run through whole epochs: each epoch of `qa` (11 records) is a
     # permutation, and web continues its epoch across the switch instead of restarting it.
-    ids = np.concatenate([pipe.examples_for_step(s)[0] for s in range(STEPS)])
-    recs = np.concatenate([pipe.examples_for_step(s)[1] for s in range(STEPS)])
+    ids = np.concatenate([examples_for_step(pipe, s)[0] for s in range(STEPS)])
+    recs = np.concatenate([examples_for_step(pipe, s)[1] for s in range(STEPS)])
     for name, n in (("qa", 11), ("web", 60), ("code", 23)):
         drawn = recs[ids == names.index(name)]
         for e in range(len(drawn) // n):
@@ -216,6 +233,7 @@ def test_same_batches_on_8_devices_4_devices_any_threads_and_after_resume(data):
             for key, value in as_numpy(batch).items():
                 np.testing.assert_array_equal(value, expected[step][key], err_msg=f"resume, step {step}, {key}")
             assert batches.get_state()["step"] == step + 1
+            assert batches.get_state()["grain"] == {"next_index": step + 1 - k}  # grain counts alike
     assert steps == list(range(k, STEPS))
     # global_batch without the iterator agrees too.
     for key, value in as_numpy(resumed.global_batch(7)).items():
@@ -234,9 +252,9 @@ def test_resume_check_names_both_steps(pipe):
 def test_seed_changes_order(data):
     a = make(mixture_config(data))
     b = make(mixture_config(data, seed=4))
-    assert not np.array_equal(a.examples_for_step(0)[1], b.examples_for_step(0)[1])
+    assert not np.array_equal(examples_for_step(a, 0)[1], examples_for_step(b, 0)[1])
     # The mixture's interleave does not depend on the seed, only the records drawn.
-    np.testing.assert_array_equal(a.examples_for_step(0)[0], b.examples_for_step(0)[0])
+    np.testing.assert_array_equal(examples_for_step(a, 0)[0], examples_for_step(b, 0)[0])
 
 
 # ----------------------------------------------------------------------------- process slicing

@@ -9,7 +9,13 @@ import sys
 import grain
 import numpy as np
 import pytest
-from data_helpers import make_documents, make_prepared_source, make_sentencepiece, write_synthetic_source
+from data_helpers import (
+    make_documents,
+    make_prepared_source,
+    make_sentencepiece,
+    reference_segments,
+    write_synthetic_source,
+)
 
 from cpt_jax.config import ConfigError
 from cpt_jax.data.sources import (
@@ -17,7 +23,6 @@ from cpt_jax.data.sources import (
     load_source,
     read_manifest,
     record_index,
-    record_indices,
     segment_ids_and_positions,
 )
 from cpt_jax.data.tokenizer import load_tokenizer
@@ -77,7 +82,9 @@ def test_load_and_random_access(synthetic):
         example = source.dataset[i]
         assert example.dtype == np.uint16 and example.shape == (LENGTH,)
         np.testing.assert_array_equal(example, np.arange(i * LENGTH, (i + 1) * LENGTH))
-    example[0] = 1  # examples are writable copies, not views of the record
+    assert not example.flags.writeable  # a view of the record's bytes: nothing writes into the source
+    batch = source.dataset[4:7].batch(3)[0]
+    batch[:, 0] = 1  # what a batch stacks is an array of its own
     assert [int(x[0]) for x in source.dataset[4:7]] == [40, 50, 60]
     val = load_source(synthetic, "val")
     assert val.split == "val" and val.num_examples == 2
@@ -203,18 +210,6 @@ def test_record_index_visits_every_example_once_per_epoch():
         record_index(3, "web", n, -1)
 
 
-def test_record_indices_matches_record_index():
-    n = 11
-    ks = np.array([[0, 5, 10, 11], [12, 54, 10**12, 10**12 + 3]])
-    got = record_indices(9, "code", n, ks)
-    assert got.shape == ks.shape and got.dtype == np.int64
-    expected = [[record_index(9, "code", n, int(k)) for k in row] for row in ks]
-    assert got.tolist() == expected
-    assert record_indices(9, "code", n, np.array([], np.int64)).shape == (0,)
-    with pytest.raises(ValueError):
-        record_indices(9, "code", n, np.array([3, -2]))
-
-
 def test_segment_ids_and_positions():
     eos = 2
     # A stored example of 9 tokens; the model's inputs are the first 8.
@@ -227,6 +222,29 @@ def test_segment_ids_and_positions():
     segment_ids, positions = segment_ids_and_positions(batch, eos)
     assert segment_ids.tolist() == [[1, 2, 2, 2], [1, 1, 1, 1], [1, 1, 1, 1]]
     assert positions.tolist() == [[0, 0, 1, 2], [0, 1, 2, 3], [0, 1, 2, 3]]
+
+
+def test_segment_ids_and_positions_equal_the_plain_statement():
+    """The library's spread-from-the-starts computation gives what the cumulative statement gives:
+    on random rows, rows of EOS only or none, EOS in the first and last columns, and on stored
+    examples (seq_len + 1 tokens, searched whole) with length seq_len."""
+    rng = np.random.default_rng(0)
+    eos = 3
+    cases = [rng.integers(0, 6, size=(7, 33), dtype=np.uint16), rng.integers(0, 40, size=(2, 3, 50)),
+             np.full((2, 9), eos), np.zeros((3, 9), np.int32), np.array([[eos, 1, eos], [1, 1, eos]]),
+             np.array([eos]), np.array([1, eos, eos, 2])]
+    for tokens in cases:
+        for length in sorted({tokens.shape[-1], max(1, tokens.shape[-1] - 1)}):
+            got = segment_ids_and_positions(tokens, eos, length)
+            want = reference_segments(tokens[..., :length], eos)
+            for g, w in zip(got, want, strict=True):
+                assert g.dtype == np.int32 and g.shape == w.shape
+                np.testing.assert_array_equal(g, w, err_msg=f"{tokens.tolist()}, length {length}")
+    np.testing.assert_array_equal(segment_ids_and_positions(cases[0][:, :-1], eos)[1],
+                                  reference_segments(cases[0][:, :-1], eos)[1])  # a strided view
+    for length in (0, 34):
+        with pytest.raises(ValueError, match="length"):
+            segment_ids_and_positions(cases[0], eos, length)
 
 
 def test_segment_ids_mark_every_document_of_a_prepared_source(prepared):

@@ -5,8 +5,8 @@ the first starts at a condition (a step, a fraction of the run, a token count, a
 fraction of the starting LR) that `resolve_phases` turns into a step ONCE, through the LR schedule.
 After that everything is a pure function of the global example index (Principles 1 and 2): the
 `Mixture` maps index `i` to the source that example comes from and to `k`, how many examples of
-that source came before it in the whole run. `sources.record_indices` then turns `k` into a record
-of the source (shuffled per epoch, repeating when exhausted).
+that source came before it in the whole run. The source's `EpochShuffle` then turns `k` into a
+record (shuffled per epoch, repeating when exhausted).
 
 Within a phase the selection is an exact deterministic interleave. The weights are written as
 integer counts `c_s` over a period `P` (exactly when they are ratios with a small common
@@ -26,6 +26,7 @@ workers read). `from_config` is the one place a run's mixture is made (trainer, 
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import heapq
 import math
@@ -347,6 +348,10 @@ class Mixture:
         for p in range(1, len(self.phases)):
             length = int(self.start_examples[p] - self.start_examples[p - 1])
             self.offsets[p] = self.offsets[p - 1] + self._in_phase(p - 1, length)
+        # The same tables as plain Python lists for select_one: grain asks for one example at a
+        # time, and list indexing costs a fraction of building and indexing numpy arrays per call.
+        self._lists = (self.start_examples.tolist(), self.periods.tolist(), [o.tolist() for o in self.orders],
+                       [r.tolist() for r in self.ranks], self.offsets.tolist(), self.counts.tolist())
 
     def _in_phase(self, p: int, j: int) -> np.ndarray:
         """Examples of each source among the first j examples of phase p."""
@@ -381,6 +386,18 @@ class Mixture:
             if mask.any():
                 source[mask], k[mask] = self._select_in(p, flat[mask])
         return source.reshape(idx.shape), k.reshape(idx.shape)
+
+    def select_one(self, index: int) -> tuple[int, int]:
+        """`select` of one global example index, as Python ints: what grain's per-example
+        selection map calls."""
+        index = int(index)
+        if index < 0:
+            raise ValueError(f"example indices must be >= 0, got {index}")
+        starts, periods, orders, ranks, offsets, counts = self._lists
+        p = bisect.bisect_right(starts, index) - 1
+        q, r = divmod(index - starts[p], periods[p])
+        s = orders[p][r]
+        return s, offsets[p][s] + q * counts[p][s] + ranks[p][r]
 
     def _select_in(self, p: int, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`select` for indices that all fall in phase p."""
@@ -430,8 +447,7 @@ class ProcessSelection(grain.transforms.DatasetSelectionMap):
         if not 0 <= index < self._length:
             raise IndexError(f"index {index} out of range [0, {self._length})")
         step, row = divmod(int(index), self._rows)
-        source, k = self._mixture.select(np.array([step * self._mixture.batch_size + self._start + row]))
-        return int(source[0]), int(k[0])
+        return self._mixture.select_one(step * self._mixture.batch_size + self._start + row)
 
 
 SYNTHETIC = "synthetic"

@@ -110,13 +110,15 @@ class BatchFields:
         self.eos_id = eos_id
 
     def __call__(self, examples: np.ndarray) -> dict[str, np.ndarray]:
-        tokens = np.asarray(examples).astype(np.int32)
+        examples = np.asarray(examples)
+        tokens = np.asarray(examples, dtype=np.int32)  # a copy only when stored narrower (uint16)
         inputs = tokens[:, :-1]
         if self.eos_id is None:
             segment_ids = np.ones(inputs.shape, np.int32)
             positions = np.broadcast_to(np.arange(inputs.shape[1], dtype=np.int32), inputs.shape).copy()
         else:
-            segment_ids, positions = sources_lib.segment_ids_and_positions(inputs, self.eos_id)
+            # Searched in the stored examples: contiguous, and 2 bytes a token rather than 4.
+            segment_ids, positions = sources_lib.segment_ids_and_positions(examples, self.eos_id, inputs.shape[1])
         return {"inputs": inputs, "targets": tokens[:, 1:], "segment_ids": segment_ids, "positions": positions,
                 "loss_mask": np.ones(inputs.shape, np.float32)}
 
@@ -212,15 +214,6 @@ class Pipeline:
         """Tokens each source has served to the model in steps [0, step) (train.seq_len per example)."""
         return self.mixture.tokens_per_source(step, self.seq_len)
 
-    def examples_for_step(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """(source id, record index) of each of the step's B global examples, in batch order
-        (generated data: the example's global index)."""
-        start = int(step) * self.batch_size
-        source, k = self.mixture.select(np.arange(start, start + self.batch_size, dtype=np.int64))
-        for s, src in enumerate(self.sources):
-            k[source == s] = sources_lib.record_indices(self.cfg.seed, src.name, src.num_examples, k[source == s])
-        return source, k
-
     # ------------------------------------------------------------------------- batches
 
     def host_batch(self, step: int) -> dict[str, np.ndarray]:
@@ -289,13 +282,9 @@ class Batches:
         return self._next - 1, self._to_global(host)
 
     def get_state(self) -> dict[str, Any]:
-        """grain's state of the iterator and the step it stands at, as grain counts it (the
-        batches it has handed out): what a checkpoint saves as its cross-check of the step."""
-        state = self._iterator.get_state()
-        # One worker: {"next_index": n}; several: the interleave of the workers' own such states.
-        workers = state.get("iterators_in_use_states", [state])
-        return {"step": self._start + sum(w["next_index"] for w in workers if w), "start_step": self._start,
-                "grain": state}
+        """grain's state of the iterator and the step it stands at (the next step it hands out):
+        what a checkpoint saves as its cross-check of the step."""
+        return {"step": self._next, "start_step": self._start, "grain": self._iterator.get_state()}
 
     def close(self) -> None:
         """Stops grain's reading threads and worker processes."""

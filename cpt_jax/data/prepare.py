@@ -50,7 +50,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from cpt_jax.config import ConfigError
+from cpt_jax.config import ConfigError, first_line
 from cpt_jax.data.tokenizer import Tokenizer, describe, load_tokenizer
 
 FORMAT_VERSION = 1
@@ -173,7 +173,7 @@ def _resolve_tfds(spec: InputSpec, data_dir: str | None) -> _TfdsInput:
         builder = tfds.builder_from_directory(version_dir)
         info = builder.info
     except Exception as e:  # a corrupt dataset_info.json surfaces as any of several TFDS errors
-        raise ConfigError(f"{label} in {data_dir}: unreadable ({str(e).splitlines()[0] if str(e) else e!r}), "
+        raise ConfigError(f"{label} in {data_dir}: unreadable ({first_line(e)}), "
                           "expected a prepared TFDS dataset") from None
     file_format = getattr(info.file_format, "value", info.file_format)
     if file_format != "array_record":
@@ -196,7 +196,7 @@ def _resolve_tfds(spec: InputSpec, data_dir: str | None) -> _TfdsInput:
         num_records = len(builder.as_data_source(split=spec.split))
     except Exception as e:  # a malformed split slice ('train[:x]') is reported by TFDS as several types
         raise ConfigError(f"{label} in {data_dir}: split {spec.split!r} unusable "
-                          f"({str(e).splitlines()[0] if str(e) else e!r})") from None
+                          f"({first_line(e)})") from None
     return _TfdsInput(version_dir, spec.split, spec.feature, f"{label} split {spec.split}", num_records)
 
 
@@ -224,7 +224,7 @@ def _arrow_schema(kind: str, path: str) -> pa.Schema:
         with pa.memory_map(path) as source:
             return pa.ipc.open_stream(source).schema
     except (pa.ArrowException, OSError) as e:
-        raise ConfigError(f"{path}: not a readable {kind} file ({str(e).splitlines()[0][:200]})") from None
+        raise ConfigError(f"{path}: not a readable {kind} file ({first_line(e)})") from None
 
 
 def _check_text_column(kind: str, path: str, column: str) -> None:
@@ -317,7 +317,7 @@ def _arrow_tasks(kind: str, path: str, column: str) -> Iterator[tuple]:
                 yield ("texts", path, first, tuple(texts), size)
                 first, texts, size = first + len(texts), [], 0
     except (pa.ArrowException, OSError) as e:
-        raise ConfigError(f"{path}: unreadable at row {first + len(texts)} ({str(e).splitlines()[0][:200]})") from None
+        raise ConfigError(f"{path}: unreadable at row {first + len(texts)} ({first_line(e)})") from None
     if texts:
         yield ("texts", path, first, tuple(texts), size)
 

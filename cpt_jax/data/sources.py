@@ -26,7 +26,7 @@ import grain
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
 
-from cpt_jax.config import ConfigError
+from cpt_jax.config import ConfigError, first_line
 from cpt_jax.data.prepare import FORMAT_VERSION, MANIFEST, VAL_FILE
 
 _DTYPES = ("uint16", "uint32")
@@ -45,36 +45,48 @@ _REQUIRED = {
 
 
 class _DecodeRecord:
-    """Record bytes -> the example's tokens (a picklable callable, so grain workers can use it)."""
+    """Record bytes -> the example's tokens (a picklable callable, so grain workers can use it).
+
+    The tokens are a read-only view of the record's bytes, not a copy: the batch that stacks them
+    makes the array the trainer reads (a big-endian host gets a native copy)."""
 
     def __init__(self, dtype: str, length: int):
         self.dtype = np.dtype(dtype)
+        self.stored = self.dtype.newbyteorder("<")  # records are little-endian
         self.length = length
 
     def __call__(self, record: bytes) -> np.ndarray:
-        # Records are little-endian; copy so callers get a writable array, not a view of the record.
-        tokens = np.frombuffer(record, dtype=self.dtype.newbyteorder("<")).astype(self.dtype)
+        tokens = np.frombuffer(record, dtype=self.stored)
         if tokens.size != self.length:
             raise ValueError(f"record of {tokens.size} tokens, expected {self.length}")
-        return tokens
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [f"{type(e).__name__} without a message"])[0][:200]
+        return tokens if tokens.dtype.isnative else tokens.astype(self.dtype)
 
 
 class DataError(ConfigError):
     """A prepared file found unreadable while a run reads it (a damaged shard): reported as one line."""
 
 
+@dataclasses.dataclass(frozen=True)
+class _WholeFile:
+    """A file and its record count in the form of ArrayRecord's FileInstruction: given it, the
+    data source takes the count instead of opening the file once more to read it."""
+
+    filename: str
+    skip: int
+    take: int
+    examples_in_shard: int
+
+
 class _Shards(grain.sources.ArrayRecordDataSource):
-    """grain's ArrayRecord source over a split's files, naming the file when a read fails (the
-    reader's own error names neither the file nor the record)."""
+    """grain's ArrayRecord source over a split's files (whose record counts load_source has just
+    read), naming the file when a read fails (the reader's own error names neither the file nor
+    the record)."""
 
     def __init__(self, paths: list[str], counts: list[int]):
         # Each read is served in the calling thread: reads are single records, for which the
         # reader's own thread pool costs more than it saves (and competes with the train step).
-        super().__init__(paths, reader_options={"max_parallelism": "0"})
+        super().__init__([_WholeFile(p, 0, n, n) for p, n in zip(paths, counts, strict=True)],
+                         reader_options={"max_parallelism": "0"})
         self._starts = [0, *itertools.accumulate(counts)]
 
     def __getitem__(self, key: int) -> bytes:
@@ -83,7 +95,7 @@ class _Shards(grain.sources.ArrayRecordDataSource):
         except RuntimeError as e:
             shard = bisect.bisect_right(self._starts, int(key)) - 1
             raise DataError(f"{self.paths[shard]}: record {int(key) - self._starts[shard]} unreadable "
-                            f"({_first_line(e)}); the file is damaged, prepare the source again") from None
+                            f"({first_line(e)}); the file is damaged, prepare the source again") from None
 
 
 class EpochShuffle(grain.MapDataset):
@@ -113,7 +125,8 @@ class Source:
       split: 'train' or 'val'.
       manifest: manifest.json as a dict.
       num_examples: examples in this split.
-      dataset: grain.MapDataset of np arrays of seq_len + 1 tokens in the manifest dtype.
+      dataset: grain.MapDataset of np arrays of seq_len + 1 tokens in the manifest dtype (read-only views
+        of the records).
     """
 
     name: str
@@ -167,7 +180,7 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: unreadable ({str(e).splitlines()[0]}), expected the JSON manifest written by "
+        raise ConfigError(f"{path}: unreadable ({first_line(e)}), expected the JSON manifest written by "
                           "cpt_jax.prepare") from None
     if not isinstance(manifest, dict):
         raise ConfigError(f"{path}: a JSON {type(manifest).__name__}, expected a JSON object")
@@ -212,7 +225,7 @@ def load_source(directory: str | os.PathLike, split: str = "train") -> Source:
             counts.append(reader.num_records())
             reader.close()
         except (RuntimeError, OSError) as e:
-            raise ConfigError(f"{p}: not a readable ArrayRecord file, truncated or damaged ({_first_line(e)}); "
+            raise ConfigError(f"{p}: not a readable ArrayRecord file, truncated or damaged ({first_line(e)}); "
                               "prepare the directory again") from None
     records = _Shards(paths, counts)
     if len(records) != expected:
@@ -283,35 +296,33 @@ def record_index(seed: int, name: str, n: int, k: int) -> int:
     return int(epoch_permutation(seed, name, epoch, n)[i])
 
 
-def record_indices(seed: int, name: str, n: int, ks: np.ndarray) -> np.ndarray:
-    """`record_index` for an array of draws (any shape); returns int64 of the same shape."""
-    ks = np.asarray(ks, dtype=np.int64)
-    if ks.size and ks.min() < 0:
-        raise ValueError(f"draw indices must be >= 0, got {int(ks.min())}")
-    if n <= 0:
-        raise ValueError(f"n={n}: a source needs at least one example")
-    epochs, within = np.divmod(ks, n)
-    out = np.empty(ks.shape, np.int64)
-    for epoch in np.unique(epochs):  # a batch spans one or two epochs, so this loop is short
-        sel = epochs == epoch
-        out[sel] = epoch_permutation(seed, name, int(epoch), n)[within[sel]]
-    return out
+def segment_ids_and_positions(
+    tokens: np.ndarray, eos_id: int, length: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Document segment ids and in-document positions of the first `length` tokens of each row.
 
-
-def segment_ids_and_positions(tokens: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Document segment ids and in-document positions of a model's input tokens.
-
-    Pass the inputs of an example (tokens[..., :-1] of the stored seq_len + 1 tokens), shape
-    [..., L]. Segment ids start at 1 and increase on the token after each EOS (the EOS itself ends
-    its document); positions count from 0 within each segment. Returns two int32 arrays [..., L].
+    `tokens` is [..., W] (`length` defaults to W): a model's inputs, or the stored examples of
+    seq_len + 1 tokens with `length` seq_len, which is faster (contiguous memory is searched
+    several times faster than the view that drops the last column). Segment ids start at 1 and
+    increase on the token after each EOS (the EOS itself ends its document); positions count from
+    0 within each segment. Returns two int32 arrays [..., length].
     """
     tokens = np.asarray(tokens)
-    is_eos = tokens == eos_id
-    # A segment starts at position 0 and right after every EOS.
-    starts = np.zeros(tokens.shape, bool)
-    starts[..., 0] = True
-    starts[..., 1:] = is_eos[..., :-1]
-    segment_ids = np.cumsum(starts, axis=-1, dtype=np.int32)
-    index = np.broadcast_to(np.arange(tokens.shape[-1], dtype=np.int32), tokens.shape)
-    start_of_segment = np.maximum.accumulate(np.where(starts, index, 0), axis=-1)
-    return segment_ids, (index - start_of_segment).astype(np.int32)
+    width = tokens.shape[-1]
+    length = width if length is None else int(length)
+    if not 0 < length <= width:
+        raise ValueError(f"length {length}: expected 1..{width}, the tokens' last dimension")
+    shape = (*tokens.shape[:-1], length)
+    rows = int(np.prod(shape[:-1], dtype=np.int64))
+    # One pass finds the EOS tokens; both outputs are spread from the few segment starts after.
+    row, col = np.divmod(np.flatnonzero(tokens == eos_id), width)
+    keep = col < length - 1  # an EOS in the last input (or a target) starts no segment of the row
+    row_starts = np.arange(rows, dtype=np.int64) * length
+    starts = np.sort(np.concatenate([row_starts, row[keep] * length + col[keep] + 1]))
+    lengths = np.diff(starts, append=rows * length)
+    first = np.searchsorted(starts, row_starts)  # where each row's first segment is among the starts
+    ids = np.arange(1, len(starts) + 1) - np.repeat(first, np.diff(first, append=len(starts)))
+    segment_ids = np.repeat(ids.astype(np.int32), lengths).reshape(shape)
+    positions = np.repeat((starts % length).astype(np.int32), lengths).reshape(shape)
+    np.subtract(np.arange(length, dtype=np.int32), positions, out=positions)
+    return segment_ids, positions

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from cpt_jax.config import ConfigError
+from cpt_jax.config import ConfigError, first_line
 
 # Special tokens searched, in order, when a tokenizer.json comes without a tokenizer_config.json
 # that names them. End-of-document tokens of base models come first: an instruct model's
@@ -125,7 +125,7 @@ class SentencePieceTokenizer(Tokenizer):
             sp = spm.SentencePieceProcessor(model_proto=data)
         except Exception as e:  # sentencepiece raises RuntimeError/OSError with a multi-line text
             raise ConfigError(f"tokenizer {path}: not a sentencepiece model or tokenizer.json "
-                              f"({_first_line(e)})") from None
+                              f"({first_line(e)})") from None
         self._sp = sp
         eos = sp.eos_id()
         if eos < 0:
@@ -158,7 +158,7 @@ class HuggingFaceTokenizer(Tokenizer):
             tok = HFTokenizer.from_buffer(data)
         except Exception as e:  # the Rust side raises plain Exception with a serde message
             raise ConfigError(f"tokenizer {path}: not a sentencepiece model or tokenizer.json "
-                              f"({_first_line(e)})") from None
+                              f"({first_line(e)})") from None
         # A tokenizer.json may carry padding/truncation settings for fine-tuning; documents must be
         # encoded whole.
         tok.no_padding()
@@ -213,11 +213,6 @@ class HuggingFaceTokenizer(Tokenizer):
         return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=False)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
-
-
 def _tokenizer_config(path: str) -> tuple[str, dict[str, Any]]:
     """(path, content) of the tokenizer_config.json beside `path` ({} when there is none)."""
     config = os.path.join(os.path.dirname(path), "tokenizer_config.json")
@@ -227,7 +222,7 @@ def _tokenizer_config(path: str) -> tuple[str, dict[str, Any]]:
         with open(config, encoding="utf-8") as f:
             cfg = json.load(f)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{config}: unreadable ({_first_line(e)}), expected a JSON object") from None
+        raise ConfigError(f"{config}: unreadable ({first_line(e)}), expected a JSON object") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"{config}: a JSON {type(cfg).__name__}, expected a JSON object")
     return config, cfg
@@ -376,7 +371,7 @@ def train_sentencepiece(documents: Iterable[str], out: str | os.PathLike, vocab_
             raise sentences.error from None
         # sentencepiece's own diagnostics (vocabulary too small for the characters and byte pieces,
         # too large for the corpus, empty corpus) are user errors.
-        raise ConfigError(f"sentencepiece training: {_first_line(e)}") from None
+        raise ConfigError(f"sentencepiece training: {first_line(e)}") from None
     if sentences.error is not None:
         raise sentences.error
     os.makedirs(os.path.dirname(out), exist_ok=True)
