@@ -673,9 +673,20 @@ def checkpoint_bos(meta: dict[str, Any], tok: Any, choice: str = "auto") -> bool
     return resolve_bos(choice, tok)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from cpt_jax.data.prepare import BOS_CHOICES
+def add_bos_and_dtype_flags(p: argparse.ArgumentParser, what: str) -> None:
+    """--bos (read by checkpoint_bos) and --dtype, as every command that reads a checkpoint's model
+    with its tokenizer takes them (evaluate's questions, sample's prompts)."""
+    from cpt_jax.data.prepare import BOS_CHOICES  # prepare pulls in pyarrow, which reading a model never needs
 
+    p.add_argument("--bos", default="auto", choices=BOS_CHOICES,
+                   help=f"BOS before every {what}: auto (default) as the checkpoint's training sources were "
+                        "prepared (their manifests' add_bos; without any on disk, the tokenizer's own convention), "
+                        "always, never")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="compute dtype (default: the checkpoint's model.dtype)")
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m cpt_jax.evaluate",
         description="Validation loss/perplexity/bits per byte per source and multiple-choice accuracy of a "
@@ -696,12 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer file for --tasks (default: the checkpoint's)")
     p.add_argument("--fewshot", type=int, default=0, help="few-shot examples per prompt for every task")
     p.add_argument("--template", default=None, help="prompt template with a {context} placeholder")
-    p.add_argument("--bos", default="auto", choices=BOS_CHOICES,
-                   help="BOS before every question: auto (default) as the checkpoint's training sources were "
-                        "prepared (their manifests' add_bos; without any on disk, the tokenizer's own convention), "
-                        "always, never")
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                   help="compute dtype (default: the checkpoint's model.dtype)")
+    add_bos_and_dtype_flags(p, "question")
     p.add_argument("--log_samples", action="store_true",
                    help="with --out: every question's choice log-likelihoods, prediction and gold in the JSON")
     return p

@@ -33,8 +33,6 @@ DEFAULT_NEW_TOKENS = 64
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cpt_jax.data.prepare import BOS_CHOICES  # prepare pulls in pyarrow, which sampling never needs
-
     p = argparse.ArgumentParser(prog="python -m cpt_jax.sample", description="Continue prompts with a checkpoint.")
     p.add_argument("--checkpoint", required=True,
                    help="a run's workdir, its checkpoints/ directory, a step directory or an imported model")
@@ -46,12 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "this much probability (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the checkpoint's)")
-    p.add_argument("--bos", default="auto", choices=BOS_CHOICES,
-                   help="start every prompt with the tokenizer's BOS token: auto (default) as the documents of the "
-                        "checkpoint's data sources were prepared (without any on disk, the tokenizer's own "
-                        "convention), always, never")
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                   help="compute dtype (default: the checkpoint's model.dtype)")
+    evaluate.add_bos_and_dtype_flags(p, "prompt")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt instead of text")
     return p
 
