@@ -7,7 +7,7 @@ about 213.4B tokens). Paths are placeholders: point them at your prepared data a
 
 from cpt_jax.presets import preset_config
 
-# General Blend: close to pretraining, upweighting high-quality non-web sources (notes/recipe.md).
+# General Blend: close to pretraining, upweighting high-quality non-web sources (docs/recipe.md).
 GENERAL_BLEND = {"web_hq": 0.45, "books": 0.15, "code": 0.15, "stem": 0.15, "multilingual": 0.10, "qa": 0.0}
 # QA Blend: the General Blend plus about 10% question-answer data, STEM upweighted.
 QA_BLEND = {"web_hq": 0.35, "books": 0.12, "code": 0.13, "stem": 0.20, "multilingual": 0.10, "qa": 0.10}
