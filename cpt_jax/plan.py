@@ -21,35 +21,9 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from cpt_jax import checkpoint, cli, config, schedules
+from cpt_jax import cli, resolve, schedules
 from cpt_jax.config import ConfigError
-from cpt_jax.data import mixture as mixture_lib
 from cpt_jax.data import sources as sources_lib
-
-# Schedules whose shape depends on start_lr (the others ignore it), as in train.py.
-_USES_START_LR = ("recipe", "constant", "rewarm")
-_NEEDS_START_LR = ("recipe", "constant")
-
-
-def resolve_start_lr(cfg: ml_collections.ConfigDict) -> float | None:
-    """schedule.start_lr, else the lr_min of the `init_from` checkpoint (the recipe's start)."""
-    if cfg.schedule.start_lr is not None or cfg.schedule.name not in _USES_START_LR:
-        return cfg.schedule.start_lr
-    if cfg.init_from:
-        meta = checkpoint.read_metadata(cfg.init_from)
-        if meta.get("lr_min") is None:
-            raise ConfigError(
-                f"init_from: {cfg.init_from} has no lr_min in its metadata, expected one when "
-                "schedule.start_lr is None; set --config.schedule.start_lr=X"
-            )
-        return float(meta["lr_min"])
-    if cfg.schedule.name in _NEEDS_START_LR:
-        raise ConfigError(
-            f"schedule.start_lr: None and no init_from, expected the LR to start at (schedule "
-            f"'{cfg.schedule.name}'): set --config.schedule.start_lr=X (the pretrained run's final LR) or "
-            "--config.init_from=CHECKPOINT to read it from the checkpoint"
-        )
-    return None
 
 
 def _manifest(directory: str) -> dict | None:
@@ -63,18 +37,18 @@ def _manifest(directory: str) -> dict | None:
 def make_plan(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     """Every number the plan shows. Raises ConfigError for a bad config.
 
-    Returns a dict with: schedule (its metadata, peak_step), steps, batch_size, seq_len,
+    Returns a dict with: schedule (its metadata, peak_step), start_lr_from (where the start LR
+    came from), steps, batch_size, seq_len,
     tokens_per_step, total_tokens, lr (np.ndarray, the LR at steps 0..steps), sources (names),
     phases (one dict per phase: index, start_step, end_step, lr_at_start, fraction, start_tokens,
     tokens, weights, start_at, tokens_per_source, epochs_per_source), tokens_per_source and epochs
     (whole run), source_examples (train examples from the manifest or None), warnings (strings).
     """
-    config.validate(cfg)
+    run = resolve.for_plan(cfg)
     steps, B, L = int(cfg.train.steps), int(cfg.train.batch_size), int(cfg.train.seq_len)
-    schedule = schedules.build(cfg.schedule, steps, resolve_start_lr(cfg))
+    schedule, mixture = run.schedule, run.mixture  # the trainer's own schedule and sampler
     lr = schedules.values(schedule)
     warnings: list[str] = []
-    mixture = mixture_lib.from_config(cfg, schedule)  # the trainer's own sampler
     names, phases = mixture.source_names, mixture.phases
     manifests = {n: _manifest(cfg.data.sources[n]) if cfg.data.kind == "mixture" else None for n in names}
     examples = {n: (int(m["examples"]) if m else None) for n, m in manifests.items()}
@@ -120,6 +94,7 @@ def make_plan(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     meta["peak_step"] = schedule.peak_step
     return {
         "schedule": meta,
+        "start_lr_from": run.start_lr_from,
         "steps": steps,
         "batch_size": B,
         "seq_len": L,
@@ -168,6 +143,7 @@ def format_plan(plan: dict[str, Any]) -> str:
     lines = [
         f"schedule {s['name']}: start LR {s['start_lr']:.4g}, peak {s['lr_max']:.4g} at step {s['peak_step']}, "
         f"min {s['lr_min']:.4g}",
+        f"start LR from {plan['start_lr_from']}",
         f"run: {plan['steps']:,} steps x {plan['batch_size']} x {plan['seq_len']} = {plan['tokens_per_step']:,} "
         f"tokens/step, {human(plan['total_tokens'])} tokens ({plan['total_tokens']:,})",
         "",

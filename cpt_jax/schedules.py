@@ -40,6 +40,10 @@ from cpt_jax.config import ConfigError
 NAMES = ("recipe", "warmup_cosine", "rewarm", "wsd", "constant", "infinite")
 DECAY_SHAPES = ("linear", "cosine", "exponential")
 CROSSING_METHODS = ("auto", "scan")
+# The schedules whose shape depends on the starting LR (`build`'s start_lr; the others ignore it),
+# and those of them that cannot do without one ('rewarm' warms up from 0 when it is None).
+READS_START_LR = ("recipe", "constant", "rewarm")
+NEEDS_START_LR = ("recipe", "constant")
 
 _START_LR_MISSING = "schedule.start_lr: None and no init_from checkpoint lr_min; set --config.schedule.start_lr=X"
 
