@@ -178,17 +178,6 @@ def _tpu_target(name: str, family: str, dims: tuple[int, ...]) -> Target:
     return Target(name, "tpu", list(desc.devices), dims, family)
 
 
-def target_mesh(cfg_mesh, tgt: Target) -> jax.sharding.Mesh:
-    """The config's (data, fsdp, tensor) mesh over the target's devices (TPU: in physical order)."""
-    if tgt.platform != "tpu":
-        return sharding.make_mesh(cfg_mesh, tgt.devices)
-    from jax.experimental import mesh_utils
-
-    shape = sharding.mesh_shape(cfg_mesh, len(tgt.devices))
-    devices = mesh_utils.create_device_mesh(shape, tgt.devices)
-    return jax.sharding.Mesh(devices, sharding.AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(sharding.AXES))
-
-
 # ----------------------------------------------------------------------------- compiling
 
 
@@ -201,7 +190,7 @@ def compile_only(run: Any, topology: str | None) -> dict[str, Any]:
     cfg, mc = run.cfg, run.model_config
     B, T = int(cfg.train.batch_size), int(cfg.train.seq_len)
     tgt = target(topology)
-    mesh = target_mesh(cfg.mesh, tgt)
+    mesh = sharding.make_mesh(cfg.mesh, tgt.devices)
     param_shardings = resolve.devices(cfg, mc, mesh, run.rules, tgt.platform, of=f" of {tgt.name}")
     tx = optim.build(cfg.optim)
     state, shardings = train_step.abstract_state(mc, param_shardings, mesh, tx)
