@@ -230,13 +230,8 @@ def _report(tgt: Target, mesh, compiled, refusal: str | None, seconds: float, B:
     memory = None
     mem = compiled.memory_analysis() if compiled is not None else None
     if mem is not None:
-        memory = {
-            "argument_bytes": int(mem.argument_size_in_bytes),
-            "output_bytes": int(mem.output_size_in_bytes),
-            "alias_bytes": int(mem.alias_size_in_bytes),
-            "temp_bytes": int(mem.temp_size_in_bytes),
-            "generated_code_bytes": int(mem.generated_code_size_in_bytes),
-        }
+        memory = {f"{k}_bytes": int(getattr(mem, f"{k}_size_in_bytes"))
+                  for k in ("argument", "output", "alias", "temp", "generated_code")}
         # Donated state is aliased: its buffers are counted once, as arguments.
         memory["total_bytes"] = (
             memory["argument_bytes"] + memory["output_bytes"] - memory["alias_bytes"] + memory["temp_bytes"]

@@ -37,6 +37,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import flags
 from jax.experimental import multihost_utils
 
 from cpt_jax.config import ConfigError
@@ -68,8 +69,6 @@ class Settings:
 
 def define_flags(fv) -> None:
     """The launch flags of the trainer, on an absl FlagValues (see cli.parse)."""
-    from absl import flags
-
     flags.DEFINE_string("coordinator_address", None,
                         f"host:port of process 0's coordinator (or ${ENV_COORDINATOR}).", flag_values=fv)
     flags.DEFINE_integer("num_processes", None,
@@ -252,20 +251,12 @@ def _from_cluster_environment(settings: Settings) -> Settings:
     """The address, count and id JAX's detector for this cluster will use (it reads the same variables)."""
     from jax._src import clusters
 
-    name = settings.source.split(":", 1)[1]
-    env = next((e for e in clusters.ClusterEnv._cluster_types if e.name == name), None)
-    if env is None:
-        return settings
     try:
-        address = env.get_coordinator_address(
-            timeout_secs=settings.timeout_secs, override_coordinator_port=os.environ.get("JAX_COORDINATOR_PORT")
-        )
-        return dataclasses.replace(
-            settings, coordinator_address=address, num_processes=env.get_process_count(),
-            process_id=env.get_process_id(),
-        )
+        address, n, pid, _ = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+            None, None, None, None, settings.source.split(":", 1)[1], settings.timeout_secs)
     except Exception:  # an environment JAX reads differently: let jax.distributed.initialize report it
         return settings
+    return dataclasses.replace(settings, coordinator_address=address, num_processes=n, process_id=pid)
 
 
 def _host_port(address: str) -> tuple[str, int]:

@@ -8,6 +8,7 @@ and event records are built here; evaluation records in the evaluation library.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -88,8 +89,6 @@ class MetricsWriter:
 
 def _wandb_id(workdir: str) -> str:
     """A run id stable for the workdir, so a resumed run continues the same W&B run."""
-    import hashlib
-
     return hashlib.sha256(os.path.abspath(workdir).encode()).hexdigest()[:16]
 
 

@@ -37,9 +37,9 @@ def _manifest(directory: str) -> dict | None:
 def make_plan(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     """Every number the plan shows. Raises ConfigError for a bad config.
 
-    Returns a dict with: schedule (its metadata, peak_step), start_lr_from (where the start LR
-    came from), steps, batch_size, seq_len,
-    tokens_per_step, total_tokens, lr (np.ndarray, the LR at steps 0..steps), sources (names),
+    Returns a dict with: schedule (its metadata, peak_step), start_lr_from (where the start LR came
+    from), steps, batch_size, seq_len, tokens_per_step, total_tokens, lr (np.ndarray, the LR at steps
+    0..steps), sources (names),
     phases (one dict per phase: index, start_step, end_step, lr_at_start, fraction, start_tokens,
     tokens, weights, start_at, tokens_per_source, epochs_per_source), tokens_per_source and epochs
     (whole run), source_examples (train examples from the manifest or None), warnings (strings).
@@ -66,21 +66,13 @@ def make_plan(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     for i, phase in enumerate(phases):
         end = phases[i + 1].start_step if i + 1 < len(phases) else steps
         counts = mixture.examples_per_source(phase.start_step * B, end * B)
-        plan_phases.append(
-            {
-                "index": phase.index,
-                "start_step": phase.start_step,
-                "end_step": end,
-                "lr_at_start": float(lr[phase.start_step]),
-                "fraction": phase.start_step / steps,
-                "start_tokens": phase.start_step * B * L,
-                "tokens": (end - phase.start_step) * B * L,
-                "weights": dict(phase.weights),
-                "start_at": phase.start_at,
-                "tokens_per_source": {n: c * L for n, c in counts.items()},
-                "epochs_per_source": epochs_of(counts),
-            }
-        )
+        plan_phases.append({
+            "index": phase.index, "start_step": phase.start_step, "end_step": end,
+            "lr_at_start": float(lr[phase.start_step]), "fraction": phase.start_step / steps,
+            "start_tokens": phase.start_step * B * L, "tokens": (end - phase.start_step) * B * L,
+            "weights": dict(phase.weights), "start_at": phase.start_at,
+            "tokens_per_source": {n: c * L for n, c in counts.items()}, "epochs_per_source": epochs_of(counts),
+        })
     total_counts = mixture.examples_per_source(0, steps * B)
     epochs = epochs_of(total_counts)
     limit = float(cfg.data.max_epochs_warning)
@@ -93,20 +85,11 @@ def make_plan(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     meta = schedule.metadata()
     meta["peak_step"] = schedule.peak_step
     return {
-        "schedule": meta,
-        "start_lr_from": run.start_lr_from,
-        "steps": steps,
-        "batch_size": B,
-        "seq_len": L,
-        "tokens_per_step": B * L,
-        "total_tokens": steps * B * L,
-        "lr": lr,
-        "sources": names,
-        "phases": plan_phases,
-        "tokens_per_source": {n: c * L for n, c in total_counts.items()},
-        "epochs": epochs,
-        "source_examples": examples,
-        "warnings": warnings,
+        "schedule": meta, "start_lr_from": run.start_lr_from,
+        "steps": steps, "batch_size": B, "seq_len": L, "tokens_per_step": B * L, "total_tokens": steps * B * L,
+        "lr": lr, "sources": names, "phases": plan_phases,
+        "tokens_per_source": {n: c * L for n, c in total_counts.items()}, "epochs": epochs,
+        "source_examples": examples, "warnings": warnings,
     }
 
 
@@ -150,17 +133,8 @@ def format_plan(plan: dict[str, Any]) -> str:
     ]
     rows = [["phase", "start", "start step", "LR there", "% of run", "start tokens", "tokens"]]
     for p in plan["phases"]:
-        rows.append(
-            [
-                str(p["index"]),
-                _start_text(p["start_at"]),
-                f"{p['start_step']:,}",
-                f"{p['lr_at_start']:.4g}",
-                f"{100 * p['fraction']:.1f}%",
-                human(p["start_tokens"]),
-                human(p["tokens"]),
-            ]
-        )
+        rows.append([str(p["index"]), _start_text(p["start_at"]), f"{p['start_step']:,}", f"{p['lr_at_start']:.4g}",
+                     f"{100 * p['fraction']:.1f}%", human(p["start_tokens"]), human(p["tokens"])])
     lines += _table(rows) + [""]
     header = ["source"] + [f"phase {p['index']} tokens (epochs)" for p in plan["phases"]] + ["total", "epochs"]
     rows = [header]

@@ -1,15 +1,12 @@
 """Config + workdir -> the run, before anything is compiled or written: one road, in stages that
 each caller takes as far as it needs.
 
-    for_plan(cfg)               python -m cpt_jax.plan: the starting LR and where it came from, the
-                                schedule, the mixture's phases (reads manifests and an init_from
-                                checkpoint's metadata, no devices)
-    for_compile(cfg, workdir)   --compile_only: the model and its sharding rules too; no data and no
-                                checkpoint arrays are read (an init_from that is not on this machine
-                                gives a placeholder LR: only values change, not the program)
-    for_training(cfg, workdir)  python -m cpt_jax.train: the workdir's checks, devices and mesh, where
-                                the state comes from (own latest checkpoint | init_from | fresh), the
-                                data pipeline, the evaluation
+    for_plan(cfg)               plan: the starting LR and where it came from, the schedule, the
+                                mixture's phases (reads only an init_from checkpoint's metadata)
+    for_compile(cfg, workdir)   --compile_only: + the model and its sharding rules (no data, no
+                                checkpoint arrays; an init_from not on this machine: a placeholder LR)
+    for_training(cfg, workdir)  train: + the workdir's checks, devices and mesh, where the state comes
+                                from (own latest checkpoint | init_from | fresh), data, evaluation
     initial_state(run, tx)      the state itself, restored or initialized on the devices
     mesh_for(model_config)      devices and mesh for evaluating a checkpoint (evaluate, sample)
 

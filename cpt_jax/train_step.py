@@ -83,16 +83,10 @@ def _grads(loss_sum, params, batch: Batch, micro_batches: int):
     return total, count, grads
 
 
-def make_train_step(
-    c: ModelConfig,
-    tx: optax.GradientTransformation,
-    schedule: Schedule,
-    rules: tuple = (),
-    micro_batches: int = 1,
-    chunk_tokens: int = 0,
-    nan_steps: tuple[int, ...] = (),
-) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
-    """The pure step function (jit it with shardings in the caller).
+def make_train_step(c: ModelConfig, tx: optax.GradientTransformation, schedule: Schedule, rules: tuple = (),
+                    micro_batches: int = 1, chunk_tokens: int = 0, nan_steps: tuple[int, ...] = ()
+                    ) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
+    """The pure step function (`jit_train_step` jits it with a run's shardings).
 
     nan_steps poisons those steps' gradients with NaN: a test hook for the non-finite guard.
     """
@@ -109,38 +103,23 @@ def make_train_step(
         loss = total / denom
         grad_norm = optax.tree.norm(grads)
         lr = schedule.fn(step)
-        updates, new_opt = tx.update(grads, state["opt_state"], params)
+        opt_state = state["opt_state"]
+        updates, new_opt = tx.update(grads, opt_state, params)
         new_params = jax.tree.map(lambda p, u: (p - lr * u.astype(jnp.float32)).astype(p.dtype), params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        new_state = {
-            "step": step + 1,
-            "params": keep(new_params, params),
-            "opt_state": keep(new_opt, state["opt_state"]),
-        }
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "loss_tokens": count, "finite": finite}
-        return new_state, metrics
+        return {"step": step + 1, "params": keep(new_params, params), "opt_state": keep(new_opt, opt_state)}, metrics
 
     return step_fn
 
 
-def jit_train_step(
-    train_cfg: Any,
-    c: ModelConfig,
-    tx: optax.GradientTransformation,
-    schedule: Schedule,
-    rules: dict,
-    state_shardings: State,
-    batch_sharding: jax.sharding.NamedSharding,
-) -> Callable:
+def jit_train_step(train_cfg: Any, c: ModelConfig, tx: optax.GradientTransformation, schedule: Schedule, rules: dict,
+                   state_shardings: State, batch_sharding: jax.sharding.NamedSharding) -> Callable:
     """The step of a run (its `train` config section) jitted for its shardings: the state in and out
     sharded as `state_shardings`, every batch field as `batch_sharding`, the metrics replicated, and
     the incoming state donated (its buffers become the new state's)."""
     step_fn = make_train_step(c, tx, schedule, sharding.rules_tuple(rules), train_cfg.micro_batches,
                               train_cfg.loss_chunk_tokens, tuple(train_cfg.inject_nan_steps))
-    return jax.jit(
-        step_fn,
-        in_shardings=(state_shardings, {k: batch_sharding for k in BATCH_KEYS}),
-        out_shardings=(state_shardings, sharding.replicated(batch_sharding.mesh)),
-        donate_argnums=(0,),
-    )
+    return jax.jit(step_fn, in_shardings=(state_shardings, {k: batch_sharding for k in BATCH_KEYS}),
+                   out_shardings=(state_shardings, sharding.replicated(batch_sharding.mesh)), donate_argnums=(0,))
