@@ -52,15 +52,11 @@ class MetricsWriter:
             if wandb_cfg is not None and wandb_cfg.project:
                 import wandb  # optional: validated as installed when wandb.project is set
 
-                self._wandb = wandb.init(
-                    project=wandb_cfg.project,
-                    entity=wandb_cfg.entity or None,
-                    name=wandb_cfg.run_name or os.path.basename(os.path.normpath(workdir)),
-                    dir=workdir,
-                    config=run_config,
-                    resume="allow",
-                    id=_wandb_id(workdir),
-                )
+                # The id is stable for the workdir, so a resumed run continues the same W&B run.
+                self._wandb = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity or None,
+                                         name=wandb_cfg.run_name or os.path.basename(os.path.normpath(workdir)),
+                                         dir=workdir, config=run_config, resume="allow",
+                                         id=hashlib.sha256(os.path.abspath(workdir).encode()).hexdigest()[:16])
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.active:
@@ -85,11 +81,6 @@ class MetricsWriter:
                 self._tb.close()
             if self._wandb is not None:
                 self._wandb.finish()
-
-
-def _wandb_id(workdir: str) -> str:
-    """A run id stable for the workdir, so a resumed run continues the same W&B run."""
-    return hashlib.sha256(os.path.abspath(workdir).encode()).hexdigest()[:16]
 
 
 def _scalars(record: dict[str, Any], prefix: str = ""):
