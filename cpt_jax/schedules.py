@@ -358,8 +358,7 @@ def _count(cfg: Any, key: str) -> int:
 
 def values(schedule: Schedule) -> np.ndarray:
     """The lr at steps 0..steps inclusive (float64 holding the exact float32 values), vectorised."""
-    steps = np.arange(schedule.steps + 1, dtype=np.int32)
-    return np.asarray(schedule.fn(steps), dtype=np.float64)
+    return _lr_at(schedule, np.arange(schedule.steps + 1))
 
 
 def _lr_at(schedule: Schedule, steps: Any) -> np.ndarray:
