@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ml_collections  # noqa: E402
 from data_loader import make_tokenizer, write_source  # noqa: E402
 
-from cpt_jax import cli, train  # noqa: E402
+from cpt_jax import cli, resolve, train  # noqa: E402
 
 SOURCES = ("general", "domain", "qa")
 
@@ -39,7 +39,7 @@ SOURCES = ("general", "domain", "qa")
 def _seconds_per_step(cfg, workdir: str) -> float:
     """Seconds per step of one training run, steady state: its last record's tokens/s covers the
     steps after the first (compilation, first allocations) and before the final checkpoint."""
-    if train.train(train.resolve_run(cfg, workdir)) != 0:
+    if train.train(resolve.for_training(cfg, workdir)) != 0:
         sys.exit(f"training run in {workdir} failed")
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         last = [r for r in map(json.loads, f) if r["kind"] == "train"][-1]

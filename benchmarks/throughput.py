@@ -26,30 +26,23 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from cpt_jax import cli, flops, losses, optim, schedules, sharding, train_step  # noqa: E402
+from cpt_jax import cli, flops, losses, optim, resolve, schedules, sharding, train_step  # noqa: E402
 from cpt_jax.data import pipeline as data_pipeline  # noqa: E402
-from cpt_jax.train import _abstract_state, resolve_run  # noqa: E402
 
 
 def _build(cfg):
-    run = resolve_run(cfg, "/tmp/cpt_jax_benchmark_unused_workdir")
+    run = resolve.for_training(cfg, "/tmp/cpt_jax_benchmark_unused_workdir")
     tx = optim.build(cfg.optim)
-    abstract, shardings = _abstract_state(run, tx)
-    step_fn = train_step.make_train_step(run.model_config, tx, run.schedule, sharding.rules_tuple(run.rules),
-                                         cfg.train.micro_batches, cfg.train.loss_chunk_tokens)
-    batch_sh = {k: run.pipeline.batch_sharding for k in data_pipeline.BATCH_KEYS}
-    jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh),
-                     out_shardings=(shardings, sharding.replicated(run.mesh)), donate_argnums=(0,))
-    B, T = cfg.train.batch_size, cfg.train.seq_len
-    batch_shapes = {k: jax.ShapeDtypeStruct((B, T), v, sharding=run.pipeline.batch_sharding)
-                    for k, v in data_pipeline.BATCH_DTYPES.items()}
-    abstract_state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings["step"]), **abstract}
-    return run, tx, jitted, abstract_state, batch_shapes, shardings
+    abstract_state, shardings = train_step.abstract_state(run.model_config, run.param_shardings, run.mesh, tx)
+    jitted = train_step.jit_train_step(cfg.train, run.model_config, tx, run.schedule, run.rules, shardings,
+                                       run.pipeline.batch_sharding)
+    batch_shapes = data_pipeline.batch_specs(cfg.train.batch_size, cfg.train.seq_len, run.pipeline.batch_sharding)
+    return run, tx, jitted, abstract_state, batch_shapes
 
 
 def compile_seconds(cfg) -> tuple[float, object]:
     with jax.set_mesh(sharding.make_mesh(cfg.mesh)):
-        run, tx, jitted, abstract_state, batch_shapes, _ = _build(cfg)
+        run, tx, jitted, abstract_state, batch_shapes = _build(cfg)
         t0 = time.perf_counter()
         compiled = jitted.lower(abstract_state, batch_shapes).compile()
         return time.perf_counter() - t0, compiled
@@ -57,13 +50,11 @@ def compile_seconds(cfg) -> tuple[float, object]:
 
 def prepare(cfg):
     """(run, compiled step, its compile seconds, the initial state, batch 0); call it inside the mesh."""
-    from cpt_jax.train import initial_state
-
-    run, tx, jitted, abstract_state, batch_shapes, _ = _build(cfg)
+    run, tx, jitted, abstract_state, batch_shapes = _build(cfg)
     t0 = time.perf_counter()
     compiled = jitted.lower(abstract_state, batch_shapes).compile()
     compile_s = time.perf_counter() - t0
-    state, _ = initial_state(run, tx)
+    state, _ = resolve.initial_state(run, tx)
     return run, compiled, compile_s, state, run.pipeline.global_batch(0)
 
 
@@ -233,9 +224,8 @@ def _run(args, rest: list[str]) -> dict:
     if not any(a.startswith("--config=") or a == "--config" for a in rest):
         rest = ["--config=configs/tiny.py", *rest]
     cfg, _ = cli.parse(["throughput", *rest])
-    schedules.build(cfg.schedule, cfg.train.steps, cfg.schedule.start_lr or 1e-4)  # fail early on a bad schedule
-    if cfg.schedule.start_lr is None and cfg.schedule.name in ("recipe", "constant"):
-        cfg.schedule.start_lr = 1e-4  # no checkpoint to read it from: any value times the same
+    if cfg.schedule.start_lr is None and cfg.schedule.name in schedules.NEEDS_START_LR:
+        cfg.schedule.start_lr = resolve.PLACEHOLDER_START_LR  # no checkpoint to read it from: any value times the same
     if args.depth:
         shallow, deep = (int(x) for x in args.depth_layers.split(","))
         return depth_comparison(cfg, shallow, deep)

@@ -18,7 +18,7 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for the TPU, run nothing: this host's CPU is JAX's backend
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cpt_jax import aot, cli  # noqa: E402
+from cpt_jax import aot, cli, resolve  # noqa: E402
 
 DEFAULT_ROWS = (
     "1b:v5p-8:8:none",
@@ -40,7 +40,7 @@ def row(spec: str) -> dict:
     preset, topology, batch, remat = spec.split(":")
     cfg, _ = cli.parse(["x", f"--config=configs/{preset}.py", f"--config.train.batch_size={batch}",
                         f"--config.model.remat={remat}"])
-    report = aot.compile_only(aot.resolve(cfg, "/tmp/cpt_jax_tpu_memory_unused"), topology)
+    report = aot.compile_only(resolve.for_compile(cfg, "/tmp/cpt_jax_tpu_memory_unused"), topology)
     m = report["memory_per_device"] or {}
     return {"preset": preset, "topology": topology, "chips": report["devices"], "batch": int(batch),
             "seq_len": int(cfg.train.seq_len), "remat": remat, "params": report["params"],

@@ -2,13 +2,13 @@
 
     python -m cpt_jax.train --config ... --workdir DIR --compile_only [--topology v5p-256|cpu:N]
 
-Builds the same jitted step as `train._train` (same state shardings from
-`train_step.abstract_state`, same `train_step.make_train_step`, same batch contract
-`data_pipeline.BATCH_DTYPES`) on abstract arrays only, lowers and compiles it for the target's
-devices, and reports what XLA's compiled program says: argument, output, temporary and total bytes
-per device (`memory_analysis`) and FLOPs (`cost_analysis`), and whether that fits the device's
-memory. Nothing is written to the workdir, no data or checkpoint is read (the learning-rate
-values, which need a checkpoint's metadata, do not change the program).
+Builds the same jitted step as the trainer (`train_step.jit_train_step` over the state of
+`train_step.abstract_state` and the batch of `data_pipeline.batch_specs`) for the run of
+`resolve.for_compile`, on abstract arrays only, lowers and compiles it for the target's devices,
+and reports what XLA's compiled program says: argument, output, temporary and total bytes per
+device (`memory_analysis`) and FLOPs (`cost_analysis`), and whether that fits the device's memory.
+Nothing is written to the workdir, no data or checkpoint is read (the learning-rate values, which
+need a checkpoint's metadata, do not change the program).
 
 Whether it fits: the TPU compiler itself refuses a program whose buffers exceed the chip's HBM
 (RESOURCE_EXHAUSTED, with what it needs and what the chip has), so a TPU target either compiles
@@ -38,16 +38,12 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from cpt_jax import checkpoint, config, flops, model, optim, schedules, sharding, train_step
+from cpt_jax import flops, optim, resolve, sharding, train_step
 from cpt_jax.config import ConfigError
 from cpt_jax.data import pipeline as data_pipeline
 
-# A placeholder start LR for schedules that take it from a checkpoint: only values in the program change.
-PLACEHOLDER_START_LR = 1e-4
 _TPU_FAMILIES = {
     # family: (libtpu topology prefix, TensorCores per chip as Cloud TPU names count them, grid rank, chip config)
     "v4": ("v4", 2, 3, "megacore"),
@@ -60,34 +56,6 @@ _TPU_FAMILIES = {
 # Only printed next to a program that compiled: the TPU compiler checks the real limit itself.
 _TPU_HBM_GIB = {"v4": 32, "v5p": 95, "v5e": 16, "v5litepod": 16, "v6e": 32}
 _GPU_WORDS = ("gpu", "cuda", "rocm", "a100", "h100", "h200", "b200", "gb200", "l4", "a3", "a4")
-
-
-@dataclasses.dataclass
-class CompileRun:
-    """What compiling needs from a run: a `train.Run` has the same attributes."""
-
-    cfg: ml_collections.ConfigDict
-    workdir: str
-    rules: dict
-    model_config: model.ModelConfig
-    schedule: schedules.Schedule
-
-
-def resolve(cfg: ml_collections.ConfigDict, workdir: str) -> CompileRun:
-    """Validate the config for compiling; reads no data and no checkpoint arrays, writes nothing."""
-    config.validate(cfg)
-    rules = sharding.rules_from_config(cfg.mesh)
-    mc = model.ModelConfig.from_config(cfg.model)
-    start_lr = cfg.schedule.start_lr
-    if start_lr is None and cfg.init_from:
-        try:
-            start_lr = checkpoint.read_metadata(cfg.init_from).get("lr_min")
-        except ConfigError:  # the checkpoint is not on this machine: the value does not change the program
-            start_lr = None
-    if start_lr is None and cfg.schedule.name in ("recipe", "constant"):
-        start_lr = PLACEHOLDER_START_LR
-    schedule = schedules.build(cfg.schedule, cfg.train.steps, start_lr)
-    return CompileRun(cfg, workdir, rules, mc, schedule)
 
 
 # ----------------------------------------------------------------------------- targets
@@ -210,22 +178,11 @@ def _tpu_target(name: str, family: str, dims: tuple[int, ...]) -> Target:
     return Target(name, "tpu", list(desc.devices), dims, family)
 
 
-def target_mesh(cfg_mesh, tgt: Target) -> jax.sharding.Mesh:
-    """The config's (data, fsdp, tensor) mesh over the target's devices (TPU: in physical order)."""
-    if tgt.platform != "tpu":
-        return sharding.make_mesh(cfg_mesh, tgt.devices)
-    from jax.experimental import mesh_utils
-
-    shape = sharding.mesh_shape(cfg_mesh, len(tgt.devices))
-    devices = mesh_utils.create_device_mesh(shape, tgt.devices)
-    return jax.sharding.Mesh(devices, sharding.AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(sharding.AXES))
-
-
 # ----------------------------------------------------------------------------- compiling
 
 
 def compile_only(run: Any, topology: str | None) -> dict[str, Any]:
-    """Compile the train step of `run` (a train.Run or `resolve`'s CompileRun) for `topology`.
+    """Compile the train step of `run` (`resolve.for_compile`'s, or `for_training`'s) for `topology`.
 
     Returns the report: target, mesh, per-device memory (bytes) and FLOPs. ConfigError for a
     target this machine cannot compile for, or a config that does not fit the target's devices.
@@ -233,40 +190,15 @@ def compile_only(run: Any, topology: str | None) -> dict[str, Any]:
     cfg, mc = run.cfg, run.model_config
     B, T = int(cfg.train.batch_size), int(cfg.train.seq_len)
     tgt = target(topology)
-    mesh = target_mesh(cfg.mesh, tgt)
-    rules = run.rules
-    param_shardings = sharding.param_shardings(model.abstract_params(mc), model.logical_axes(mc), mesh, rules)
-    divisor = sharding.batch_divisor(mesh, rules)
-    micro = B // cfg.train.micro_batches
-    if micro % divisor:
-        raise ConfigError(
-            f"train.batch_size: {B} ({cfg.train.micro_batches} micro-batches of {micro}) does not split over the "
-            f"{divisor} data-parallel devices of {tgt.name}, expected a multiple of {divisor}"
-        )
-    model.attention_implementation(mc, tgt.platform)  # 'cudnn' for a target without NVIDIA GPUs is refused here
+    mesh = sharding.make_mesh(cfg.mesh, tgt.devices)
+    param_shardings = resolve.devices(cfg, mc, mesh, run.rules, tgt.platform, of=f" of {tgt.name}")
     tx = optim.build(cfg.optim)
-    abstract, shardings = train_step.abstract_state(mc, param_shardings, mesh, tx)
+    state, shardings = train_step.abstract_state(mc, param_shardings, mesh, tx)
     with jax.set_mesh(mesh):
-        state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings["step"]), **abstract}
-        batch_sharding = sharding.batch_sharding(mesh, rules)
-        batch = data_pipeline.batch_specs(B, T, batch_sharding)
-        step_fn = train_step.make_train_step(
-            mc,
-            tx,
-            run.schedule,
-            sharding.rules_tuple(rules),
-            cfg.train.micro_batches,
-            cfg.train.loss_chunk_tokens,
-            tuple(cfg.train.inject_nan_steps),
-        )
-        jitted = jax.jit(
-            step_fn,
-            in_shardings=(shardings, {k: batch_sharding for k in data_pipeline.BATCH_KEYS}),
-            out_shardings=(shardings, sharding.replicated(mesh)),
-            donate_argnums=(0,),
-        )
+        batch_sharding = sharding.batch_sharding(mesh, run.rules)
+        jitted = train_step.jit_train_step(cfg.train, mc, tx, run.schedule, run.rules, shardings, batch_sharding)
         t0 = time.perf_counter()
-        lowered = jitted.lower(state, batch)
+        lowered = jitted.lower(state, data_pipeline.batch_specs(B, T, batch_sharding))
         # A compile-only TPU executable cannot be loaded back from JAX's persistent compilation
         # cache (there is no TPU client to load it into): keep it out of the cache.
         cached = jax.config.jax_enable_compilation_cache
@@ -298,13 +230,8 @@ def _report(tgt: Target, mesh, compiled, refusal: str | None, seconds: float, B:
     memory = None
     mem = compiled.memory_analysis() if compiled is not None else None
     if mem is not None:
-        memory = {
-            "argument_bytes": int(mem.argument_size_in_bytes),
-            "output_bytes": int(mem.output_size_in_bytes),
-            "alias_bytes": int(mem.alias_size_in_bytes),
-            "temp_bytes": int(mem.temp_size_in_bytes),
-            "generated_code_bytes": int(mem.generated_code_size_in_bytes),
-        }
+        memory = {f"{k}_bytes": int(getattr(mem, f"{k}_size_in_bytes"))
+                  for k in ("argument", "output", "alias", "temp", "generated_code")}
         # Donated state is aliased: its buffers are counted once, as arguments.
         memory["total_bytes"] = (
             memory["argument_bytes"] + memory["output_bytes"] - memory["alias_bytes"] + memory["temp_bytes"]

@@ -20,6 +20,7 @@ processes itself (a fatal log line) once the same timeout has passed.
 
 After initialization `check_same_config` compares a hash of every process's resolved config; when
 they differ, every process reports the first key that differs and the values on both processes.
+`Preemption` turns SIGTERM into a step at which every process saves and stops.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import signal
 import socket
 import time
 from collections.abc import Mapping
@@ -35,6 +37,8 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import flags
+from jax.experimental import multihost_utils
 
 from cpt_jax.config import ConfigError
 
@@ -65,8 +69,6 @@ class Settings:
 
 def define_flags(fv) -> None:
     """The launch flags of the trainer, on an absl FlagValues (see cli.parse)."""
-    from absl import flags
-
     flags.DEFINE_string("coordinator_address", None,
                         f"host:port of process 0's coordinator (or ${ENV_COORDINATOR}).", flag_values=fv)
     flags.DEFINE_integer("num_processes", None,
@@ -249,20 +251,12 @@ def _from_cluster_environment(settings: Settings) -> Settings:
     """The address, count and id JAX's detector for this cluster will use (it reads the same variables)."""
     from jax._src import clusters
 
-    name = settings.source.split(":", 1)[1]
-    env = next((e for e in clusters.ClusterEnv._cluster_types if e.name == name), None)
-    if env is None:
-        return settings
     try:
-        address = env.get_coordinator_address(
-            timeout_secs=settings.timeout_secs, override_coordinator_port=os.environ.get("JAX_COORDINATOR_PORT")
-        )
-        return dataclasses.replace(
-            settings, coordinator_address=address, num_processes=env.get_process_count(),
-            process_id=env.get_process_id(),
-        )
+        address, n, pid, _ = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+            None, None, None, None, settings.source.split(":", 1)[1], settings.timeout_secs)
     except Exception:  # an environment JAX reads differently: let jax.distributed.initialize report it
         return settings
+    return dataclasses.replace(settings, coordinator_address=address, num_processes=n, process_id=pid)
 
 
 def _host_port(address: str) -> tuple[str, int]:
@@ -364,8 +358,6 @@ def check_same_config(tree: dict) -> None:
     """
     if jax.process_count() == 1:
         return
-    from jax.experimental import multihost_utils
-
     data = json.dumps(tree, sort_keys=True).encode()
     digests = np.asarray(multihost_utils.process_allgather(_digest(data)))
     differing = [p for p in range(len(digests)) if not np.array_equal(digests[p], digests[0])]
@@ -384,3 +376,34 @@ def check_same_config(tree: dict) -> None:
         raise ConfigError(f"config differs between processes 0 and {other} (same keys and values, other bytes)")
     key, v0, v1 = diff
     raise ConfigError(f"config differs between processes: {key} is {v0} on process 0 and {v1} on process {other}")
+
+
+# ----------------------------------------------------------------------------- preemption
+
+
+class Preemption:
+    """SIGTERM (what TPU and cloud preemption send) asks the loop to save and stop after a step.
+
+    With several processes, JAX's preemption service (started by `jax.distributed.initialize`)
+    takes the signal on whichever host gets it and agrees on a step for all of them through the
+    coordination service, off the training path: no collective and no host sync per step.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._multi = jax.process_count() > 1
+        self._previous = None if self._multi else signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def should_stop(self, steps_done: int) -> bool:
+        """True once the run should save and stop after `steps_done` steps; every process gets
+        True at the same `steps_done`."""
+        if self._multi:
+            return multihost_utils.reached_preemption_sync_point(steps_done)
+        return self.requested
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

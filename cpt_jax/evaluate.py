@@ -65,7 +65,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from cpt_jax import decode, losses, model, sharding
+from cpt_jax import decode, losses, model, resolve, sharding
 from cpt_jax import tasks as tasks_lib
 from cpt_jax.config import ConfigError
 from cpt_jax.data import pipeline as pipeline_lib
@@ -713,20 +713,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def mesh_for(mc: ModelConfig) -> tuple[Any, dict, Any]:
-    """(mesh, rules, parameter shardings) over every device: FSDP when the parameters divide,
-    else data parallel with replicated parameters."""
-    abstract, names = model.abstract_params(mc), model.logical_axes(mc)
-    rules = dict(sharding.DEFAULT_RULES)
-    for data, fsdp in ((1, -1), (-1, 1)):
-        mesh = sharding.make_mesh({"data": data, "fsdp": fsdp, "tensor": 1})
-        try:
-            return mesh, rules, sharding.param_shardings(abstract, names, mesh, rules)
-        except ConfigError:
-            continue
-    raise AssertionError("replicated parameters always fit a data-parallel mesh")
-
-
 def restore_params(checkpoint_dir: str, meta: dict[str, Any], mc: ModelConfig, shardings: Any) -> Any:
     """The checkpoint's parameters restored with `shardings` (ConfigError naming --checkpoint when
     their shapes differ from the model's or the arrays fail to restore)."""
@@ -784,7 +770,7 @@ def run_cli(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     if args.fewshot < 0:
         raise ConfigError(f"--fewshot: {args.fewshot}, expected an integer >= 0")
 
-    mesh, rules, param_shardings = mesh_for(mc)
+    mesh, rules, param_shardings = resolve.mesh_for(mc)
     ways = sharding.batch_divisor(mesh, rules)
     batch_size = args.batch_size or _round_up(8, ways)
     if batch_size % ways:

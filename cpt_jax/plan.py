@@ -21,35 +21,9 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from cpt_jax import checkpoint, cli, config, schedules
+from cpt_jax import cli, resolve, schedules
 from cpt_jax.config import ConfigError
-from cpt_jax.data import mixture as mixture_lib
 from cpt_jax.data import sources as sources_lib
-
-# Schedules whose shape depends on start_lr (the others ignore it), as in train.py.
-_USES_START_LR = ("recipe", "constant", "rewarm")
-_NEEDS_START_LR = ("recipe", "constant")
-
-
-def resolve_start_lr(cfg: ml_collections.ConfigDict) -> float | None:
-    """schedule.start_lr, else the lr_min of the `init_from` checkpoint (the recipe's start)."""
-    if cfg.schedule.start_lr is not None or cfg.schedule.name not in _USES_START_LR:
-        return cfg.schedule.start_lr
-    if cfg.init_from:
-        meta = checkpoint.read_metadata(cfg.init_from)
-        if meta.get("lr_min") is None:
-            raise ConfigError(
-                f"init_from: {cfg.init_from} has no lr_min in its metadata, expected one when "
-                "schedule.start_lr is None; set --config.schedule.start_lr=X"
-            )
-        return float(meta["lr_min"])
-    if cfg.schedule.name in _NEEDS_START_LR:
-        raise ConfigError(
-            f"schedule.start_lr: None and no init_from, expected the LR to start at (schedule "
-            f"'{cfg.schedule.name}'): set --config.schedule.start_lr=X (the pretrained run's final LR) or "
-            "--config.init_from=CHECKPOINT to read it from the checkpoint"
-        )
-    return None
 
 
 def _manifest(directory: str) -> dict | None:
@@ -63,18 +37,18 @@ def _manifest(directory: str) -> dict | None:
 def make_plan(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     """Every number the plan shows. Raises ConfigError for a bad config.
 
-    Returns a dict with: schedule (its metadata, peak_step), steps, batch_size, seq_len,
-    tokens_per_step, total_tokens, lr (np.ndarray, the LR at steps 0..steps), sources (names),
+    Returns a dict with: schedule (its metadata, peak_step), start_lr_from (where the start LR came
+    from), steps, batch_size, seq_len, tokens_per_step, total_tokens, lr (np.ndarray, the LR at steps
+    0..steps), sources (names),
     phases (one dict per phase: index, start_step, end_step, lr_at_start, fraction, start_tokens,
     tokens, weights, start_at, tokens_per_source, epochs_per_source), tokens_per_source and epochs
     (whole run), source_examples (train examples from the manifest or None), warnings (strings).
     """
-    config.validate(cfg)
+    run = resolve.for_plan(cfg)
     steps, B, L = int(cfg.train.steps), int(cfg.train.batch_size), int(cfg.train.seq_len)
-    schedule = schedules.build(cfg.schedule, steps, resolve_start_lr(cfg))
+    schedule, mixture = run.schedule, run.mixture  # the trainer's own schedule and sampler
     lr = schedules.values(schedule)
     warnings: list[str] = []
-    mixture = mixture_lib.from_config(cfg, schedule)  # the trainer's own sampler
     names, phases = mixture.source_names, mixture.phases
     manifests = {n: _manifest(cfg.data.sources[n]) if cfg.data.kind == "mixture" else None for n in names}
     examples = {n: (int(m["examples"]) if m else None) for n, m in manifests.items()}
@@ -92,21 +66,13 @@ def make_plan(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     for i, phase in enumerate(phases):
         end = phases[i + 1].start_step if i + 1 < len(phases) else steps
         counts = mixture.examples_per_source(phase.start_step * B, end * B)
-        plan_phases.append(
-            {
-                "index": phase.index,
-                "start_step": phase.start_step,
-                "end_step": end,
-                "lr_at_start": float(lr[phase.start_step]),
-                "fraction": phase.start_step / steps,
-                "start_tokens": phase.start_step * B * L,
-                "tokens": (end - phase.start_step) * B * L,
-                "weights": dict(phase.weights),
-                "start_at": phase.start_at,
-                "tokens_per_source": {n: c * L for n, c in counts.items()},
-                "epochs_per_source": epochs_of(counts),
-            }
-        )
+        plan_phases.append({
+            "index": phase.index, "start_step": phase.start_step, "end_step": end,
+            "lr_at_start": float(lr[phase.start_step]), "fraction": phase.start_step / steps,
+            "start_tokens": phase.start_step * B * L, "tokens": (end - phase.start_step) * B * L,
+            "weights": dict(phase.weights), "start_at": phase.start_at,
+            "tokens_per_source": {n: c * L for n, c in counts.items()}, "epochs_per_source": epochs_of(counts),
+        })
     total_counts = mixture.examples_per_source(0, steps * B)
     epochs = epochs_of(total_counts)
     limit = float(cfg.data.max_epochs_warning)
@@ -119,19 +85,11 @@ def make_plan(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     meta = schedule.metadata()
     meta["peak_step"] = schedule.peak_step
     return {
-        "schedule": meta,
-        "steps": steps,
-        "batch_size": B,
-        "seq_len": L,
-        "tokens_per_step": B * L,
-        "total_tokens": steps * B * L,
-        "lr": lr,
-        "sources": names,
-        "phases": plan_phases,
-        "tokens_per_source": {n: c * L for n, c in total_counts.items()},
-        "epochs": epochs,
-        "source_examples": examples,
-        "warnings": warnings,
+        "schedule": meta, "start_lr_from": run.start_lr_from,
+        "steps": steps, "batch_size": B, "seq_len": L, "tokens_per_step": B * L, "total_tokens": steps * B * L,
+        "lr": lr, "sources": names, "phases": plan_phases,
+        "tokens_per_source": {n: c * L for n, c in total_counts.items()}, "epochs": epochs,
+        "source_examples": examples, "warnings": warnings,
     }
 
 
@@ -168,23 +126,15 @@ def format_plan(plan: dict[str, Any]) -> str:
     lines = [
         f"schedule {s['name']}: start LR {s['start_lr']:.4g}, peak {s['lr_max']:.4g} at step {s['peak_step']}, "
         f"min {s['lr_min']:.4g}",
+        f"start LR from {plan['start_lr_from']}",
         f"run: {plan['steps']:,} steps x {plan['batch_size']} x {plan['seq_len']} = {plan['tokens_per_step']:,} "
         f"tokens/step, {human(plan['total_tokens'])} tokens ({plan['total_tokens']:,})",
         "",
     ]
     rows = [["phase", "start", "start step", "LR there", "% of run", "start tokens", "tokens"]]
     for p in plan["phases"]:
-        rows.append(
-            [
-                str(p["index"]),
-                _start_text(p["start_at"]),
-                f"{p['start_step']:,}",
-                f"{p['lr_at_start']:.4g}",
-                f"{100 * p['fraction']:.1f}%",
-                human(p["start_tokens"]),
-                human(p["tokens"]),
-            ]
-        )
+        rows.append([str(p["index"]), _start_text(p["start_at"]), f"{p['start_step']:,}", f"{p['lr_at_start']:.4g}",
+                     f"{100 * p['fraction']:.1f}%", human(p["start_tokens"]), human(p["tokens"])])
     lines += _table(rows) + [""]
     header = ["source"] + [f"phase {p['index']} tokens (epochs)" for p in plan["phases"]] + ["total", "epochs"]
     rows = [header]

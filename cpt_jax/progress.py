@@ -1,18 +1,12 @@
-"""A one-line progress bar for long work (training steps, evaluation batches), without tqdm.
-
-    progress = Progress(total=steps, desc="train", start=start_step)
-    for step in ...:
-        progress.update(1, loss=2.31, lr=3e-4, phase=1, tokens_per_sec=12345)
-    progress.close()
-
-renders, redrawn in place with '\\r' at most every `min_interval` seconds:
+"""A one-line progress bar of training steps, redrawn in place with '\\r' at most every
+`min_interval` seconds:
 
     train 1,234/10,000 [##........] 12% | loss 2.31 lr 3.0e-4 phase 1 tok/s 12,345 | 3.10 it/s ETA 47:09
 
-The ETA comes from the rate over the last `window` seconds, so a slow start (compilation, a
-warm-up) does not distort it for the rest of the run. By default the bar is drawn only when the
-stream is a terminal and this is process 0: logs redirected to files or collected by CI stay free of
-carriage returns, and only one host of a multi-host run draws.
+Not tqdm (a dependency of flax): its ETA follows an exponential average of the rate; this one
+takes the rate over the last `window` seconds, so a slow start (compilation) does not linger. By
+default the bar is drawn only when the stream is a terminal and this is process 0: logs in files or
+CI stay free of carriage returns, one host of a multi-host run draws.
 """
 
 from __future__ import annotations
@@ -24,6 +18,8 @@ import sys
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
+
+import jax
 
 BAR_WIDTH = 20
 # Field names shown shorter than the keyword that carries them.
@@ -95,7 +91,7 @@ class Progress:
         self.n = int(start)
         self.stream = sys.stderr if stream is None else stream
         if enabled is None:
-            enabled = _is_tty(self.stream) and _process_index() == 0
+            enabled = _is_tty(self.stream) and jax.process_index() == 0
         self.enabled = bool(enabled)
         self.min_interval = float(min_interval)
         self.window = float(window)
@@ -108,8 +104,6 @@ class Progress:
         self._last_len = 0
         self._closed = False
         self._draw(force=True)
-
-    # ------------------------------------------------------------------ public
 
     def update(self, n: int = 1, **fields: Any) -> None:
         """Advance by `n` steps; `fields` (e.g. loss=, lr=, phase=) replace the values shown."""
@@ -178,8 +172,6 @@ class Progress:
         parts.append(f" | {speed}ETA {'?' if eta is None else format_duration(eta)}")
         return "".join(parts)
 
-    # ------------------------------------------------------------------ drawing
-
     def _draw(self, force: bool = False) -> None:
         if not self.enabled:
             return
@@ -205,8 +197,3 @@ def _terminal_width(stream: TextIO) -> int | None:
     except (AttributeError, ValueError, OSError):
         return None
 
-
-def _process_index() -> int:
-    import jax
-
-    return jax.process_index()

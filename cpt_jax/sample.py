@@ -24,7 +24,7 @@ from typing import Any
 
 import jax
 
-from cpt_jax import checkpoint, decode, evaluate
+from cpt_jax import checkpoint, decode, evaluate, resolve
 from cpt_jax.config import ConfigError
 from cpt_jax.data.tokenizer import load_tokenizer
 from cpt_jax.metrics import log
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace, log) -> list[dict[str, Any]]:
     if new_tokens is None:
         new_tokens = min(DEFAULT_NEW_TOKENS, mc.max_seq_len - max(len(p) for p in prompts))
 
-    mesh, rules, shardings = evaluate.mesh_for(mc)
+    mesh, rules, shardings = resolve.mesh_for(mc)
     # Cast to the compute dtype at once, so that the float32 copy is freed before decoding.
     params = decode.compute_params(evaluate.restore_params(ckpt, meta, mc, shardings), mc)
     generator = decode.Generator(mc, mesh=mesh, rules=rules, vocab_limit=tok.vocab_size)

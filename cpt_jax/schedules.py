@@ -40,8 +40,10 @@ from cpt_jax.config import ConfigError
 NAMES = ("recipe", "warmup_cosine", "rewarm", "wsd", "constant", "infinite")
 DECAY_SHAPES = ("linear", "cosine", "exponential")
 CROSSING_METHODS = ("auto", "scan")
-
-_START_LR_MISSING = "schedule.start_lr: None and no init_from checkpoint lr_min; set --config.schedule.start_lr=X"
+# The schedules whose shape depends on the starting LR (`build`'s start_lr; the others ignore it),
+# and those of them that cannot do without one ('rewarm' warms up from 0 when it is None).
+READS_START_LR = ("recipe", "constant", "rewarm")
+NEEDS_START_LR = ("recipe", "constant")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,14 +120,8 @@ class Schedule:
 
     def metadata(self) -> dict[str, Any]:
         """JSON-able description: name, steps, start_lr, lr_max, lr_min and the resolved params."""
-        return {
-            "name": self.name,
-            "steps": int(self.steps),
-            "start_lr": float(self.start_lr),
-            "lr_max": float(self.lr_max),
-            "lr_min": float(self.lr_min),
-            **self.params,
-        }
+        return {"name": self.name, "steps": int(self.steps), "start_lr": float(self.start_lr),
+                "lr_max": float(self.lr_max), "lr_min": float(self.lr_min), **self.params}
 
 
 # ----------------------------------------------------------------------------- building
@@ -138,9 +134,8 @@ def build(cfg: Any, steps: int, start_lr: float | None) -> Schedule:
       cfg: the `schedule` config section (attributes name, final_ratio, peak_lr, min_lr, warmup_steps,
         decay_steps, decay_shape, cooldown_steps, const_lr, anneal_steps; `cfg.start_lr` is not read).
       steps: optimizer steps of the run (> 0).
-      start_lr: the resolved starting lr (`cfg.start_lr`, or the `init_from` checkpoint's lr_min when
-        that is None). Required by 'recipe' and 'constant'; 'rewarm' warms up from it (from 0 if None);
-        the others ignore it.
+      start_lr: the resolved starting lr (`resolve.start_lr`): read by READS_START_LR, required by
+        NEEDS_START_LR, ignored by the others.
 
     Raises:
       ConfigError: one line naming the offending key, the value found and what is expected.
@@ -161,21 +156,9 @@ def _build_recipe(cfg: Any, steps: int, start_lr: float | None) -> Schedule:
         raise ConfigError(f"schedule.final_ratio: {ratio!r}, expected a value in (0, 1]")
     ratio = float(ratio)
     floor = s0 * ratio
-    return Schedule(
-        name="recipe",
-        steps=steps,
-        fn=_float32(optax.cosine_decay_schedule(s0, steps, alpha=ratio)),
-        start_lr=s0,
-        lr_max=s0,
-        lr_min=floor,
-        peak_step=0,
-        params={"start_lr": s0, "final_ratio": ratio},
-        segments=(Segment("cosine", 0, steps, s0, floor),),
-    )
-
-
-def _build_warmup_cosine(cfg: Any, steps: int, start_lr: float | None) -> Schedule:
-    return _warmup_then_cosine(cfg, steps, "warmup_cosine", 0.0)
+    return Schedule("recipe", steps, _float32(optax.cosine_decay_schedule(s0, steps, alpha=ratio)), start_lr=s0,
+                    lr_max=s0, lr_min=floor, peak_step=0, params={"start_lr": s0, "final_ratio": ratio},
+                    segments=(Segment("cosine", 0, steps, s0, floor),))
 
 
 def _build_rewarm(cfg: Any, steps: int, start_lr: float | None) -> Schedule:
@@ -201,24 +184,12 @@ def _warmup_then_cosine(cfg: Any, steps: int, name: str, s0: float) -> Schedule:
         )
     # optax's decay_steps counts the warmup too: the cosine covers steps warmup..steps.
     fn = optax.warmup_cosine_decay_schedule(s0, peak, warmup, steps, end_value=floor)
-    segments = _nonempty(
-        Segment("linear", 0, warmup, s0, peak),
-        Segment("cosine", warmup, steps - warmup, peak, floor),
-    )
+    segments = _nonempty(Segment("linear", 0, warmup, s0, peak), Segment("cosine", warmup, steps - warmup, peak, floor))
     params: dict[str, Any] = {"peak_lr": peak, "min_lr": floor, "warmup_steps": warmup}
     if name == "rewarm" and warmup > 0:
         params = {"start_lr": s0, **params}
-    return Schedule(
-        name=name,
-        steps=steps,
-        fn=_float32(fn),
-        start_lr=s0 if warmup > 0 else peak,
-        lr_max=peak,
-        lr_min=floor,
-        peak_step=warmup if s0 < peak else 0,
-        params=params,
-        segments=segments,
-    )
+    return Schedule(name, steps, _float32(fn), start_lr=s0 if warmup > 0 else peak, lr_max=peak, lr_min=floor,
+                    peak_step=warmup if s0 < peak else 0, params=params, segments=segments)
 
 
 def _build_wsd(cfg: Any, steps: int, start_lr: float | None) -> Schedule:
@@ -242,38 +213,15 @@ def _build_wsd(cfg: Any, steps: int, start_lr: float | None) -> Schedule:
         Segment("constant", warmup, steps - decay - warmup, peak, peak),
         Segment(shape, steps - decay, decay, peak, floor),
     )
-    return Schedule(
-        name="wsd",
-        steps=steps,
-        fn=_join(segments),
-        start_lr=0.0 if warmup > 0 else peak,
-        lr_max=peak,
-        lr_min=floor,
-        peak_step=warmup,
-        params={
-            "peak_lr": peak,
-            "min_lr": floor,
-            "warmup_steps": warmup,
-            "decay_steps": decay,
-            "decay_shape": shape,
-        },
-        segments=segments,
-    )
+    params = {"peak_lr": peak, "min_lr": floor, "warmup_steps": warmup, "decay_steps": decay, "decay_shape": shape}
+    return Schedule("wsd", steps, _join(segments), start_lr=0.0 if warmup > 0 else peak, lr_max=peak, lr_min=floor,
+                    peak_step=warmup, params=params, segments=segments)
 
 
 def _build_constant(cfg: Any, steps: int, start_lr: float | None) -> Schedule:
     s0 = _required_start_lr(start_lr)
-    return Schedule(
-        name="constant",
-        steps=steps,
-        fn=_float32(optax.constant_schedule(s0)),
-        start_lr=s0,
-        lr_max=s0,
-        lr_min=s0,
-        peak_step=0,
-        params={"start_lr": s0},
-        segments=(Segment("constant", 0, steps, s0, s0),),
-    )
+    return Schedule("constant", steps, _float32(optax.constant_schedule(s0)), start_lr=s0, lr_max=s0, lr_min=s0,
+                    peak_step=0, params={"start_lr": s0}, segments=(Segment("constant", 0, steps, s0, s0),))
 
 
 def _build_infinite(cfg: Any, steps: int, start_lr: float | None) -> Schedule:
@@ -316,22 +264,13 @@ def _build_infinite(cfg: Any, steps: int, start_lr: float | None) -> Schedule:
     if anneal > 0:
         params["min_lr"] = floor
     params.update(warmup_steps=warmup, cooldown_steps=cooldown, anneal_steps=anneal)
-    return Schedule(
-        name="infinite",
-        steps=steps,
-        fn=_join(segments),
-        start_lr=0.0 if warmup > 0 else peak,
-        lr_max=peak,
-        lr_min=floor,
-        peak_step=warmup,
-        params=params,
-        segments=segments,
-    )
+    return Schedule("infinite", steps, _join(segments), start_lr=0.0 if warmup > 0 else peak, lr_max=peak,
+                    lr_min=floor, peak_step=warmup, params=params, segments=segments)
 
 
 _BUILDERS: dict[str, Callable[[Any, int, float | None], Schedule]] = {
     "recipe": _build_recipe,
-    "warmup_cosine": _build_warmup_cosine,
+    "warmup_cosine": lambda cfg, steps, start_lr: _warmup_then_cosine(cfg, steps, "warmup_cosine", 0.0),
     "rewarm": _build_rewarm,
     "wsd": _build_wsd,
     "constant": _build_constant,
@@ -384,7 +323,9 @@ def _is_real(x: Any) -> bool:
 
 def _required_start_lr(start_lr: float | None) -> float:
     if start_lr is None:
-        raise ConfigError(_START_LR_MISSING)
+        raise ConfigError(
+            "schedule.start_lr: None and no init_from checkpoint lr_min; set --config.schedule.start_lr=X"
+        )
     if not _is_real(start_lr) or not math.isfinite(start_lr) or start_lr <= 0:
         raise ConfigError(f"schedule.start_lr: {start_lr!r}, expected a positive learning rate")
     return float(start_lr)
@@ -417,8 +358,7 @@ def _count(cfg: Any, key: str) -> int:
 
 def values(schedule: Schedule) -> np.ndarray:
     """The lr at steps 0..steps inclusive (float64 holding the exact float32 values), vectorised."""
-    steps = np.arange(schedule.steps + 1, dtype=np.int32)
-    return np.asarray(schedule.fn(steps), dtype=np.float64)
+    return _lr_at(schedule, np.arange(schedule.steps + 1))
 
 
 def _lr_at(schedule: Schedule, steps: Any) -> np.ndarray:

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cpt_jax.config import ConfigError
@@ -67,13 +66,11 @@ def mesh_shape(cfg_mesh, num_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(cfg_mesh, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with Auto axis types (GSPMD propagates shardings between the annotated points)."""
+    """A mesh over `devices` (default: all) with Auto axis types (GSPMD propagates shardings between
+    the annotated points); TPU chips in their physical order."""
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(cfg_mesh, len(devices))
-    auto = (jax.sharding.AxisType.Auto,) * len(AXES)
-    if len(devices) == len(jax.devices()):
-        return jax.make_mesh(shape, AXES, axis_types=auto)
-    return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=auto)
+    return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES), devices=devices)
 
 
 def rules_from_config(cfg_mesh) -> dict[str, MeshAxes]:

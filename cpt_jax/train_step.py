@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from cpt_jax import losses, model, sharding
+from cpt_jax.data.pipeline import BATCH_KEYS
 from cpt_jax.model import ModelConfig
 from cpt_jax.schedules import Schedule
 
@@ -28,25 +29,24 @@ def init_state(params: Any, tx: optax.GradientTransformation) -> State:
 
 def abstract_state(
     c: ModelConfig, param_shardings: Any, mesh: jax.sharding.Mesh, tx: optax.GradientTransformation
-) -> tuple[dict, dict]:
-    """(abstract params and optimizer state with shardings, state shardings); allocates nothing.
+) -> tuple[State, State]:
+    """(the abstract state, every leaf with its sharding; the state's shardings); allocates nothing.
 
     Call it outside `jax.set_mesh` of a compile-only mesh: optax builds the optimizer state's
     structure with a few eager ops on the default device.
     """
-    abstract_params = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), model.abstract_params(c), param_shardings
-    )
+    with_sharding = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
+    abstract_params = jax.tree.map(with_sharding, model.abstract_params(c), param_shardings)
     # Every copy of the parameter tree inside the optimizer state (Adam's moments) is sharded like
     # the parameters; counters and other scalars are replicated.
     plain_opt = jax.eval_shape(tx.init, abstract_params)
     opt_shardings = optax.tree_map_params(
         tx, lambda _, s: s, plain_opt, param_shardings, transform_non_params=lambda _: sharding.replicated(mesh)
     )
-    abstract_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), plain_opt,
-                                opt_shardings)
     shardings = {"step": sharding.replicated(mesh), "params": param_shardings, "opt_state": opt_shardings}
-    return {"params": abstract_params, "opt_state": abstract_opt}, shardings
+    abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings["step"]), "params": abstract_params,
+                "opt_state": jax.tree.map(with_sharding, plain_opt, opt_shardings)}
+    return abstract, shardings
 
 
 def loss_sum_fn(c: ModelConfig, rules: tuple, chunk_tokens: int) -> Callable:
@@ -83,16 +83,10 @@ def _grads(loss_sum, params, batch: Batch, micro_batches: int):
     return total, count, grads
 
 
-def make_train_step(
-    c: ModelConfig,
-    tx: optax.GradientTransformation,
-    schedule: Schedule,
-    rules: tuple = (),
-    micro_batches: int = 1,
-    chunk_tokens: int = 0,
-    nan_steps: tuple[int, ...] = (),
-) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
-    """The pure step function (jit it with shardings in the caller).
+def make_train_step(c: ModelConfig, tx: optax.GradientTransformation, schedule: Schedule, rules: tuple = (),
+                    micro_batches: int = 1, chunk_tokens: int = 0, nan_steps: tuple[int, ...] = ()
+                    ) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
+    """The pure step function (`jit_train_step` jits it with a run's shardings).
 
     nan_steps poisons those steps' gradients with NaN: a test hook for the non-finite guard.
     """
@@ -109,16 +103,23 @@ def make_train_step(
         loss = total / denom
         grad_norm = optax.tree.norm(grads)
         lr = schedule.fn(step)
-        updates, new_opt = tx.update(grads, state["opt_state"], params)
+        opt_state = state["opt_state"]
+        updates, new_opt = tx.update(grads, opt_state, params)
         new_params = jax.tree.map(lambda p, u: (p - lr * u.astype(jnp.float32)).astype(p.dtype), params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        new_state = {
-            "step": step + 1,
-            "params": keep(new_params, params),
-            "opt_state": keep(new_opt, state["opt_state"]),
-        }
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "loss_tokens": count, "finite": finite}
-        return new_state, metrics
+        return {"step": step + 1, "params": keep(new_params, params), "opt_state": keep(new_opt, opt_state)}, metrics
 
     return step_fn
+
+
+def jit_train_step(train_cfg: Any, c: ModelConfig, tx: optax.GradientTransformation, schedule: Schedule, rules: dict,
+                   state_shardings: State, batch_sharding: jax.sharding.NamedSharding) -> Callable:
+    """The step of a run (its `train` config section) jitted for its shardings: the state in and out
+    sharded as `state_shardings`, every batch field as `batch_sharding`, the metrics replicated, and
+    the incoming state donated (its buffers become the new state's)."""
+    step_fn = make_train_step(c, tx, schedule, sharding.rules_tuple(rules), train_cfg.micro_batches,
+                              train_cfg.loss_chunk_tokens, tuple(train_cfg.inject_nan_steps))
+    return jax.jit(step_fn, in_shardings=(state_shardings, {k: batch_sharding for k in BATCH_KEYS}),
+                   out_shardings=(state_shardings, sharding.replicated(batch_sharding.mesh)), donate_argnums=(0,))

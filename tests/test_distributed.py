@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from train_helpers import SMALL_MODEL
 
-from cpt_jax import checkpoint, distributed, train
+from cpt_jax import checkpoint, distributed, resolve, train
 from cpt_jax.config import ConfigError
 from cpt_jax.data.tokenizer import load_tokenizer
 
@@ -130,14 +130,14 @@ import sys
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from cpt_jax import distributed, train
+from cpt_jax import distributed, resolve, train
 
 def main():
     argv, out = sys.argv[1:-1], sys.argv[-1]
     launch = {{}}
     cfg, workdir = train.parse_args(["train", *argv], launch)
     distributed.initialize(launch["distributed"])
-    run = train.resolve_run(cfg, workdir)
+    run = resolve.for_training(cfg, workdir)
     rows = np.asarray([run.pipeline.rows.start, run.pipeline.rows.stop])
     saved = {{"rows": multihost_utils.process_allgather(rows)}}
     for step in (0, 5):
@@ -198,7 +198,7 @@ def test_each_process_reads_its_rows_of_the_same_global_batches(env, tmp_path):
     np.testing.assert_array_equal(got["rows"], [[0, 4], [4, 8]])
     np.testing.assert_array_equal(got["state_step"], [END, END])
     cfg, workdir = train.parse_args(["train", *args])
-    run = train.resolve_run(cfg, workdir)
+    run = resolve.for_training(cfg, workdir)
     assert run.pipeline.phase_at(3) == 0 and run.pipeline.phase_at(4) == 1
     for step in (0, 5, *range(K, END)):
         for key, value in run.pipeline.global_batch(step).items():

@@ -12,7 +12,7 @@ import jax
 import pytest
 from train_helpers import SMALL_MODEL
 
-from cpt_jax import aot, cli, train
+from cpt_jax import aot, cli, resolve, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch")
@@ -229,7 +229,7 @@ def test_compile_only_reports_memory_and_flops_and_writes_nothing(tmp_path, caps
 
 def test_compile_only_numbers_follow_the_devices(tmp_path):
     cfg, _ = cli.parse(["x", *SMALL])
-    run = aot.resolve(cfg, str(tmp_path / "run"))
+    run = resolve.for_compile(cfg, str(tmp_path / "run"))
     eight, four = aot.compile_only(run, "cpu:8"), aot.compile_only(run, "cpu:4")
     for r, n in ((eight, 8), (four, 4)):
         m = r["memory_per_device"]

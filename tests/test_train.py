@@ -124,12 +124,12 @@ def test_config_file_argument(tmp_path):
 def test_optimizer_state_is_sharded_like_the_parameters(tmp_path):
     import jax
 
-    from cpt_jax import optim
+    from cpt_jax import optim, resolve, train_step
 
     cfg, workdir = train.parse_args(["train", *SMALL, f"--workdir={tmp_path / 'w'}"])
-    run = train.resolve_run(cfg, workdir)
+    run = resolve.for_training(cfg, workdir)
     tx = optim.build(cfg.optim)
-    abstract, _ = train._abstract_state(run, tx)
+    abstract, _ = train_step.abstract_state(run.model_config, run.param_shardings, run.mesh, tx)
     moments = [x for path, x in jax.tree_util.tree_flatten_with_path(abstract["opt_state"])[0]
                if jax.tree_util.keystr(path).endswith("['wq']")]
     assert len(moments) == 2  # Adam's mu and nu
