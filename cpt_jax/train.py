@@ -33,7 +33,6 @@ from cpt_jax import (
     cli,
     config,
     distributed,
-    evaluate,
     flops,
     model,
     optim,
@@ -41,6 +40,7 @@ from cpt_jax import (
     sharding,
     train_step,
 )
+from cpt_jax import evaluation as evaluation_lib
 from cpt_jax.config import ConfigError
 from cpt_jax.data import pipeline as data_pipeline
 from cpt_jax.metrics import MetricsWriter, log
@@ -63,7 +63,7 @@ class Run:
     init_from: str | None  # the checkpoint the run started from (restored only when resume_step is None)
     init_metadata: dict | None
     param_shapes: dict  # name -> shape, written into every checkpoint's metadata
-    evaluation: evaluate.Evaluation | None  # per-source validation and tasks every eval.every_steps
+    evaluation: evaluation_lib.Evaluation | None  # per-source validation and tasks every eval.every_steps
     source_dtype: str  # the dtype the weights came in (an import's), what an export writes by default
 
 
@@ -172,7 +172,7 @@ def resolve_run(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
     schedule = schedules.build(cfg.schedule, cfg.train.steps, start_lr)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     pipeline = data_pipeline.Pipeline(cfg, schedule, batch_sharding)
-    evaluation = evaluate.from_config(cfg, mc, mesh=mesh, rules=rules, batch_sharding=batch_sharding, log=log)
+    evaluation = evaluation_lib.from_config(cfg, mc, mesh=mesh, rules=rules, log=log)
     check_workdir(workdir, checkpoint.estimated_bytes(abstract) * 3)  # params + Adam's two moments
     return Run(
         cfg, workdir, mesh, rules, mc, param_shardings, schedule, pipeline, resume_step, init_from, init_meta,
