@@ -34,31 +34,27 @@ def restore_params(checkpoint_dir: str, meta: dict[str, Any], mc: ModelConfig, s
         raise ConfigError(f"--checkpoint {checkpoint_dir}: the parameters failed to restore ({reason})") from None
 
 
-def checkpoint_tokenizer(checkpoint_dir: str, meta: dict[str, Any] | None = None) -> str | None:
+def checkpoint_tokenizer(checkpoint_dir: str, meta: dict[str, Any] | None = None, hops: int = 8) -> str | None:
     """The tokenizer file a checkpoint names, or None: its metadata `tokenizer` (an imported
     model's copy; also looked for in the tokenizer/ directory beside its checkpoints/), else its
-    run's config.data.tokenizer, else the same for the checkpoint it was initialised from."""
-    path = checkpoint_dir
-    for _ in range(8):
-        try:
-            meta = meta if meta is not None else checkpoint.read_metadata(path)
-            root, _ = checkpoint.resolve(path)
-        except ConfigError:
-            return None
-        candidates = []
-        own = meta.get("tokenizer")
-        if isinstance(own, str) and own:
-            candidates += [own, os.path.join(os.path.dirname(root), "tokenizer", os.path.basename(own))]
-        data = (meta.get("config") or {}).get("data") or {}
-        if isinstance(data.get("tokenizer"), str) and data["tokenizer"]:
-            candidates.append(data["tokenizer"])
-        for candidate in candidates:
-            if os.path.exists(candidate):
-                return candidate
-        path, meta = meta.get("init_from"), None
-        if not path:
-            return None
-    return None
+    run's config.data.tokenizer, else the same for the checkpoint it was initialised from (up to
+    `hops` checkpoints back)."""
+    try:
+        meta = meta if meta is not None else checkpoint.read_metadata(checkpoint_dir)
+        root, _ = checkpoint.resolve(checkpoint_dir)
+    except ConfigError:
+        return None
+    candidates = []
+    own = meta.get("tokenizer")
+    if isinstance(own, str) and own:
+        candidates += [own, os.path.join(os.path.dirname(root), "tokenizer", os.path.basename(own))]
+    data = (meta.get("config") or {}).get("data") or {}
+    if isinstance(data.get("tokenizer"), str) and data["tokenizer"]:
+        candidates.append(data["tokenizer"])
+    found = next((c for c in candidates if os.path.exists(c)), None)
+    if found or not meta.get("init_from") or hops <= 1:
+        return found
+    return checkpoint_tokenizer(meta["init_from"], None, hops - 1)
 
 
 def _data_sources(meta: dict[str, Any]) -> dict[str, Any]:

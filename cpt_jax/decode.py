@@ -109,25 +109,16 @@ def choose(logits_BV, key, temperature, top_p, vocab_limit: int | None, *, greed
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.lru_cache(maxsize=64)
-def _caster(dtype: str, shardings: tuple) -> Any:
-    return jax.jit(lambda leaves: [x.astype(dtype) for x in leaves], out_shardings=list(shardings))
-
-
 def compute_params(params: Params, c: ModelConfig) -> Params:
     """`params` with every compute weight (model.is_compute_weight) in the compute dtype, each
     sharded as it was; the norms stay as they are. Decoding is memory-bound: casting once per
     generation instead of inside every step halves the weight bytes a bfloat16 step reads from
     float32 parameters, and computes exactly the same (the model casts them before use anyway)."""
-    dt = jnp.dtype(c.dtype)
-    flat, tree = jax.tree_util.tree_flatten_with_path(params)
-    todo = [i for i, (path, x) in enumerate(flat) if model.is_compute_weight(str(path[-1].key)) and x.dtype != dt]
-    leaves = [x for _, x in flat]
-    if todo:
-        cast = _caster(dt.name, tuple(getattr(leaves[i], "sharding", None) for i in todo))([leaves[i] for i in todo])
-        for i, x in zip(todo, cast, strict=True):
-            leaves[i] = x
-    return jax.tree.unflatten(tree, leaves)
+
+    def cast(path, x):
+        return x.astype(c.dtype) if model.is_compute_weight(str(path[-1].key)) else x
+
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 _MIN_BUCKET = 16

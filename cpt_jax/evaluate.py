@@ -34,8 +34,6 @@ from cpt_jax.scoring import round_up
 from cpt_jax.source_eval import SourceEvaluator
 from cpt_jax.task_eval import TaskEvaluator
 
-Log = Callable[[str], None]
-
 
 def parse_pairs(values: Sequence[str] | None, flag: str) -> dict[str, str]:
     """{name: path} from 'name=path,name=path' values (the flag may repeat)."""
@@ -113,7 +111,7 @@ def format_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_cli(args: argparse.Namespace, log: Log) -> dict[str, Any]:
+def run_cli(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     """Everything `main` does but printing: validate, build the evaluators, restore, evaluate."""
     ckpt = os.path.abspath(os.path.expanduser(args.checkpoint))
     meta, mc = checkpoint.read_model_config(ckpt, key="--checkpoint", dtype=args.dtype)

@@ -65,13 +65,13 @@ class Evaluation:
 
 
 def from_config(cfg: Any, model_config: ModelConfig, *, mesh: Any = None, rules: Any = None,
-                tokenizer: Any = None, log: Log | None = None) -> Evaluation | None:
+                log: Log | None = None) -> Evaluation | None:
     """The run's Evaluation, or None when eval.every_steps is 0.
 
     Sources: the val split of every data.sources entry (data.kind 'mixture'; a source prepared
     without a val split is skipped with a note) and every eval.sources entry (eval-only, e.g. the
     pretraining data watched for forgetting). Tasks: eval.tasks, a path or a spec dict per name,
-    tokenized with `tokenizer` (a Tokenizer or a path; default data.tokenizer). Lengths follow
+    tokenized with data.tokenizer, as are eval.sample_prompts. Lengths follow
     train.seq_len, the loss chunk train.loss_chunk_tokens; batches are split over the mesh as
     training splits them. Raises ConfigError (all input checks happen here, before anything is
     compiled).
@@ -102,9 +102,7 @@ def from_config(cfg: Any, model_config: ModelConfig, *, mesh: Any = None, rules:
     if not sources and not task_specs and not prompts:
         raise ConfigError(f"eval.every_steps: {every} with nothing to evaluate, expected data.kind 'mixture' "
                           "(its sources' val splits), eval.sources, eval.tasks or eval.sample_prompts")
-    tok = tokenizer or cfg.data.tokenizer or None
-    if tok is not None and not hasattr(tok, "encode_batch"):
-        tok = load_tokenizer(tok)
+    tok = load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
     common = dict(batch_size=e.batch_size, seq_len=cfg.train.seq_len, mesh=mesh, rules=rules,
                   chunk_tokens=cfg.train.loss_chunk_tokens)
     # Prompts begin the way the training documents do (with BOS when prepare added it).

@@ -1,10 +1,6 @@
 """The summed negative log-likelihood of each row of fixed-shape batches, what the source and task
-evaluators both compute.
-
-Each call puts the batches on the devices (split as training splits them) and runs one jitted
-function that returns each row's summed NLL; the row sums are added in float64 on the host, so a
-result does not depend on the mesh or the batch size (beyond float32 rounding of each row). One
-program is compiled per row length and shared by every evaluator of the same model.
+evaluators compute. The row sums are added in float64 on the host, so a result does not depend on
+the mesh or the batch size (beyond float32 rounding of each row).
 """
 
 from __future__ import annotations
@@ -18,7 +14,6 @@ import numpy as np
 
 from cpt_jax import losses, model
 from cpt_jax.config import ConfigError
-from cpt_jax.data import pipeline as pipeline_lib
 from cpt_jax.model import ModelConfig
 from cpt_jax.placement import Placement
 
@@ -34,17 +29,13 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def empty_rows(rows: int, length: int) -> dict[str, np.ndarray]:
-    """Padding: token 0, segment 0, positions 0..length-1, loss mask 0."""
-    arrays = {k: np.zeros((rows, length), dt) for k, dt in pipeline_lib.BATCH_DTYPES.items()}
-    arrays["positions"][:] = np.arange(length, dtype=np.int32)
-    return arrays
-
-
 class RowScorer:
-    """Scores rows of at most `seq_len` tokens in batches of `batch_size` rows, with the parameters
-    placed by `mesh` and `rules` (see Placement); `chunk_tokens` is the cross-entropy chunk of
-    train.loss_chunk_tokens (0: the whole sequence). ConfigError for a bad setting."""
+    """Scores rows of at most `seq_len` tokens in batches of `batch_size` rows (a multiple of the
+    devices the batch is split over), with the parameters placed by `mesh` and `rules` (see
+    Placement): each batch goes to the devices split as training splits it, and one jitted program
+    per row length, shared by every scorer of the model, returns each row's summed NLL.
+    `chunk_tokens` is the cross-entropy chunk of train.loss_chunk_tokens (0: the whole sequence).
+    ConfigError for a bad setting."""
 
     def __init__(self, model_config: ModelConfig, *, batch_size: int, seq_len: int, mesh: Any = None,
                  rules: Any = None, chunk_tokens: int = 0):

@@ -32,7 +32,7 @@ from cpt_jax.config import ConfigError
 from cpt_jax.data import pipeline as pipeline_lib
 from cpt_jax.data import sources as sources_lib
 from cpt_jax.model import ModelConfig
-from cpt_jax.scoring import RowScorer, empty_rows, positive, round_up
+from cpt_jax.scoring import RowScorer, positive, round_up
 
 LN2 = math.log(2.0)
 
@@ -43,6 +43,13 @@ def source_metrics(nll_sum: float, tokens: int, bytes_per_token: float | None) -
     perplexity = math.inf if loss >= 700 else math.exp(loss)  # NaN stays NaN
     bpb = float(nll_sum) / LN2 / (tokens * bytes_per_token) if bytes_per_token else None
     return {"loss": loss, "perplexity": perplexity, "bits_per_byte": bpb, "tokens": int(tokens)}
+
+
+def _empty_rows(rows: int, length: int) -> dict[str, np.ndarray]:
+    """Padding: token 0, segment 0, positions 0..length-1, loss mask 0."""
+    arrays = {k: np.zeros((rows, length), dt) for k, dt in pipeline_lib.BATCH_DTYPES.items()}
+    arrays["positions"][:] = np.arange(length, dtype=np.int32)
+    return arrays
 
 
 @dataclasses.dataclass
@@ -60,12 +67,9 @@ class SourceEvaluator:
       sources: {name: prepared directory}; each needs a non-empty val split.
       model_config: the model's architecture (vocab_size bounds the sources' token ids).
       examples_per_source: the first this many val examples of each source are evaluated.
-      batch_size: rows per eval batch (a multiple of the devices the batch is split over).
       seq_len: the eval length; a source prepared with a shorter seq_len is padded (masked), a
         longer one is an error. At most model_config.max_seq_len.
-      mesh, rules: placement as in training (rules: a dict or the model's tuple). None: the
-        default device.
-      chunk_tokens: the cross-entropy chunk of train.loss_chunk_tokens (0: whole sequence).
+      batch_size, mesh, rules, chunk_tokens: as for scoring.RowScorer.
       tokenizer_fingerprint: when given, sources prepared with another tokenizer are refused.
     Raises ConfigError for a missing or incompatible source or a bad setting.
     """
@@ -103,7 +107,7 @@ class SourceEvaluator:
         n = min(self.examples_per_source, src.num_examples)
         # The first n val examples through grain with the trainer's batch fields (segments from EOS).
         fields = src.dataset[:n].batch(n).map(pipeline_lib.BatchFields(int(m["eos_id"])))[0]
-        arrays = empty_rows(round_up(n, self.scorer.batch_size), seq_len)
+        arrays = _empty_rows(round_up(n, self.scorer.batch_size), seq_len)
         for key, value in fields.items():
             arrays[key][:n, :length] = value
         bpt = m.get("bytes_per_token")

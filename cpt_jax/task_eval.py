@@ -105,8 +105,7 @@ class TaskEvaluator:
       tokenizer: a `Tokenizer` or the path of a tokenizer file.
       model_config: the model's architecture.
       seq_len: the longest scored sequence (prompt + choice, inputs); at most max_seq_len.
-      batch_size: rows (question-choice pairs) per batch.
-      mesh, rules, chunk_tokens: as for source_eval.SourceEvaluator.
+      batch_size, mesh, rules, chunk_tokens: as for scoring.RowScorer (a row: one question's choice).
       add_bos: put the tokenizer's BOS token before every prompt (models trained with one).
     Raises ConfigError for a bad task file or setting.
     """

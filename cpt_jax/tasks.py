@@ -5,7 +5,7 @@ A task file is JSONL, one question per line:
     {"context": "The capital of France is", "choices": ["Paris", "Rome", "Oslo"], "gold": 0}
 
 `context` is a string, `choices` a list of at least two non-empty strings, `gold` the index of the
-right choice. Blank lines are skipped. `evaluate.TaskEvaluator` scores every choice by the summed
+right choice. Blank lines are skipped. `task_eval.TaskEvaluator` scores every choice by the summed
 log-likelihood of its tokens given the prompt and reports `acc` (argmax of the sum) and
 `acc_norm` (argmax of the sum divided by the choice's length in UTF-8 bytes).
 
@@ -174,10 +174,9 @@ def read_records(path: str | os.PathLike) -> list[Example]:
         where = f"{path}:{number}"
         try:
             obj = json.loads(text)
-        except ValueError as e:
-            msg = getattr(e, "msg", str(e))
-            col = getattr(e, "colno", "?")
-            raise ConfigError(f"{where}: not valid JSON ({msg} at column {col}), expected {RECORD_HELP}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where}: not valid JSON ({e.msg} at column {e.colno}), "
+                              f"expected {RECORD_HELP}") from None
         examples.append(parse_record(obj, where, number))
     if not examples:
         raise ConfigError(f"{path}: no records, expected {RECORD_HELP}")
