@@ -29,6 +29,7 @@ from cpt_jax import checkpoint_model as ckpt_model
 from cpt_jax.config import ConfigError
 from cpt_jax.data import sources as sources_lib
 from cpt_jax.data.tokenizer import load_tokenizer
+from cpt_jax.metrics import log
 from cpt_jax.model import ModelConfig
 from cpt_jax.scoring import round_up
 from cpt_jax.source_eval import SourceEvaluator
@@ -50,6 +51,7 @@ def parse_pairs(values: Sequence[str] | None, flag: str) -> dict[str, str]:
                 raise ConfigError(f"{flag}: {name!r} given twice, expected distinct names")
             out[name] = path
     return out
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -181,12 +183,6 @@ def _write_json(path: str, obj: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    primary = jax.process_index() == 0
-
-    def log(message: str) -> None:
-        if primary:
-            print(message, file=sys.stderr, flush=True)
-
     try:
         if args.log_samples and not args.out:
             raise ConfigError("--log_samples: no --out, expected --out FILE to write the per-question records to")
@@ -198,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if primary:
+    if jax.process_index() == 0:
         print(format_table(results))
         if args.out:
             _write_json(args.out, results)

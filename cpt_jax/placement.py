@@ -1,6 +1,4 @@
-"""Where evaluation and decoding put their arrays: the training mesh and logical-axis rules, so
-that batches split over the rules' batch axes as training splits them; without a mesh, the
-default device."""
+"""Where evaluation and decoding put their arrays: as training does, or on the default device."""
 
 from __future__ import annotations
 
