@@ -18,7 +18,6 @@ generation, and each step is dispatched before the previous one's tokens are rea
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -32,6 +31,7 @@ import numpy as np
 from cpt_jax import model, sharding
 from cpt_jax.config import ConfigError
 from cpt_jax.model import ModelConfig, Params
+from cpt_jax.placement import Placement
 
 Cache = dict[str, jax.Array]
 _CACHE_NAMES = ("layers", "batch", "length", "act_kv_heads", None)
@@ -109,28 +109,16 @@ def choose(logits_BV, key, temperature, top_p, vocab_limit: int | None, *, greed
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-# ============================================================================ generation
-
-
-@functools.lru_cache(maxsize=64)
-def _caster(dtype: str, shardings: tuple) -> Any:
-    return jax.jit(lambda leaves: [x.astype(dtype) for x in leaves], out_shardings=list(shardings))
-
-
 def compute_params(params: Params, c: ModelConfig) -> Params:
     """`params` with every compute weight (model.is_compute_weight) in the compute dtype, each
     sharded as it was; the norms stay as they are. Decoding is memory-bound: casting once per
     generation instead of inside every step halves the weight bytes a bfloat16 step reads from
     float32 parameters, and computes exactly the same (the model casts them before use anyway)."""
-    dt = jnp.dtype(c.dtype)
-    flat, tree = jax.tree_util.tree_flatten_with_path(params)
-    todo = [i for i, (path, x) in enumerate(flat) if model.is_compute_weight(str(path[-1].key)) and x.dtype != dt]
-    leaves = [x for _, x in flat]
-    if todo:
-        cast = _caster(dt.name, tuple(getattr(leaves[i], "sharding", None) for i in todo))([leaves[i] for i in todo])
-        for i, x in zip(todo, cast, strict=True):
-            leaves[i] = x
-    return jax.tree.unflatten(tree, leaves)
+
+    def cast(path, x):
+        return x.astype(c.dtype) if model.is_compute_weight(str(path[-1].key)) else x
+
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 _MIN_BUCKET = 16
@@ -173,12 +161,11 @@ def _programs(c: ModelConfig, rules: tuple, greedy: bool, nucleus: bool, vocab_l
         logits, cache = decode_step(params, cache, tokens, positions, c, rules)
         return pick(logits, jax.random.fold_in(key, t), temperature, top_p), positions + 1, cache
 
-    if mesh is None:
-        return jax.jit(init_cache, static_argnums=(0, 1, 2)), jax.jit(first, donate_argnums=(1,)), jax.jit(
-            step, donate_argnums=(1,))
-    spec = jax.sharding.NamedSharding(mesh, sharding.spec_for(_CACHE_NAMES, dict(rules)))
-    cache_sharding = {"k": spec, "v": spec}
-    out = (sharding.replicated(mesh), sharding.replicated(mesh), cache_sharding)
+    cache_sharding = out = None
+    if mesh is not None:
+        spec = jax.sharding.NamedSharding(mesh, sharding.spec_for(_CACHE_NAMES, dict(rules)))
+        cache_sharding = {"k": spec, "v": spec}
+        out = (sharding.replicated(mesh), sharding.replicated(mesh), cache_sharding)
     return (jax.jit(init_cache, static_argnums=(0, 1, 2), out_shardings=cache_sharding),
             jax.jit(first, donate_argnums=(1,), out_shardings=out),
             jax.jit(step, donate_argnums=(1,), out_shardings=out))
@@ -195,16 +182,8 @@ class Generator:
     def __init__(self, c: ModelConfig, *, mesh: jax.sharding.Mesh | None = None, rules: dict | None = None,
                  vocab_limit: int | None = None):
         self.model_config = c
-        self.mesh = mesh
-        self.rules = dict(rules or sharding.DEFAULT_RULES) if mesh is not None else {}
+        self.placement = Placement(mesh, rules)
         self.vocab_limit = vocab_limit
-        self.ways = sharding.batch_divisor(mesh, self.rules) if mesh is not None else 1
-
-    def _put(self, x: np.ndarray, names: tuple[str, ...]) -> jax.Array:
-        if self.mesh is None:
-            return jnp.asarray(x)
-        where = jax.sharding.NamedSharding(self.mesh, sharding.spec_for(names, self.rules))
-        return jax.make_array_from_callback(x.shape, where, lambda idx: x[idx])
 
     def generate(self, params: Params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
@@ -215,24 +194,23 @@ class Generator:
         already to spare that copy."""
         c = self.model_config
         n = len(prompts)
-        B = math.ceil(n / self.ways) * self.ways
+        where = self.placement
+        B = math.ceil(n / where.ways) * where.ways
         P = padded_length(max(len(p) for p in prompts), max_new_tokens, c.max_seq_len)
         tokens = np.zeros((B, P), np.int32)
         lengths = np.ones(B, np.int32)  # dummy rows: one padding token
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = p
             lengths[i] = len(p)
-        rules = sharding.rules_tuple(self.rules) if self.mesh is not None else ()
-        init, first, step = _programs(c, rules, temperature == 0, top_p < 1, self.vocab_limit, self.mesh)
+        init, first, step = _programs(c, where.rules_tuple, temperature == 0, top_p < 1, self.vocab_limit, where.mesh)
         key = jax.random.key(seed)
         knobs = (np.float32(temperature), np.float32(top_p))
         out: list[list[int]] = [[] for _ in range(n)]
         stopped = ["length"] * n
-        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+        with where.context():
             params = compute_params(params, c)
             cache = init(c, B, P + max_new_tokens)
-            new, positions, cache = first(params, cache, self._put(tokens, ("batch", "length")),
-                                          self._put(lengths, ("batch",)), key, *knobs)
+            new, positions, cache = first(params, cache, where.put(tokens), where.put(lengths, ("batch",)), key, *knobs)
             for t in range(max_new_tokens):
                 # Dispatch the next step before reading this one's tokens, so the device never waits
                 # on the host; a batch that has stopped costs at most that one step more.
@@ -248,9 +226,6 @@ class Generator:
                 if "length" not in stopped:
                     break
         return [Continuation(tokens, why) for tokens, why in zip(out, stopped, strict=True)]
-
-
-# ============================================================================ prompts as text
 
 
 def prompt_tokens(tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int | None, max_seq_len: int,

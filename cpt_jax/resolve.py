@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cpt_jax import checkpoint, config, evaluate, model, schedules, sharding, train_step, workdir
+from cpt_jax import checkpoint, config, model, schedules, sharding, train_step, workdir
+from cpt_jax import evaluation as evaluation_lib
 from cpt_jax.config import ConfigError
 from cpt_jax.data import mixture as mixture_lib
 from cpt_jax.data import pipeline as data_pipeline
@@ -52,7 +53,7 @@ class Run:
     mesh: jax.sharding.Mesh | None = None
     param_shardings: Any = None
     pipeline: data_pipeline.Pipeline | None = None
-    evaluation: evaluate.Evaluation | None = None  # per-source validation and tasks every eval.every_steps
+    evaluation: evaluation_lib.Evaluation | None = None  # per-source validation and tasks every eval.every_steps
     resume_step: int | None = None  # this run's own latest checkpoint, if any
     init_from: str | None = None  # the checkpoint the run started from (restored only when resume_step is None)
     init_metadata: dict | None = None
@@ -188,7 +189,7 @@ def for_training(cfg: ml_collections.ConfigDict, workdir_path: str) -> Run:
     schedule, where = _schedule(cfg, own, init_meta)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     pipeline = data_pipeline.Pipeline(cfg, schedule, batch_sharding)
-    evaluation = evaluate.from_config(cfg, mc, mesh=mesh, rules=rules, batch_sharding=batch_sharding, log=log)
+    evaluation = evaluation_lib.from_config(cfg, mc, mesh=mesh, rules=rules, log=log)
     workdir.check_writable(workdir_path, checkpoint.estimated_bytes(abstract) * 3)  # params + Adam's two moments
     return Run(cfg, workdir_path, schedule, where, mc, rules, mesh=mesh, param_shardings=param_shardings,
                pipeline=pipeline, evaluation=evaluation, resume_step=resume_step, init_from=init_from,

@@ -24,7 +24,8 @@ from typing import Any
 
 import jax
 
-from cpt_jax import checkpoint, decode, evaluate, resolve
+from cpt_jax import checkpoint, decode, resolve
+from cpt_jax.checkpoint_model import add_bos_and_dtype_flags, checkpoint_bos, checkpoint_tokenizer, restore_params
 from cpt_jax.config import ConfigError
 from cpt_jax.data.tokenizer import load_tokenizer
 from cpt_jax.metrics import log
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "this much probability (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the checkpoint's)")
-    evaluate.add_bos_and_dtype_flags(p, "prompt")
+    add_bos_and_dtype_flags(p, "prompt")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt instead of text")
     return p
 
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace, log) -> list[dict[str, Any]]:
         raise ConfigError(f"--temperature: {args.temperature}, expected 0 (greedy) or a positive number")
     if not 0 < args.top_p <= 1:
         raise ConfigError(f"--top_p: {args.top_p}, expected a probability in (0, 1]")
-    path = args.tokenizer or evaluate.checkpoint_tokenizer(ckpt, meta)
+    path = args.tokenizer or checkpoint_tokenizer(ckpt, meta)
     if not path:
         raise ConfigError(f"--tokenizer: the checkpoint {ckpt} names no tokenizer found on disk, expected "
                           "--tokenizer FILE")
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace, log) -> list[dict[str, Any]]:
     if fingerprint and tok.fingerprint != fingerprint:
         log(f"warning: tokenizer {tok.path} differs from the one the checkpoint records ({fingerprint[:16]}...)")
     prompts = decode.prompt_tokens(tok, args.prompt, max_new_tokens=args.max_new_tokens, max_seq_len=mc.max_seq_len,
-                                   add_bos=evaluate.checkpoint_bos(meta, tok, args.bos))
+                                   add_bos=checkpoint_bos(meta, tok, args.bos))
     # Unless told, as many as fit, up to the default (prompt_tokens left room for at least one).
     new_tokens = args.max_new_tokens
     if new_tokens is None:
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace, log) -> list[dict[str, Any]]:
 
     mesh, rules, shardings = resolve.mesh_for(mc)
     # Cast to the compute dtype at once, so that the float32 copy is freed before decoding.
-    params = decode.compute_params(evaluate.restore_params(ckpt, meta, mc, shardings), mc)
+    params = decode.compute_params(restore_params(ckpt, meta, mc, shardings), mc)
     generator = decode.Generator(mc, mesh=mesh, rules=rules, vocab_limit=tok.vocab_size)
     outs = generator.generate(params, prompts, new_tokens, temperature=args.temperature, top_p=args.top_p,
                               seed=args.seed, eos_id=tok.eos_id)

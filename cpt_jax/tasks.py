@@ -5,7 +5,7 @@ A task file is JSONL, one question per line:
     {"context": "The capital of France is", "choices": ["Paris", "Rome", "Oslo"], "gold": 0}
 
 `context` is a string, `choices` a list of at least two non-empty strings, `gold` the index of the
-right choice. Blank lines are skipped. `evaluate.TaskEvaluator` scores every choice by the summed
+right choice. Blank lines are skipped. `task_eval.TaskEvaluator` scores every choice by the summed
 log-likelihood of its tokens given the prompt and reports `acc` (argmax of the sum) and
 `acc_norm` (argmax of the sum divided by the choice's length in UTF-8 bytes).
 
@@ -92,14 +92,12 @@ class Task:
 
     @property
     def fewshot_prefix(self) -> str:
-        """The shots, each with its gold answer, followed by the delimiter; '' for zero-shot."""
-        if not self.shots:
-            return ""
-        shots = []
+        """The shots, each with its gold answer and followed by the delimiter; '' for zero-shot."""
+        prefix = ""
         for shot in self.shots:
             context = self.format_context(shot)
-            shots.append(context + continuation(context, shot.choices[shot.gold]))
-        return FEWSHOT_DELIMITER.join(shots) + FEWSHOT_DELIMITER
+            prefix += context + continuation(context, shot.choices[shot.gold]) + FEWSHOT_DELIMITER
+        return prefix
 
     def prompt(self, example: Example) -> str:
         """The text every choice of `example` is conditioned on."""
@@ -107,12 +105,8 @@ class Task:
 
     def requests(self) -> list[tuple[str, list[str]]]:
         """(prompt, [continuation of each choice]) of every scored question, in file order."""
-        prefix = self.fewshot_prefix
-        out = []
-        for ex in self.examples:
-            prompt = prefix + self.format_context(ex)
-            out.append((prompt, [continuation(prompt, c) for c in ex.choices]))
-        return out
+        prompts = [self.prompt(ex) for ex in self.examples]
+        return [(p, [continuation(p, c) for c in ex.choices]) for p, ex in zip(prompts, self.examples, strict=True)]
 
 
 def continuation(prompt: str, choice: str) -> str:
@@ -121,11 +115,6 @@ def continuation(prompt: str, choice: str) -> str:
     if not prompt or prompt[-1].isspace() or choice[:1].isspace():
         return choice
     return CHOICE_DELIMITER + choice
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading task files
-# ----------------------------------------------------------------------------------------------
 
 
 def _check_file(path: str, what: str) -> str:
@@ -185,10 +174,9 @@ def read_records(path: str | os.PathLike) -> list[Example]:
         where = f"{path}:{number}"
         try:
             obj = json.loads(text)
-        except ValueError as e:
-            msg = getattr(e, "msg", str(e))
-            col = getattr(e, "colno", "?")
-            raise ConfigError(f"{where}: not valid JSON ({msg} at column {col}), expected {RECORD_HELP}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where}: not valid JSON ({e.msg} at column {e.colno}), "
+                              f"expected {RECORD_HELP}") from None
         examples.append(parse_record(obj, where, number))
     if not examples:
         raise ConfigError(f"{path}: no records, expected {RECORD_HELP}")
@@ -252,10 +240,6 @@ def task_from_spec(name: str, spec: Any, key: str = "eval.tasks") -> Task:
     return load_task(spec["path"], fewshot=spec.get("fewshot", 0), fewshot_path=spec.get("fewshot_path"),
                      template=spec.get("template"), seed=seed, name=name)
 
-
-# ----------------------------------------------------------------------------------------------
-# Converters
-# ----------------------------------------------------------------------------------------------
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -370,11 +354,15 @@ def convert_hellaswag(inputs: Sequence[str]) -> list[dict[str, Any]]:
 CONVERTERS = {"mmlu": convert_mmlu, "hellaswag": convert_hellaswag}
 
 
-def write_records(records: Sequence[Mapping[str, Any]], out: str | os.PathLike) -> str:
-    """Write task records as JSONL to `out` (which must not exist), atomically."""
+def convert(fmt: str, inputs: Sequence[str], out: str | os.PathLike) -> int:
+    """Convert `inputs` of format `fmt` ('mmlu' or 'hellaswag') to a new task file `out` (JSONL,
+    written atomically); returns the count."""
+    if fmt not in CONVERTERS:
+        raise ConfigError(f"--format: {fmt!r}, expected one of {', '.join(CONVERTERS)}")
     out = os.path.abspath(os.path.expanduser(os.fspath(out)))
     if os.path.exists(out):
         raise ConfigError(f"--out {out}: already exists, expected a new path (delete it or choose another)")
+    records = CONVERTERS[fmt](inputs)
     if not records:
         raise ConfigError("--input: no records found, expected at least one question")
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -387,18 +375,6 @@ def write_records(records: Sequence[Mapping[str, Any]], out: str | os.PathLike) 
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return out
-
-
-def convert(fmt: str, inputs: Sequence[str], out: str | os.PathLike) -> int:
-    """Convert `inputs` of format `fmt` ('mmlu' or 'hellaswag') to a task file; returns the count."""
-    if fmt not in CONVERTERS:
-        raise ConfigError(f"--format: {fmt!r}, expected one of {', '.join(CONVERTERS)}")
-    out = os.path.abspath(os.path.expanduser(os.fspath(out)))
-    if os.path.exists(out):
-        raise ConfigError(f"--out {out}: already exists, expected a new path (delete it or choose another)")
-    records = CONVERTERS[fmt](inputs)
-    write_records(records, out)
     return len(records)
 
 

@@ -17,10 +17,11 @@ import optax
 import pytest
 from data_helpers import make_prepared_source
 
-from cpt_jax import config, evaluate, model, sharding
+from cpt_jax import checkpoint_model, config, evaluate, model, scoring, sharding, source_eval, task_eval
 from cpt_jax.config import ConfigError
 from cpt_jax.data import sources
 from cpt_jax.data.tokenizer import load_tokenizer
+from cpt_jax.evaluation import eval_record, from_config
 
 C = model.ModelConfig(n_layers=2, d_model=32, n_heads=2, n_kv_heads=2, d_ff=64, vocab_size=320, max_seq_len=64,
                       dtype="float32", scan_layers=False)
@@ -56,7 +57,7 @@ def direct_nll(params, directory, n):
 
 
 def test_source_metrics_equal_a_direct_computation(data):
-    ev = evaluate.SourceEvaluator({"a": data["a"]}, C, examples_per_source=4, batch_size=2, seq_len=16)
+    ev = source_eval.SourceEvaluator({"a": data["a"]}, C, examples_per_source=4, batch_size=2, seq_len=16)
     logs = []
     r = ev.evaluate(data["params"], log=logs.append)["a"]
     nll, tokens, bpt = direct_nll(data["params"], data["a"], 4)
@@ -71,20 +72,20 @@ def test_source_metrics_equal_a_direct_computation(data):
 
 def test_padding_of_the_last_batch_does_not_change_results(data):
     # 5 examples in batches of 2: the last batch holds one example and one padding row.
-    ev = evaluate.SourceEvaluator({"a": data["a"]}, C, examples_per_source=5, batch_size=2, seq_len=16)
+    ev = source_eval.SourceEvaluator({"a": data["a"]}, C, examples_per_source=5, batch_size=2, seq_len=16)
     assert ev.sets["a"].arrays["inputs"].shape == (6, 16) and ev.sets["a"].arrays["loss_mask"][5].sum() == 0
     r = ev.evaluate(data["params"])["a"]
     nll, tokens, _ = direct_nll(data["params"], data["a"], 5)
     assert r["tokens"] == tokens == 5 * 16
     assert r["loss"] == pytest.approx(nll / tokens, rel=1e-5)
     # More examples asked for than the val split holds: all of them.
-    ev = evaluate.SourceEvaluator({"a": data["a"]}, C, examples_per_source=100, batch_size=2, seq_len=16)
+    ev = source_eval.SourceEvaluator({"a": data["a"]}, C, examples_per_source=100, batch_size=2, seq_len=16)
     assert ev.evaluate(data["params"])["a"] == r
 
 
 def test_a_shorter_source_is_padded_to_the_eval_length(data):
     # Source b was prepared with seq_len 8; evaluated at 16, its extra columns are masked out.
-    ev = evaluate.SourceEvaluator({"b": data["b"]}, C, examples_per_source=3, batch_size=2, seq_len=16)
+    ev = source_eval.SourceEvaluator({"b": data["b"]}, C, examples_per_source=3, batch_size=2, seq_len=16)
     r = ev.evaluate(data["params"])["b"]
     nll, tokens, _ = direct_nll(data["params"], data["b"], 3)
     assert r["tokens"] == tokens == 3 * 8
@@ -92,13 +93,13 @@ def test_a_shorter_source_is_padded_to_the_eval_length(data):
 
 
 def test_one_compiled_step_serves_every_source_and_evaluation(data):
-    ev = evaluate.SourceEvaluator({"a": data["a"], "b": data["b"]}, C, examples_per_source=3, batch_size=2,
+    ev = source_eval.SourceEvaluator({"a": data["a"], "b": data["b"]}, C, examples_per_source=3, batch_size=2,
                                   seq_len=16)
-    evaluate._row_nll_step.cache_clear()
+    scoring._row_nll_step.cache_clear()
     first = ev.evaluate(data["params"])
     second = ev.evaluate(data["params"])
     assert first == second and set(first) == {"a", "b"}
-    assert ev._runner.step(16)._cache_size() == 1
+    assert ev.scorer.step(16)._cache_size() == 1
 
 
 def _sharded_setup():
@@ -117,17 +118,17 @@ def test_sharded_over_8_devices_equals_no_mesh(data, sp_path, tmp_path):
     srcs = {"a": data["a"], "b": data["b"]}
     # Batches of 8 rows of 64 tokens (3 and 5 padding rows, padded columns): the shape of the task
     # batches below, so one program serves both.
-    sharded = evaluate.SourceEvaluator(srcs, C, examples_per_source=5, batch_size=8, seq_len=64, mesh=mesh,
-                                       rules=rules, batch_sharding=sharding.batch_sharding(mesh, rules))
-    plain = evaluate.SourceEvaluator(srcs, C, examples_per_source=5, batch_size=2, seq_len=16)
+    sharded = source_eval.SourceEvaluator(srcs, C, examples_per_source=5, batch_size=8, seq_len=64, mesh=mesh,
+                                          rules=rules)
+    plain = source_eval.SourceEvaluator(srcs, C, examples_per_source=5, batch_size=2, seq_len=16)
     rs, rp = sharded.evaluate(params), plain.evaluate(data["params"])
     for name in srcs:
         assert rs[name]["tokens"] == rp[name]["tokens"]
         for key in ("loss", "perplexity", "bits_per_byte"):
             assert rs[name][key] == pytest.approx(rp[name][key], rel=1e-5)
     task = write_mc_task(tmp_path / "mc.jsonl", 16)
-    t_sharded = evaluate.TaskEvaluator({"mc": task}, sp_path, C, seq_len=64, batch_size=8, mesh=mesh, rules=rules)
-    t_plain = evaluate.TaskEvaluator({"mc": task}, sp_path, C, seq_len=64, batch_size=8)
+    t_sharded = task_eval.TaskEvaluator({"mc": task}, sp_path, C, seq_len=64, batch_size=8, mesh=mesh, rules=rules)
+    t_plain = task_eval.TaskEvaluator({"mc": task}, sp_path, C, seq_len=64, batch_size=8)
     for x, y in zip(t_sharded.loglikelihoods(params, "mc"), t_plain.loglikelihoods(data["params"], "mc"), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5)
 
@@ -135,7 +136,7 @@ def test_sharded_over_8_devices_equals_no_mesh(data, sp_path, tmp_path):
 def test_source_errors(data, tmp_path, sp_path):
     def build(srcs, c=C, **kw):
         kw = {"examples_per_source": 2, "batch_size": 2, "seq_len": 16, **kw}
-        return evaluate.SourceEvaluator(srcs, c, **kw)
+        return source_eval.SourceEvaluator(srcs, c, **kw)
 
     with pytest.raises(ConfigError, match=r"manifest.json: seq_len 16, expected at most the eval seq_len 8"):
         build({"a": data["a"]}, seq_len=8)
@@ -210,7 +211,7 @@ def mc(tmp_path_factory, sp_path):
 
 
 def test_trained_model_answers_and_untrained_is_at_chance(mc, sp_path):
-    ev = evaluate.TaskEvaluator({"mc": {"path": mc["path"], "template": TEMPLATE}}, sp_path, C, seq_len=64,
+    ev = task_eval.TaskEvaluator({"mc": {"path": mc["path"], "template": TEMPLATE}}, sp_path, C, seq_len=64,
                                 batch_size=8)
     logs = []
     trained = ev.evaluate(mc["trained"], log=logs.append)["mc"]
@@ -226,7 +227,7 @@ def test_trained_model_answers_and_untrained_is_at_chance(mc, sp_path):
 def test_choice_loglikelihood_equals_a_direct_computation(mc, sp_path):
     tok = load_tokenizer(sp_path)
     for seq_len in (64, 8):  # 8: the context is truncated from the left
-        ev = evaluate.TaskEvaluator({"mc": {"path": mc["path"], "template": TEMPLATE}}, tok, C, seq_len=seq_len,
+        ev = task_eval.TaskEvaluator({"mc": {"path": mc["path"], "template": TEMPLATE}}, tok, C, seq_len=seq_len,
                                     batch_size=8)
         ll = ev.loglikelihoods(mc["trained"], "mc")
         task = ev.sets["mc"].task
@@ -253,32 +254,32 @@ def test_choice_loglikelihood_equals_a_direct_computation(mc, sp_path):
 
 
 def test_acc_and_acc_norm_differ_when_choice_lengths_differ(tmp_path, sp_path):
-    assert evaluate.choice_metrics([[-5.0, -8.0]], [[2, 9]], [1]) == (0.0, 1.0)
-    assert evaluate.choice_metrics([[-5.0, -8.0]], [[2, 9]], [0]) == (1.0, 0.0)
-    assert evaluate.choice_metrics([[-1.0, -1.0]], [[3, 3]], [0]) == (1.0, 1.0)  # ties: the first choice
+    assert task_eval.choice_metrics([[-5.0, -8.0]], [[2, 9]], [1]) == (0.0, 1.0)
+    assert task_eval.choice_metrics([[-5.0, -8.0]], [[2, 9]], [0]) == (1.0, 0.0)
+    assert task_eval.choice_metrics([[-1.0, -1.0]], [[3, 3]], [0]) == (1.0, 1.0)  # ties: the first choice
     # A near-uniform untrained model: a short choice has the higher sum, a long one the higher per byte.
     path = tmp_path / "len.jsonl"
     rows = [{"context": f"doc {i}: " + "the data " * 8, "gold": 1,
              "choices": [" x", " model reads data and learns to predict the next"]} for i in range(4)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ev = evaluate.TaskEvaluator({"len": str(path)}, sp_path, C, seq_len=64, batch_size=8)
+    ev = task_eval.TaskEvaluator({"len": str(path)}, sp_path, C, seq_len=64, batch_size=8)
     r = ev.evaluate(model.init_params(C, 0))["len"]
     assert r == {"acc": 0.0, "acc_norm": 1.0, "n": 4}
 
 
 def test_fewshot_prompts_are_scored_and_task_errors(mc, sp_path, tmp_path):
     spec = {"path": mc["path"], "template": TEMPLATE, "fewshot": 3, "seed": 1}
-    ev = evaluate.TaskEvaluator({"mc": spec}, sp_path, C, seq_len=64, batch_size=8)
+    ev = task_eval.TaskEvaluator({"mc": spec}, sp_path, C, seq_len=64, batch_size=8)
     assert ev.sets["mc"].task.prompt(ev.sets["mc"].task.examples[0]).count("Question:") == 4
     r = ev.evaluate(mc["trained"])["mc"]
     assert r["n"] == 45 and 0.0 <= r["acc"] <= 1.0
     with pytest.raises(ConfigError, match=r"tokenizer .*: 320 tokens, expected at most the model's vocab_size 100"):
-        evaluate.TaskEvaluator({"mc": mc["path"]}, sp_path, dataclasses.replace(C, vocab_size=100), seq_len=64,
+        task_eval.TaskEvaluator({"mc": mc["path"]}, sp_path, dataclasses.replace(C, vocab_size=100), seq_len=64,
                                batch_size=8)
     with pytest.raises(ConfigError, match=r"mc.jsonl: no such file"):
-        evaluate.TaskEvaluator({"mc": str(tmp_path / "mc.jsonl")}, sp_path, C, seq_len=64, batch_size=8)
+        task_eval.TaskEvaluator({"mc": str(tmp_path / "mc.jsonl")}, sp_path, C, seq_len=64, batch_size=8)
     with pytest.raises(ConfigError, match=r"eval.tasks.mc: unknown key 'shots'"):
-        evaluate.TaskEvaluator({"mc": {"path": mc["path"], "shots": 2}}, sp_path, C, seq_len=64, batch_size=8)
+        task_eval.TaskEvaluator({"mc": {"path": mc["path"], "shots": 2}}, sp_path, C, seq_len=64, batch_size=8)
 
 
 # ------------------------------------------------------------------------------------ records, trainer
@@ -288,7 +289,7 @@ def test_eval_record_is_the_metrics_record():
     sources_result = {"web": {"loss": np.float32(2.0), "perplexity": math.exp(2.0), "bits_per_byte": 0.5,
                               "tokens": 64}}
     tasks_result = {"mc": {"acc": 0.75, "acc_norm": 0.5, "n": np.int64(4)}}
-    record = evaluate.eval_record(np.int32(10), sources_result, tasks_result)
+    record = eval_record(np.int32(10), sources_result, tasks_result)
     assert record == {
         "kind": "eval",
         "step": 10,
@@ -296,7 +297,7 @@ def test_eval_record_is_the_metrics_record():
         "tasks": {"mc": {"acc": 0.75, "acc_norm": 0.5, "n": 4}},
     }
     json.dumps(record)  # plain Python types only
-    assert evaluate.eval_record(3, {}, None) == {"kind": "eval", "step": 3, "sources": {}, "tasks": {}}
+    assert eval_record(3, {}, None) == {"kind": "eval", "step": 3, "sources": {}, "tasks": {}}
 
 
 def test_from_config_builds_the_run_evaluation(data, mc, sp_path):
@@ -311,7 +312,7 @@ def test_from_config_builds_the_run_evaluation(data, mc, sp_path):
     cfg.eval.batch_size = 8  # sources and the task share one compiled [8, 64] step
     cfg.eval.sources = ml_collections.ConfigDict({"old": data["b"]})
     cfg.eval.tasks = ml_collections.ConfigDict({"mc": {"path": mc["path"], "template": TEMPLATE}})
-    evaluation = evaluate.from_config(cfg, C)
+    evaluation = from_config(cfg, C)
     assert evaluation.sources.names == ["a", "old"] and evaluation.tasks.names == ["mc"]
     assert [s for s in range(12) if evaluation.due(s)] == [5, 10]
     record = evaluation.run(mc["trained"], 5)
@@ -321,18 +322,18 @@ def test_from_config_builds_the_run_evaluation(data, mc, sp_path):
                                                            rel=1e-5)
 
     cfg.eval.every_steps = 0
-    assert evaluate.from_config(cfg, C) is None
+    assert from_config(cfg, C) is None
     cfg.eval.every_steps = 5
     cfg.eval.sources = ml_collections.ConfigDict({"a": data["b"]})
     with pytest.raises(ConfigError, match=r"eval.sources.a: also a name in data.sources"):
-        evaluate.from_config(cfg, C)
+        from_config(cfg, C)
     cfg.eval.sources = ml_collections.ConfigDict()
     cfg.data.kind, cfg.data.tokenizer = "synthetic", ""
     with pytest.raises(ConfigError, match=r"eval.tasks: no tokenizer .* expected data.tokenizer"):
-        evaluate.from_config(cfg, C)
+        from_config(cfg, C)
     cfg.eval.tasks = ml_collections.ConfigDict()
     with pytest.raises(ConfigError, match=r"eval.every_steps: 5 with nothing to evaluate"):
-        evaluate.from_config(cfg, C)
+        from_config(cfg, C)
 
 
 # ------------------------------------------------------------------------------------ command line
@@ -363,7 +364,7 @@ def test_cli_end_to_end_writes_the_results(ckpt, data, mc, tmp_path, capsys):
     res = json.loads(out.read_text())
     assert res["checkpoint"] == os.path.abspath(ckpt) and res["step"] == 90
     assert set(res["sources"]) == {"a"}  # default: the run's sources found on disk ('gone' is not)
-    direct = evaluate.SourceEvaluator({"a": data["a"]}, C, examples_per_source=4, batch_size=2, seq_len=16)
+    direct = source_eval.SourceEvaluator({"a": data["a"]}, C, examples_per_source=4, batch_size=2, seq_len=16)
     expected = direct.evaluate(mc["trained"])["a"]
     assert res["sources"]["a"]["tokens"] == expected["tokens"] == 4 * 16
     for key in ("loss", "perplexity", "bits_per_byte"):
@@ -392,7 +393,7 @@ def test_cli_log_samples_give_every_questions_scores(ckpt, data, mc, sp_path, tm
     assert len(samples) == res["n"] == len(records)
     # Questions start as the checkpoint's source `a` starts its documents (with BOS: --bos auto).
     assert sources.read_manifest(data["a"])["add_bos"]
-    ev = evaluate.TaskEvaluator({"mc": {"path": mc["path"], "template": TEMPLATE}}, sp_path, C, seq_len=64,
+    ev = task_eval.TaskEvaluator({"mc": {"path": mc["path"], "template": TEMPLATE}}, sp_path, C, seq_len=64,
                                 batch_size=8, add_bos=True)
     direct = ev.loglikelihoods(mc["trained"], "mc")
     for i, (q, ll) in enumerate(zip(samples, direct, strict=True)):
@@ -458,7 +459,7 @@ def test_cli_poses_questions_as_the_checkpoints_sources_were_prepared(data, mc, 
     as the trainer's in-loop evaluation does, so both score a checkpoint alike; always/never override."""
     tok = load_tokenizer(sp_path)
     assert tok.bos_id is not None and tok.bos_id != tok.eos_id
-    ev = {bos: evaluate.TaskEvaluator({"mc": {"path": mc["path"], "template": TEMPLATE}}, tok, C, seq_len=64,
+    ev = {bos: task_eval.TaskEvaluator({"mc": {"path": mc["path"], "template": TEMPLATE}}, tok, C, seq_len=64,
                                       batch_size=8, add_bos=bos) for bos in (False, True)}
     direct = {bos: ev[bos].loglikelihoods(mc["trained"], "mc") for bos in ev}
     assert not np.allclose(np.concatenate(direct[False]), np.concatenate(direct[True]))
@@ -476,7 +477,7 @@ def test_cli_poses_questions_as_the_checkpoints_sources_were_prepared(data, mc, 
     from cpt_jax.data.prepare import resolve_bos
 
     gone = {"config": {"data": {"kind": "mixture", "sources": {"a": str(tmp_path / "gone")}}}}
-    assert evaluate.checkpoint_bos(gone, tok) == resolve_bos("auto", tok)
+    assert checkpoint_model.checkpoint_bos(gone, tok) == resolve_bos("auto", tok)
     with pytest.raises(SystemExit) as exit_info:  # argparse: one usage line, status 2
         evaluate.main(["--checkpoint", ckpt, "--tasks", f"mc={mc['path']}", "--bos", "sometimes"])
     assert exit_info.value.code == 2

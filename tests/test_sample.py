@@ -144,7 +144,8 @@ def test_eval_sample_prompts_go_into_the_eval_record_and_tensorboard(tmp_path, s
     """What a run does at each evaluation (train.py calls Evaluation.run, then MetricsWriter.write)."""
     import jax
 
-    from cpt_jax import config, evaluate, sharding
+    from cpt_jax import config, sharding
+    from cpt_jax.evaluation import from_config
     from cpt_jax.metrics import MetricsWriter
 
     cfg = config.default_config()
@@ -157,7 +158,7 @@ def test_eval_sample_prompts_go_into_the_eval_record_and_tensorboard(tmp_path, s
     mesh, rules = sharding.make_mesh(cfg.mesh), sharding.rules_from_config(cfg.mesh)
     params = jax.device_put(model.init_params(mc, 0), sharding.param_shardings(
         model.abstract_params(mc), model.logical_axes(mc), mesh, rules))
-    evaluation = evaluate.from_config(cfg, mc, mesh=mesh, rules=rules)
+    evaluation = from_config(cfg, mc, mesh=mesh, rules=rules)
     record = evaluation.run(params, 2)
     assert [s["prompt"] for s in record["samples"]] == ["the model", "data and"]
     assert all(isinstance(s["continuation"], str) for s in record["samples"])
@@ -170,4 +171,4 @@ def test_eval_sample_prompts_go_into_the_eval_record_and_tensorboard(tmp_path, s
 
     cfg.data.tokenizer = ""
     with pytest.raises(ConfigError, match=r"^eval.sample_prompts: no tokenizer"):
-        evaluate.from_config(cfg, mc, mesh=mesh, rules=rules)
+        from_config(cfg, mc, mesh=mesh, rules=rules)
