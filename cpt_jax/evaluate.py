@@ -372,7 +372,7 @@ class TaskEvaluator:
     def __init__(self, tasks: Mapping[str, Any], tokenizer: Any, model_config: ModelConfig, *, seq_len: int,
                  batch_size: int, mesh: Any = None, rules: Any = None, batch_sharding: Any = None,
                  chunk_tokens: int = 0, add_bos: bool = False):
-        from cpt_jax.data.tokenizer import load_tokenizer
+        from cpt_jax.data.tokenization import load_tokenizer
 
         self.seq_len = _positive("eval seq_len", seq_len)
         if self.seq_len > model_config.max_seq_len:
@@ -527,7 +527,7 @@ def from_config(cfg: Any, model_config: ModelConfig, *, mesh: Any = None, rules:
     train.seq_len, the loss chunk train.loss_chunk_tokens. Raises ConfigError (all input checks
     happen here, before anything is compiled).
     """
-    from cpt_jax.data.tokenizer import load_tokenizer
+    from cpt_jax.data.tokenization import load_tokenizer
 
     e = cfg.eval
     every = e.every_steps
@@ -659,7 +659,7 @@ def checkpoint_bos(meta: dict[str, Any], tok: Any, choice: str = "auto") -> bool
     the documents of its run's data sources did (sources.starts_with_bos over those found on disk,
     what the in-loop evaluation uses), else (an import, sources gone) as `prepare --bos auto` would
     prepare documents for `tok`; 'always' and 'never' as prepare's --bos."""
-    from cpt_jax.data.prepare import resolve_bos
+    from cpt_jax.data.tokenization import resolve_bos
 
     if choice == "auto":
         data = (meta.get("config") or {}).get("data") or {}
@@ -676,7 +676,7 @@ def checkpoint_bos(meta: dict[str, Any], tok: Any, choice: str = "auto") -> bool
 def add_bos_and_dtype_flags(p: argparse.ArgumentParser, what: str) -> None:
     """--bos (read by checkpoint_bos) and --dtype, as every command that reads a checkpoint's model
     with its tokenizer takes them (evaluate's questions, sample's prompts)."""
-    from cpt_jax.data.prepare import BOS_CHOICES  # prepare pulls in pyarrow, which reading a model never needs
+    from cpt_jax.data.tokenization import BOS_CHOICES
 
     p.add_argument("--bos", default="auto", choices=BOS_CHOICES,
                    help=f"BOS before every {what}: auto (default) as the checkpoint's training sources were "
@@ -767,7 +767,7 @@ def format_table(results: Mapping[str, Any]) -> str:
 def run_cli(args: argparse.Namespace, log: Log) -> dict[str, Any]:
     """Everything `main` does but printing: validate, build the evaluators, restore, evaluate."""
     from cpt_jax import checkpoint
-    from cpt_jax.data.tokenizer import load_tokenizer
+    from cpt_jax.data.tokenization import load_tokenizer
 
     ckpt = os.path.abspath(os.path.expanduser(args.checkpoint))
     meta, mc = checkpoint.read_model_config(ckpt, key="--checkpoint", dtype=args.dtype)

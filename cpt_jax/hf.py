@@ -46,7 +46,7 @@ import numpy as np
 
 from cpt_jax import checkpoint, model
 from cpt_jax.config import ConfigError, first_line
-from cpt_jax.data.tokenizer import Tokenizer, file_sha256, load_tokenizer, resolve_tokenizer_path
+from cpt_jax.data.tokenization import Tokenizer, file_sha256, load_tokenizer, resolve_tokenizer_path
 from cpt_jax.hf_arch import (
     TensorSpec,
     architecture_for,

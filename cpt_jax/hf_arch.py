@@ -29,7 +29,7 @@ import numpy as np
 
 from cpt_jax import model
 from cpt_jax.config import ConfigError
-from cpt_jax.data.tokenizer import Tokenizer
+from cpt_jax.data.tokenization import Tokenizer
 
 # Hugging Face class -> config.json model_type.
 ARCHITECTURES = {

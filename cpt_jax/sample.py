@@ -26,7 +26,7 @@ import jax
 
 from cpt_jax import checkpoint, decode, evaluate
 from cpt_jax.config import ConfigError
-from cpt_jax.data.tokenizer import load_tokenizer
+from cpt_jax.data.tokenization import load_tokenizer
 from cpt_jax.metrics import log
 
 DEFAULT_NEW_TOKENS = 64

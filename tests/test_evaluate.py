@@ -20,7 +20,7 @@ from data_helpers import make_prepared_source
 from cpt_jax import config, evaluate, model, sharding
 from cpt_jax.config import ConfigError
 from cpt_jax.data import sources
-from cpt_jax.data.tokenizer import load_tokenizer
+from cpt_jax.data.tokenization import load_tokenizer
 
 C = model.ModelConfig(n_layers=2, d_model=32, n_heads=2, n_kv_heads=2, d_ff=64, vocab_size=320, max_seq_len=64,
                       dtype="float32", scan_layers=False)
@@ -473,7 +473,7 @@ def test_cli_poses_questions_as_the_checkpoints_sources_were_prepared(data, mc, 
             for q, ll in zip(samples, direct[expected], strict=True):
                 assert q["loglikelihoods"] == pytest.approx(list(ll), rel=1e-4, abs=1e-4), (add_bos, flag)
     # A checkpoint whose sources are gone follows the tokenizer's convention, as prepare --bos auto.
-    from cpt_jax.data.prepare import resolve_bos
+    from cpt_jax.data.tokenization import resolve_bos
 
     gone = {"config": {"data": {"kind": "mixture", "sources": {"a": str(tmp_path / "gone")}}}}
     assert evaluate.checkpoint_bos(gone, tok) == resolve_bos("auto", tok)

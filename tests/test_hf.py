@@ -13,7 +13,7 @@ import pytest
 
 from cpt_jax import checkpoint, hf, model, train
 from cpt_jax.config import ConfigError
-from cpt_jax.data.tokenizer import file_sha256
+from cpt_jax.data.tokenization import file_sha256
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -32,8 +32,7 @@ def test_greedy_decoding_matches_transformers_generate(zoo, capsys, family):
     got = [json.loads(line) for line in out.splitlines()]
     assert [g["prompt"] for g in got] == PROMPTS
 
-    from cpt_jax.data.prepare import resolve_bos
-    from cpt_jax.data.tokenizer import load_tokenizer
+    from cpt_jax.data.tokenization import load_tokenizer, resolve_bos
 
     tok = load_tokenizer(checkpoint.read_metadata(ckpt)["tokenizer"])
     reference = transformers.AutoModelForCausalLM.from_pretrained(zoo.hf(family), dtype=torch.float32).eval()
@@ -67,8 +66,7 @@ def test_sampling_is_seeded_and_text_output_shows_each_prompt(zoo, capsys):
 
 def test_prompts_start_with_bos_as_the_checkpoint_was_trained_unless_told(zoo, capsys, monkeypatch):
     from cpt_jax import decode
-    from cpt_jax.data.prepare import resolve_bos
-    from cpt_jax.data.tokenizer import load_tokenizer
+    from cpt_jax.data.tokenization import load_tokenizer, resolve_bos
 
     ckpt = zoo.ckpt("nemotron")  # a sentencepiece tokenizer with a BOS token
     tok = load_tokenizer(checkpoint.read_metadata(ckpt)["tokenizer"])

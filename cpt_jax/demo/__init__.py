@@ -7,7 +7,7 @@ Per seed (everything is repeated for each, corpus included):
   corpus     biographies of two disjoint populations (A: pretraining, B: the new domain), QA pairs
              about A, and three multiple-choice tasks: retention (A's facts), acquisition (B's facts),
              held-out QA (questions about B, never asked in training)            (corpus.py)
-  data       a sentencepiece tokenizer and the prepared sources A, B, qa (cpt_jax.data.prepare)
+  data       a sentencepiece tokenizer and the prepared sources A, B, qa (cpt_jax.data.packing)
   base       pretraining on A (warmup + cosine) until its validation loss has flattened
   runs       continued runs from the base checkpoint, the same token budget each (runs.py):
                baseline  A only, the recipe's LR schedule

@@ -27,6 +27,7 @@ from cpt_jax.config import ConfigError, first_line
 EOS_CANDIDATES = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<|eos|>")
 BOS_CANDIDATES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>", "<|bos|>")
 PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
+BOS_CHOICES = ("auto", "always", "never")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -394,3 +395,19 @@ def describe(tok: Tokenizer) -> dict[str, Any]:
         "eos_id": tok.eos_id,
         "pad_id": tok.pad_id,
     }
+
+
+def resolve_bos(choice: str, tok: Tokenizer) -> bool:
+    """Whether documents start with BOS for `--bos` auto (the tokenizer's own convention), always
+    or never. ConfigError for an unknown choice or 'always' without a BOS to add."""
+    if choice not in BOS_CHOICES:
+        raise ConfigError(f"--bos: {choice!r}, expected one of {', '.join(BOS_CHOICES)}")
+    if choice == "always" and tok.bos_id is None:
+        raise ConfigError(f"--bos always: tokenizer {tok.path} has no BOS token, expected one (use --bos auto or "
+                          "never)")
+    if choice == "always" and tok.bos_id == tok.eos_id:
+        raise ConfigError(f"--bos always: tokenizer {tok.path}'s BOS is its EOS (id {tok.eos_id}), which already "
+                          "separates the documents; expected --bos auto or never")
+    # A BOS that is also the EOS would end a document where it starts: the EOS before it serves.
+    return choice == "always" or (choice == "auto" and tok.adds_bos and tok.bos_id != tok.eos_id)
+
