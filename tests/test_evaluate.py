@@ -341,7 +341,7 @@ def test_from_config_builds_the_run_evaluation(data, mc, sp_path):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, data, mc, sp_path):
     """A checkpoint of the trained model whose run config names source `a` and the tokenizer."""
-    from cpt_jax import checkpoint, hf
+    from cpt_jax import checkpoint, hf_import
 
     d = str(tmp_path_factory.mktemp("ckpt") / "run")
     meta = {"step": 90, "model": C.to_dict(), "param_shapes": checkpoint.param_shapes(mc["trained"]),
@@ -349,7 +349,7 @@ def ckpt(tmp_path_factory, data, mc, sp_path):
             "config": {"data": {"kind": "mixture", "tokenizer": sp_path,
                                 "sources": {"a": data["a"], "gone": str(data["dir"] / "gone")}},
                        "eval": {"examples_per_source": 4}}}
-    hf.write_checkpoint(d, jax.device_get(mc["trained"]), meta)
+    hf_import.write_checkpoint(d, jax.device_get(mc["trained"]), meta)
     return d
 
 
@@ -424,10 +424,10 @@ def test_cli_user_errors_are_one_line(args, message, ckpt, mc, tmp_path, capsys)
 
 
 def test_cli_without_tokenizer_or_anything_to_evaluate(tmp_path, mc, capsys):
-    from cpt_jax import checkpoint, hf
+    from cpt_jax import checkpoint, hf_import
 
     d = str(tmp_path / "bare")
-    hf.write_checkpoint(d, jax.device_get(mc["trained"]),
+    hf_import.write_checkpoint(d, jax.device_get(mc["trained"]),
                         {"step": 0, "model": C.to_dict(), "param_shapes": checkpoint.param_shapes(mc["trained"])})
     assert evaluate.main(["--checkpoint", d]) == 2
     assert "error: --sources/--tasks: nothing to evaluate" in capsys.readouterr().err
@@ -439,7 +439,7 @@ def _bos_checkpoint(tmp_path, data, mc, sp_path, add_bos):
     """A checkpoint like `ckpt` whose data source's manifest says documents start (or not) with BOS."""
     import shutil
 
-    from cpt_jax import checkpoint, hf
+    from cpt_jax import checkpoint, hf_import
 
     src = str(tmp_path / f"a_bos_{add_bos}")
     shutil.copytree(data["a"], src)
@@ -449,7 +449,7 @@ def _bos_checkpoint(tmp_path, data, mc, sp_path, add_bos):
     d = str(tmp_path / f"run_bos_{add_bos}")
     meta = {"step": 90, "model": C.to_dict(), "param_shapes": checkpoint.param_shapes(mc["trained"]),
             "config": {"data": {"kind": "mixture", "tokenizer": sp_path, "sources": {"a": src}}}}
-    hf.write_checkpoint(d, jax.device_get(mc["trained"]), meta)
+    hf_import.write_checkpoint(d, jax.device_get(mc["trained"]), meta)
     return d
 
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from cpt_jax import checkpoint, hf, model, sample
+from cpt_jax import checkpoint, hf_import, model, sample
 from cpt_jax.config import ConfigError
 
 torch = pytest.importorskip("torch")
@@ -90,13 +90,13 @@ _TINY = model.ModelConfig(n_layers=1, d_model=32, n_heads=2, n_kv_heads=2, d_ff=
 def _own_checkpoint_without_tokenizer(tmp_path):
     mc = _TINY
     params = model.init_params(mc, 0)
-    hf.write_checkpoint(str(tmp_path / "own"), params, {
+    hf_import.write_checkpoint(str(tmp_path / "own"), params, {
         "step": 0, "model": mc.to_dict(), "param_shapes": checkpoint.param_shapes(params), "lr_min": 1e-5})
     return str(tmp_path / "own")
 
 
 def _checkpoint_without_model(tmp_path):
-    hf.write_checkpoint(str(tmp_path / "nomodel"), {"w": model.init_params(_TINY, 0)["embed"]}, {"step": 0})
+    hf_import.write_checkpoint(str(tmp_path / "nomodel"), {"w": model.init_params(_TINY, 0)["embed"]}, {"step": 0})
     return str(tmp_path / "nomodel")
 
 
