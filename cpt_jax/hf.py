@@ -4,11 +4,8 @@
     python -m cpt_jax.hf export --checkpoint DIR --out HF_DIR [--dtype float32|bfloat16|float16]
     python -m cpt_jax.hf check  --model_dir HF_DIR --checkpoint DIR [--atol 1e-4]
 
-Supported architectures (cpt_jax/hf_arch.py): LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
-Qwen3ForCausalLM, Olmo2ForCausalLM and NemotronForCausalLM (GQA, tied or untied embeddings, rope_theta,
-linear and Llama-3 rope scaling), with config.json as transformers 4.x (`rope_theta`/`rope_scaling`)
-or 5.x (`rope_parameters`) writes it. The work is done by hf_import.py, hf_export.py and hf_check.py;
-transformers and torch are imported only by the `check` command.
+The families are hf_arch.py's; hf_import.py, hf_export.py and hf_check.py do the work (only `check`
+imports transformers and torch).
 """
 
 from __future__ import annotations

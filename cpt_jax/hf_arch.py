@@ -76,11 +76,16 @@ FAMILIES: dict[str, Family] = {
         export_fixed=_NO_BIASES),
 }
 _ACTIVATION_NAMES = {"relu2": "squared ReLU", "silu": "SwiGLU"}
+# rope_type -> {config.json rope scaling key: (ModelConfig field, type)}, in transformers' order.
+_ROPE_FIELDS: dict[str, dict[str, tuple[str, type]]] = {
+    "default": {},
+    "linear": {"factor": ("rope_factor", float)},
+    "llama3": {"factor": ("rope_factor", float), "low_freq_factor": ("rope_low_freq_factor", float),
+               "high_freq_factor": ("rope_high_freq_factor", float),
+               "original_max_position_embeddings": ("rope_original_max_seq_len", int)},
+}
 # Keys that configure mixture-of-experts layers in transformers' configs (Mixtral, Qwen MoE, OLMoE, DeepSeek).
 _MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok")
-
-
-# ============================================================================ tensor names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,27 +127,17 @@ def tensor_specs(c: model.ModelConfig) -> list[TensorSpec]:
     norms = (("post_attention_layernorm", "attn_norm"), ("post_feedforward_layernorm", "mlp_norm")) if post else (
         ("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm"))
     biased = c.norm != "rmsnorm"
+    qkv = (("q", N * H), ("k", K * H), ("v", K * H))
+    qk_norm_sizes = (("q", H), ("k", H)) if c.qk_norm == "head" else qkv[:2]
     specs = [TensorSpec("model.embed_tokens.weight", ("embed",), None, (V, D), False)]
     for i in range(c.n_layers):
         p = f"model.layers.{i}."
-        layer = [
-            (p + "self_attn.q_proj.weight", "wq", (N * H, D), True),
-            (p + "self_attn.k_proj.weight", "wk", (K * H, D), True),
-            (p + "self_attn.v_proj.weight", "wv", (K * H, D), True),
-        ]
+        layer = [(f"{p}self_attn.{x}_proj.weight", f"w{x}", (rows, D), True) for x, rows in qkv]
         if c.qkv_bias:
-            layer += [
-                (p + "self_attn.q_proj.bias", "bq", (N * H,), False),
-                (p + "self_attn.k_proj.bias", "bk", (K * H,), False),
-                (p + "self_attn.v_proj.bias", "bv", (K * H,), False),
-            ]
+            layer += [(f"{p}self_attn.{x}_proj.bias", f"b{x}", (rows,), False) for x, rows in qkv]
         layer.append((p + "self_attn.o_proj.weight", "wo", (D, N * H), True))
         if c.qk_norm != "none":
-            q_size, k_size = (H, H) if c.qk_norm == "head" else (N * H, K * H)
-            layer += [
-                (p + "self_attn.q_norm.weight", "q_norm_scale", (q_size,), False),
-                (p + "self_attn.k_norm.weight", "k_norm_scale", (k_size,), False),
-            ]
+            layer += [(f"{p}self_attn.{x}_norm.weight", f"{x}_norm_scale", (size,), False) for x, size in qk_norm_sizes]
         if c.mlp == "swiglu":
             layer.append((p + "mlp.gate_proj.weight", "w_gate", (F, D), True))
         layer += [
@@ -167,9 +162,6 @@ def ignorable(name: str, c: model.ModelConfig) -> bool:
     # Old checkpoints saved RoPE's inverse frequencies as a buffer (recomputed from the config);
     # a tied model may still carry a copy of the embedding as lm_head.
     return name.endswith(".rotary_emb.inv_freq") or (c.tie_embeddings and name == "lm_head.weight")
-
-
-# ============================================================================ config.json -> ModelConfig
 
 
 def architecture_of(hf_config: dict[str, Any], where: str) -> str:
@@ -227,26 +219,15 @@ def _rope_settings(cfg: dict[str, Any], where: str, partial_default: float | Non
         partial = partial_default
     if isinstance(partial, bool) or not isinstance(partial, (int, float)) or not 0 < partial <= 1:
         raise ConfigError(f"{where}: partial_rotary_factor {partial!r}, expected a fraction in (0, 1]")
-    out: dict[str, Any] = {"rope_theta": float(theta), "partial_rotary_factor": float(partial)}
+    if not isinstance(kind, str) or kind not in _ROPE_FIELDS:
+        raise ConfigError(f"{where}: rope type {kind!r} is not supported, expected 'default', 'linear' or "
+                          "'llama3'")
     try:
-        if kind == "default":
-            out["rope_scaling"] = "none"
-        elif kind == "linear":
-            out.update(rope_scaling="linear", rope_factor=float(scaling["factor"]))
-        elif kind == "llama3":
-            out.update(
-                rope_scaling="llama3",
-                rope_factor=float(scaling["factor"]),
-                rope_low_freq_factor=float(scaling["low_freq_factor"]),
-                rope_high_freq_factor=float(scaling["high_freq_factor"]),
-                rope_original_max_seq_len=int(scaling["original_max_position_embeddings"]),
-            )
-        else:
-            raise ConfigError(f"{where}: rope type {kind!r} is not supported, expected 'default', 'linear' or "
-                              "'llama3'")
+        fields = {ours: cast(scaling[key]) for key, (ours, cast) in _ROPE_FIELDS[kind].items()}
     except KeyError as e:
         raise ConfigError(f"{where}: rope scaling {kind!r} without {e.args[0]}, expected the field") from None
-    return out
+    return {"rope_theta": float(theta), "partial_rotary_factor": float(partial),
+            "rope_scaling": "none" if kind == "default" else kind, **fields}
 
 
 def _sliding_layers(c: dict[str, Any], n_layers: int) -> list[int]:
@@ -327,9 +308,6 @@ def model_config_from_hf(hf_config: dict[str, Any], architecture: str, where: st
     )
 
 
-# ============================================================================ ModelConfig -> config.json
-
-
 def architecture_for(c: model.ModelConfig, source_architecture: str | None, where: str) -> str:
     """The Hugging Face class a model exports as: the first family whose options it has (the
     architecture it was imported from when that one fits). ConfigError naming the option that
@@ -350,17 +328,10 @@ def architecture_for(c: model.ModelConfig, source_architecture: str | None, wher
 
 
 def _rope_to_hf(c: model.ModelConfig) -> dict[str, Any] | None:
-    if c.rope_scaling == "linear":
-        return {"rope_type": "linear", "factor": c.rope_factor}
-    if c.rope_scaling == "llama3":
-        return {
-            "rope_type": "llama3",
-            "factor": c.rope_factor,
-            "low_freq_factor": c.rope_low_freq_factor,
-            "high_freq_factor": c.rope_high_freq_factor,
-            "original_max_position_embeddings": c.rope_original_max_seq_len,
-        }
-    return None
+    if c.rope_scaling == "none":
+        return None
+    fields = _ROPE_FIELDS[c.rope_scaling]
+    return {"rope_type": c.rope_scaling, **{key: getattr(c, ours) for key, (ours, _) in fields.items()}}
 
 
 def hf_config_for(c: model.ModelConfig, architecture: str, dtype: str, base: dict[str, Any] | None,

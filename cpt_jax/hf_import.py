@@ -41,15 +41,13 @@ SINGLE_FILE = "model.safetensors"
 # Copied with the model on import and export; the first two are the tokenizer proper.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# safetensors dtype codes of the weights cpt_jax reads and writes, and their numpy names.
+# safetensors dtype codes of the weights cpt_jax imports, and their numpy names.
 DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 def warn(message: str) -> None:
     """A warning on stderr (the import or export goes on)."""
     print(f"warning: {message}", file=sys.stderr)
-
-# ============================================================================ published schedules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,18 +103,12 @@ def published_schedule(hf_config: dict[str, Any]) -> PublishedSchedule | None:
     return None
 
 
-# ============================================================================ reading files
-
-
 def _read_json(path: str, what: str) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: unreadable ({first_line(e)}), expected {what}") from None
-
-
-# ============================================================================ reading safetensors
 
 
 class _Shard:
@@ -182,9 +174,6 @@ def _weight_files(model_dir: str) -> tuple[dict[str, str], dict[str, _Shard]]:
             "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True)"
         )
     raise ConfigError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE}, expected safetensors weights")
-
-
-# ============================================================================ import
 
 
 @dataclasses.dataclass

@@ -20,6 +20,7 @@ interrupted prepare never leaves a half-made DIR; DIR must be new or empty.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -95,43 +96,27 @@ def _init_worker() -> None:
     os.environ["RAYON_NUM_THREADS"] = "1"
 
 
-class _Runner:
-    """Runs tasks in order: in this process for one worker, else in a process pool with a bounded
-    number of tasks in flight (reading stays ahead of the workers without reading everything)."""
-
-    def __init__(self, workers: int, context: tuple[str, str, bool, bool]):
-        self.workers = workers
-        self.context = context
-        self.pool: ProcessPoolExecutor | None = None
-
-    def __enter__(self) -> _Runner:
-        if self.workers > 1:
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(MP_START_METHOD),
-                                            initializer=_init_worker)
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self.pool is not None:
-            # On an error, do not wait for the tasks still queued: cancel them.
-            self.pool.shutdown(wait=exc_type is None, cancel_futures=True)
-
-    def map(self, tasks: Iterator[tuple]) -> Iterator[_Chunk]:
-        if self.pool is None:
-            for task in tasks:
-                yield _process_task(task, *self.context)
-            return
-        pending: collections.deque[Future] = collections.deque()
+def _tokenized(tasks: Iterator[tuple], workers: int, context: tuple[str, str, bool, bool]) -> Iterator[_Chunk]:
+    """The tasks' chunks in order: made in this process for one worker, else by a process pool with a
+    bounded number of tasks in flight (reading stays ahead of the workers without reading everything)."""
+    if workers == 1:
         for task in tasks:
-            pending.append(self.pool.submit(_process_task, task, *self.context))
-            if len(pending) > 2 * self.workers:
+            yield _process_task(task, *context)
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(MP_START_METHOD),
+                               initializer=_init_worker)
+    pending: collections.deque[Future] = collections.deque()
+    try:
+        for task in tasks:
+            pending.append(pool.submit(_process_task, task, *context))
+            if len(pending) > 2 * workers:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
-
-
-# ----------------------------------------------------------------------------------------------
-# Output
-# ----------------------------------------------------------------------------------------------
+    except BaseException:  # an error, or the caller closed us: do not wait for the tasks still queued
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 def shard_name(index: int, count: int) -> str:
@@ -171,6 +156,11 @@ class _ExampleWriter:
         self.writer.write(row.tobytes())
         self.shard_sizes[-1] += 1
         if self.shard_sizes[-1] == self.examples_per_shard:
+            self.close_shard()
+
+    def close_shard(self) -> None:
+        """Close the train shard being written, if any (all an aborted prepare needs)."""
+        if self.writer is not None:
             self.writer.close()
             self.writer = None
 
@@ -180,9 +170,7 @@ class _ExampleWriter:
 
     def finish(self) -> list[str]:
         """Close the shards, give them their final names, write val. Returns the shard names."""
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        self.close_shard()
         names = [shard_name(i, len(self.shard_sizes)) for i in range(len(self.shard_sizes))]
         for i, name in enumerate(names):
             os.rename(os.path.join(self.directory, f"train-{i:05d}.partial"), os.path.join(self.directory, name))
@@ -191,11 +179,6 @@ class _ExampleWriter:
             writer.write(row.tobytes())
         writer.close()
         return names
-
-    def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
 
 
 class _Progress:
@@ -241,7 +224,6 @@ def _positive(flag: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
-
 def prepare(inputs: list[str], tokenizer_path: str, seq_len: int, out_dir: str,
             val_examples: int = DEFAULT_VAL_EXAMPLES, workers: int = 1, name: str | None = None,
             skip_bad_records: bool = False, tfds_data_dir: str | None = None, *,
@@ -249,7 +231,7 @@ def prepare(inputs: list[str], tokenizer_path: str, seq_len: int, out_dir: str,
     """Tokenize and pack `inputs` into `out_dir`; returns the manifest (also in out_dir/manifest.json).
 
     Args:
-      inputs: specs, see the module docstring; read in this order.
+      inputs: specs (see cpt_jax.data.documents), read in this order.
       tokenizer_path: sentencepiece .model or tokenizer.json (or a directory holding one).
       seq_len: tokens a training sequence has; examples hold seq_len + 1 (inputs and targets).
       out_dir: must not exist or be empty.
@@ -296,8 +278,9 @@ def prepare(inputs: list[str], tokenizer_path: str, seq_len: int, out_dir: str,
     documents = empty_documents = text_bytes = skipped = document_tokens = 0
     carry = np.empty(0, dtype)
     try:
-        with _Runner(workers, (tok.path, tok.fingerprint, skip_bad_records, add_bos)) as runner:
-            for chunk in runner.map(tasks(resolved)):
+        context = (tok.path, tok.fingerprint, skip_bad_records, add_bos)
+        with contextlib.closing(_tokenized(tasks(resolved), workers, context)) as chunks:
+            for chunk in chunks:
                 documents += chunk.documents
                 empty_documents += chunk.empty_documents
                 text_bytes += chunk.text_bytes
@@ -354,7 +337,7 @@ def prepare(inputs: list[str], tokenizer_path: str, seq_len: int, out_dir: str,
         _publish(tmp, out_dir)
     except BaseException:
         progress.close()
-        writer.abort()
+        writer.close_shard()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     seconds = time.monotonic() - start
