@@ -100,10 +100,6 @@ def default_tfds_data_dir() -> str:
     return os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
 
 
-def _version_key(name: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in name.split("."))
-
-
 def _resolve_tfds(spec: InputSpec, data_dir: str | None) -> TfdsInput:
     """Find a prepared array_record TFDS dataset on disk, without network or dataset code."""
     data_dir = os.path.abspath(os.path.expanduser(data_dir or default_tfds_data_dir()))
@@ -127,7 +123,7 @@ def _resolve_tfds(spec: InputSpec, data_dir: str | None) -> TfdsInput:
                               f"as tfds:{spec.tfds_name}/CONFIG")
         raise ConfigError(f"{label} is not prepared in {data_dir} (no {dataset_dir}/<version>/dataset_info.json), "
                           "expected it prepared in array_record format (prepare never downloads)")
-    version_dir = os.path.join(dataset_dir, max(versions, key=_version_key))
+    version_dir = os.path.join(dataset_dir, max(versions, key=lambda v: tuple(map(int, v.split(".")))))
 
     import tensorflow_datasets as tfds
 
