@@ -20,17 +20,18 @@ from safetensors.numpy import save_file
 
 from cpt_jax import checkpoint, model
 from cpt_jax.config import ConfigError
-from cpt_jax.data.tokenization import file_sha256, load_tokenizer, resolve_tokenizer_path
+from cpt_jax.data.tokenization import Tokenizer, file_sha256, load_tokenizer, resolve_tokenizer_path
 from cpt_jax.hf_arch import TensorSpec, architecture_for, hf_config_for, tensor_specs
-from cpt_jax.hf_import import INDEX_FILE, SINGLE_FILE, TOKENIZER_FILES, check_out_dir, in_temp_dir, warn
+from cpt_jax.hf_import import INDEX_FILE, SINGLE_FILE, TOKENIZER_FILES, check_out_dir, host_cpu, in_temp_dir, warn
 
 DEFAULT_SHARD_BYTES = 5 * 10**9  # what transformers calls "5GB"
 EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
                  "float16": np.dtype(np.float16)}
 
 
-def _export_tokenizer(chain: list[dict[str, Any]], fingerprint: str | None, beside: str) -> list[tuple[str, str]]:
-    """(source path, file name in the export) of the tokenizer files, or [] when none is known.
+def _export_tokenizer(chain: list[dict[str, Any]], fingerprint: str | None,
+                      beside: str) -> tuple[Tokenizer | None, list[tuple[str, str]]]:
+    """The tokenizer and (source path, file name in the export) of its files; (None, []) when none is known.
 
     `beside` is the tokenizer/ directory next to the exported checkpoint's checkpoints/: an imported
     checkpoint that was moved still finds its own copy there.
@@ -54,15 +55,14 @@ def _export_tokenizer(chain: list[dict[str, Any]], fingerprint: str | None, besi
                 files.append((os.path.join(folder, name), name))
         if meta.get("source") is None and os.path.basename(path) not in TOKENIZER_FILES:
             files = files[:1]  # siblings of an arbitrarily named tokenizer file may belong to another
-        return files
-    return []
+        return tok, files
+    return None, []
 
 
 @dataclasses.dataclass
 class _ExportPlan:
     checkpoint_dir: str
     out_dir: str
-    metadata: dict[str, Any]
     model_config: model.ModelConfig
     architecture: str
     dtype: str
@@ -93,8 +93,7 @@ def _plan_export(checkpoint_dir: str, out_dir: str, dtype: str | None) -> _Expor
         dtype, reason = "float32", "trained by cpt_jax; --dtype bfloat16 halves the size"
     base = source.get("config") if source.get("architecture") == architecture else None
     beside = os.path.join(os.path.dirname(root), "tokenizer")
-    tokenizer_files = _export_tokenizer(chain, meta.get("tokenizer_fingerprint"), beside)
-    tokenizer = load_tokenizer(tokenizer_files[0][0]) if tokenizer_files else None
+    tokenizer, tokenizer_files = _export_tokenizer(chain, meta.get("tokenizer_fingerprint"), beside)
     if tokenizer is None:
         warn(f"no tokenizer is recorded for {step_dir}; exporting the weights without tokenizer files")
     config = hf_config_for(c, architecture, dtype, base, tokenizer)
@@ -104,17 +103,15 @@ def _plan_export(checkpoint_dir: str, out_dir: str, dtype: str | None) -> _Expor
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if config.get(key) is not None:
                 generation[key] = config[key]
-    return _ExportPlan(step_dir, out, meta, c, architecture, dtype, reason, config, generation, tokenizer_files)
+    return _ExportPlan(step_dir, out, c, architecture, dtype, reason, config, generation, tokenizer_files)
 
 
 def _host_target(c: model.ModelConfig) -> Any:
     """Abstract parameters placed on the host CPU: an export never needs the accelerator's memory."""
     import jax
 
-    try:
-        where: Any = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    except RuntimeError:  # JAX_PLATFORMS names only accelerators
-        where = None
+    cpu = host_cpu()
+    where = None if cpu is None else jax.sharding.SingleDeviceSharding(cpu)
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where), model.abstract_params(c))
 
 

@@ -288,9 +288,9 @@ def _plan_import(model_dir: str, out_dir: str, lr_min: float | None, lr_max: flo
 
 def _read_params(plan: _ImportPlan) -> dict[str, Any]:
     """The parameter pytree (float32 numpy), filled one tensor at a time, one shard open at a time."""
-    abstract = model.abstract_params(plan.model_config)
-    params = {k: ({kk: np.empty(vv.shape, np.float32) for kk, vv in v.items()} if isinstance(v, dict)
-                  else np.empty(v.shape, np.float32)) for k, v in abstract.items()}
+    import jax
+
+    params = jax.tree.map(lambda a: np.empty(a.shape, np.float32), model.abstract_params(plan.model_config))
     by_file: dict[str, list[TensorSpec]] = {}
     for spec in plan.specs:
         by_file.setdefault(plan.weight_map[spec.hf_name], []).append(spec)
@@ -311,14 +311,24 @@ def _to_host_arrays(params: dict[str, Any]) -> None:
     orbax then saves a 600 MB model with ~230 MB less peak memory than from numpy leaves)."""
     import jax
 
-    try:
-        cpu = jax.devices("cpu")[0]
-    except RuntimeError:  # JAX_PLATFORMS names only accelerators: orbax saves the numpy leaves
+    cpu = host_cpu()
+    if cpu is None:  # orbax saves the numpy leaves
         return
     for tree in [params, *(v for v in params.values() if isinstance(v, dict))]:
         for key in list(tree):
             if isinstance(tree[key], np.ndarray):
                 tree[key] = jax.device_put(tree[key], cpu, may_alias=False)
+
+
+def host_cpu() -> Any:
+    """The host's CPU device, where import and export keep the weights; None when JAX_PLATFORMS names
+    only accelerators."""
+    import jax
+
+    try:
+        return jax.devices("cpu")[0]
+    except RuntimeError:
+        return None
 
 
 def write_checkpoint(directory: str, params: Any, metadata: dict[str, Any]) -> None:

@@ -88,6 +88,8 @@ def parse_input(spec: str) -> InputSpec:
 
 @dataclasses.dataclass(frozen=True)
 class TfdsInput:
+    """A resolved tfds: input: the prepared dataset on disk and the records of its split."""
+
     version_dir: str
     split: str
     feature: str
