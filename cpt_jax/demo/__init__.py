@@ -21,6 +21,6 @@ intervals, paired differences, and the paper's four questions answered agree / d
 tell (report.py, stats.py). A stage whose output is in DIR is reused.
 """
 
-from cpt_jax.demo.cli import main, run
+from cpt_jax.demo.command import main, run
 
 __all__ = ["main", "run"]
