@@ -32,8 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cpt_jax import schedules  # noqa: E402
 from cpt_jax.config import default_config  # noqa: E402
 from cpt_jax.data import pipeline as pipeline_lib  # noqa: E402
-from cpt_jax.data.prepare import FORMAT_VERSION, MANIFEST, RECORD_OPTIONS, VAL_FILE, shard_name  # noqa: E402
-from cpt_jax.data.tokenizer import describe, load_tokenizer  # noqa: E402
+from cpt_jax.data.packing import FORMAT_VERSION, MANIFEST, RECORD_OPTIONS, VAL_FILE, shard_name  # noqa: E402
+from cpt_jax.data.tokenization import describe, load_tokenizer  # noqa: E402
 
 VOCAB = 32000
 NEED = 0.55e6  # tokens/s an 8 x H200 host consumes with the 1B preset at 50% MFU

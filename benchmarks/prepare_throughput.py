@@ -24,8 +24,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cpt_jax.data.prepare import prepare  # noqa: E402
-from cpt_jax.data.tokenizer import train_sentencepiece  # noqa: E402
+from cpt_jax.data.packing import prepare  # noqa: E402
+from cpt_jax.data.tokenization import train_sentencepiece  # noqa: E402
 
 
 def make_documents(n: int, seed: int, mean_words: int) -> list[str]:

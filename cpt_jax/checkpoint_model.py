@@ -15,6 +15,7 @@ import jax
 from cpt_jax import checkpoint, model
 from cpt_jax.config import ConfigError
 from cpt_jax.data import sources as sources_lib
+from cpt_jax.data.tokenization import BOS_CHOICES, resolve_bos
 from cpt_jax.model import ModelConfig
 
 
@@ -88,8 +89,6 @@ def checkpoint_bos(meta: dict[str, Any], tok: Any, choice: str = "auto") -> bool
     the documents of its run's data sources did (sources.starts_with_bos over those found on disk,
     what the in-loop evaluation uses), else (an import, sources gone) as `prepare --bos auto` would
     prepare documents for `tok`; 'always' and 'never' as prepare's --bos."""
-    from cpt_jax.data.prepare import resolve_bos
-
     if choice == "auto":
         found = []
         for directory in _data_sources(meta).values():
@@ -103,8 +102,6 @@ def checkpoint_bos(meta: dict[str, Any], tok: Any, choice: str = "auto") -> bool
 def add_bos_and_dtype_flags(p: argparse.ArgumentParser, what: str) -> None:
     """--bos (read by checkpoint_bos) and --dtype, as every command that reads a checkpoint's model
     with its tokenizer takes them (evaluate's questions, sample's prompts)."""
-    from cpt_jax.data.prepare import BOS_CHOICES  # prepare pulls in pyarrow, which reading a model never needs
-
     p.add_argument("--bos", default="auto", choices=BOS_CHOICES,
                    help=f"BOS before every {what}: auto (default) as the checkpoint's training sources were "
                         "prepared (their manifests' add_bos; without any on disk, the tokenizer's own convention), "

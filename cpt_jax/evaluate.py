@@ -28,7 +28,7 @@ from cpt_jax import checkpoint, resolve, sharding
 from cpt_jax import checkpoint_model as ckpt_model
 from cpt_jax.config import ConfigError
 from cpt_jax.data import sources as sources_lib
-from cpt_jax.data.tokenizer import load_tokenizer
+from cpt_jax.data.tokenization import load_tokenizer
 from cpt_jax.metrics import log
 from cpt_jax.scoring import round_up
 from cpt_jax.source_eval import SourceEvaluator

@@ -12,7 +12,7 @@ from typing import Any
 from cpt_jax import decode
 from cpt_jax.config import ConfigError
 from cpt_jax.data import sources as sources_lib
-from cpt_jax.data.tokenizer import load_tokenizer
+from cpt_jax.data.tokenization import load_tokenizer
 from cpt_jax.model import ModelConfig
 from cpt_jax.source_eval import SourceEvaluator
 from cpt_jax.task_eval import TaskEvaluator

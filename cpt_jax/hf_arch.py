@@ -29,32 +29,63 @@ import numpy as np
 
 from cpt_jax import model
 from cpt_jax.config import ConfigError
-from cpt_jax.data.tokenizer import Tokenizer
+from cpt_jax.data.tokenization import Tokenizer
 
-# Hugging Face class -> config.json model_type.
-ARCHITECTURES = {
-    "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3", "Olmo2ForCausalLM": "olmo2", "NemotronForCausalLM": "nemotron",
-}
-# The ModelConfig options that tell the families apart. An export picks the first family whose
-# options all match the model (Mistral only for a model imported from Mistral); a field a family
-# leaves out (Nemotron's partial_rotary_factor) may take any value.
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What cpt_jax knows of one Hugging Face architecture (transformers' defaults where config.json
+    may leave a key out). Adding a family is one entry of FAMILIES (and a model in the tests)."""
+
+    model_type: str  # config.json's model_type
+    options: dict[str, Any]  # the ModelConfig options that tell the families apart
+    hidden_act: str = "silu"
+    eps_key: str = "rms_norm_eps"  # the config.json key of the norm epsilon
+    eps_default: float = 1e-6
+    head_dim_default: int | None = None  # None: hidden_size / num_attention_heads
+    partial_rotary_default: float | None = None  # None: RoPE on whole heads only
+    max_len_default: int = 2048  # max_position_embeddings
+    # '' none; 'every_layer': sliding_window applies to every layer (Mistral); 'opt_in': to every
+    # layer when use_sliding_window (Qwen2); 'per_layer': layers may slide (Qwen3; refused).
+    sliding_window: str = ""
+    export_fixed: dict[str, Any] = dataclasses.field(default_factory=dict)  # config.json keys an export writes
+    export_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)  # ... unless the import had them
+    default_export: bool = True  # False: a model exports as it only when it was imported from it
+
+
+# An export picks the first family whose options all match the model (Mistral only for a model
+# imported from Mistral); an option a family leaves out (Nemotron's partial_rotary_factor) may take
+# any value.
 _SWIGLU = dict(mlp="swiglu", norm="rmsnorm", norm_position="pre", qk_norm="none", qkv_bias=False,
                partial_rotary_factor=1.0)
-FAMILY_OPTIONS: dict[str, dict[str, Any]] = {
-    "LlamaForCausalLM": _SWIGLU,
-    "MistralForCausalLM": _SWIGLU,
-    "Qwen2ForCausalLM": dict(_SWIGLU, qkv_bias=True),
-    "Qwen3ForCausalLM": dict(_SWIGLU, qk_norm="head"),
-    "Olmo2ForCausalLM": dict(_SWIGLU, qk_norm="projection", norm_position="post"),
-    "NemotronForCausalLM": dict(mlp="squared_relu", norm="layernorm1p", norm_position="pre", qk_norm="none",
-                                qkv_bias=False),
+_NO_BIASES = {"attention_bias": False, "mlp_bias": False}
+_NO_SLIDING = {"use_sliding_window": False, "sliding_window": None}
+FAMILIES: dict[str, Family] = {
+    "LlamaForCausalLM": Family("llama", _SWIGLU, export_fixed=_NO_BIASES, export_defaults={"pretraining_tp": 1}),
+    "MistralForCausalLM": Family("mistral", _SWIGLU, sliding_window="every_layer",
+                                 export_defaults={"sliding_window": None}, default_export=False),
+    "Qwen2ForCausalLM": Family("qwen2", dict(_SWIGLU, qkv_bias=True), sliding_window="opt_in",
+                               export_defaults=_NO_SLIDING),
+    "Qwen3ForCausalLM": Family("qwen3", dict(_SWIGLU, qk_norm="head"), head_dim_default=128,
+                               sliding_window="per_layer", export_fixed={"attention_bias": False, **_NO_SLIDING}),
+    "Olmo2ForCausalLM": Family("olmo2", dict(_SWIGLU, qk_norm="projection", norm_position="post"),
+                               eps_default=1e-5, export_fixed={"attention_bias": False}),
+    "NemotronForCausalLM": Family(
+        "nemotron", dict(mlp="squared_relu", norm="layernorm1p", norm_position="pre", qk_norm="none", qkv_bias=False),
+        hidden_act="relu2", eps_key="norm_eps", eps_default=1e-5, partial_rotary_default=0.5, max_len_default=4096,
+        export_fixed=_NO_BIASES),
+}
+_ACTIVATION_NAMES = {"relu2": "squared ReLU", "silu": "SwiGLU"}
+# rope_type -> {config.json rope scaling key: (ModelConfig field, type)}, in transformers' order.
+_ROPE_FIELDS: dict[str, dict[str, tuple[str, type]]] = {
+    "default": {},
+    "linear": {"factor": ("rope_factor", float)},
+    "llama3": {"factor": ("rope_factor", float), "low_freq_factor": ("rope_low_freq_factor", float),
+               "high_freq_factor": ("rope_high_freq_factor", float),
+               "original_max_position_embeddings": ("rope_original_max_seq_len", int)},
 }
 # Keys that configure mixture-of-experts layers in transformers' configs (Mixtral, Qwen MoE, OLMoE, DeepSeek).
 _MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok")
-
-
-# ============================================================================ tensor names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +101,10 @@ class TensorSpec:
     layer: int | None  # index into the stacked 'layers' axis, None for top-level parameters
     hf_shape: tuple[int, ...]
     transpose: bool
+
+    def leaf(self, params: dict[str, Any]) -> Any:
+        """The parameter of `params` this tensor is (or is one layer's slice of)."""
+        return params[self.path[0]] if len(self.path) == 1 else params[self.path[0]][self.path[1]]
 
     def to_cpt(self, w: np.ndarray, cpt_shape: tuple[int, ...]) -> np.ndarray:
         """The Hugging Face tensor `w` in the cpt_jax layout (one layer's slice of a stacked parameter)."""
@@ -92,27 +127,17 @@ def tensor_specs(c: model.ModelConfig) -> list[TensorSpec]:
     norms = (("post_attention_layernorm", "attn_norm"), ("post_feedforward_layernorm", "mlp_norm")) if post else (
         ("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm"))
     biased = c.norm != "rmsnorm"
+    qkv = (("q", N * H), ("k", K * H), ("v", K * H))
+    qk_norm_sizes = (("q", H), ("k", H)) if c.qk_norm == "head" else qkv[:2]
     specs = [TensorSpec("model.embed_tokens.weight", ("embed",), None, (V, D), False)]
     for i in range(c.n_layers):
         p = f"model.layers.{i}."
-        layer = [
-            (p + "self_attn.q_proj.weight", "wq", (N * H, D), True),
-            (p + "self_attn.k_proj.weight", "wk", (K * H, D), True),
-            (p + "self_attn.v_proj.weight", "wv", (K * H, D), True),
-        ]
+        layer = [(f"{p}self_attn.{x}_proj.weight", f"w{x}", (rows, D), True) for x, rows in qkv]
         if c.qkv_bias:
-            layer += [
-                (p + "self_attn.q_proj.bias", "bq", (N * H,), False),
-                (p + "self_attn.k_proj.bias", "bk", (K * H,), False),
-                (p + "self_attn.v_proj.bias", "bv", (K * H,), False),
-            ]
+            layer += [(f"{p}self_attn.{x}_proj.bias", f"b{x}", (rows,), False) for x, rows in qkv]
         layer.append((p + "self_attn.o_proj.weight", "wo", (D, N * H), True))
         if c.qk_norm != "none":
-            q_size, k_size = (H, H) if c.qk_norm == "head" else (N * H, K * H)
-            layer += [
-                (p + "self_attn.q_norm.weight", "q_norm_scale", (q_size,), False),
-                (p + "self_attn.k_norm.weight", "k_norm_scale", (k_size,), False),
-            ]
+            layer += [(f"{p}self_attn.{x}_norm.weight", f"{x}_norm_scale", (size,), False) for x, size in qk_norm_sizes]
         if c.mlp == "swiglu":
             layer.append((p + "mlp.gate_proj.weight", "w_gate", (F, D), True))
         layer += [
@@ -139,20 +164,17 @@ def ignorable(name: str, c: model.ModelConfig) -> bool:
     return name.endswith(".rotary_emb.inv_freq") or (c.tie_embeddings and name == "lm_head.weight")
 
 
-# ============================================================================ config.json -> ModelConfig
-
-
 def architecture_of(hf_config: dict[str, Any], where: str) -> str:
     """The supported architecture class a config.json names, or a ConfigError naming what it found."""
     names = hf_config.get("architectures") or []
-    supported = ", ".join(ARCHITECTURES)
+    supported = ", ".join(FAMILIES)
     if not isinstance(names, list) or not names:
-        by_type = {t: a for a, t in ARCHITECTURES.items()}
+        by_type = {f.model_type: a for a, f in FAMILIES.items()}
         if hf_config.get("model_type") in by_type:
             return by_type[hf_config["model_type"]]
         raise ConfigError(f"{where}: no architectures and model_type {hf_config.get('model_type')!r}, "
                           f"expected one of {supported}")
-    if len(names) != 1 or names[0] not in ARCHITECTURES:
+    if len(names) != 1 or names[0] not in FAMILIES:
         found = ", ".join(map(str, names))
         moe = any("moe" in str(n).lower() or "mixtral" in str(n).lower() for n in names)
         what = " (mixture-of-experts layers, which cpt_jax does not implement)" if moe else ""
@@ -197,26 +219,15 @@ def _rope_settings(cfg: dict[str, Any], where: str, partial_default: float | Non
         partial = partial_default
     if isinstance(partial, bool) or not isinstance(partial, (int, float)) or not 0 < partial <= 1:
         raise ConfigError(f"{where}: partial_rotary_factor {partial!r}, expected a fraction in (0, 1]")
-    out: dict[str, Any] = {"rope_theta": float(theta), "partial_rotary_factor": float(partial)}
+    if not isinstance(kind, str) or kind not in _ROPE_FIELDS:
+        raise ConfigError(f"{where}: rope type {kind!r} is not supported, expected 'default', 'linear' or "
+                          "'llama3'")
     try:
-        if kind == "default":
-            out["rope_scaling"] = "none"
-        elif kind == "linear":
-            out.update(rope_scaling="linear", rope_factor=float(scaling["factor"]))
-        elif kind == "llama3":
-            out.update(
-                rope_scaling="llama3",
-                rope_factor=float(scaling["factor"]),
-                rope_low_freq_factor=float(scaling["low_freq_factor"]),
-                rope_high_freq_factor=float(scaling["high_freq_factor"]),
-                rope_original_max_seq_len=int(scaling["original_max_position_embeddings"]),
-            )
-        else:
-            raise ConfigError(f"{where}: rope type {kind!r} is not supported, expected 'default', 'linear' or "
-                              "'llama3'")
+        fields = {ours: cast(scaling[key]) for key, (ours, cast) in _ROPE_FIELDS[kind].items()}
     except KeyError as e:
         raise ConfigError(f"{where}: rope scaling {kind!r} without {e.args[0]}, expected the field") from None
-    return out
+    return {"rope_theta": float(theta), "partial_rotary_factor": float(partial),
+            "rope_scaling": "none" if kind == "default" else kind, **fields}
 
 
 def _sliding_layers(c: dict[str, Any], n_layers: int) -> list[int]:
@@ -231,19 +242,18 @@ def _sliding_layers(c: dict[str, Any], n_layers: int) -> list[int]:
     return []
 
 
-def _check_family_options(c: dict[str, Any], model_type: str, where: str) -> None:
+def _check_family_options(c: dict[str, Any], family: Family, where: str) -> None:
     """ConfigError for what the family's config.json may ask that cpt_jax does not compute."""
     for key in _MOE_KEYS:
         value = c.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             raise ConfigError(f"{where}: {key} {value} asks for mixture-of-experts layers, which cpt_jax does not "
-                              f"implement, expected a dense {model_type} model")
-    act = c.get("hidden_act", "relu2" if model_type == "nemotron" else "silu")
-    want = "relu2" if model_type == "nemotron" else "silu"
+                              f"implement, expected a dense {family.model_type} model")
+    act, want = c.get("hidden_act", family.hidden_act), family.hidden_act
     if act != want:
-        raise ConfigError(f"{where}: hidden_act {act!r}, expected {want!r} "
-                          f"({'squared ReLU' if want == 'relu2' else 'SwiGLU'})")
-    if c.get("attention_bias") and model_type != "qwen2":
+        raise ConfigError(f"{where}: hidden_act {act!r}, expected {want!r} ({_ACTIVATION_NAMES[want]})")
+    # A family with a qkv bias (Qwen2) reads attention_bias as that bias.
+    if c.get("attention_bias") and not family.options["qkv_bias"]:
         raise ConfigError(f"{where}: attention_bias true puts a bias on o_proj too, which cpt_jax's decoder does "
                           "not have, expected attention_bias false")
     if c.get("mlp_bias"):
@@ -253,28 +263,26 @@ def _check_family_options(c: dict[str, Any], model_type: str, where: str) -> Non
 def model_config_from_hf(hf_config: dict[str, Any], architecture: str, where: str) -> model.ModelConfig:
     """The cpt_jax ModelConfig equivalent to a config.json of a supported architecture."""
     c = hf_config
-    model_type = ARCHITECTURES[architecture]
-    if c.get("model_type", model_type) != model_type:
+    family = FAMILIES[architecture]
+    if c.get("model_type", family.model_type) != family.model_type:
         raise ConfigError(f"{where}: model_type {c.get('model_type')!r} with architecture {architecture}, "
-                          f"expected {model_type!r}")
-    _check_family_options(c, model_type, where)
+                          f"expected {family.model_type!r}")
+    _check_family_options(c, family, where)
     L = _positive_int(c, "num_hidden_layers", where)
     D = _positive_int(c, "hidden_size", where)
     N = _positive_int(c, "num_attention_heads", where)
     K = _positive_int(c, "num_key_value_heads", where, default=N)
-    # Qwen3's head_dim defaults to 128 whatever the width; the other families' to hidden / heads.
-    H = c.get("head_dim") or (128 if model_type == "qwen3" else D // N)
-    H = _positive_int({"head_dim": H}, "head_dim", where)
+    H = _positive_int({"head_dim": c.get("head_dim") or family.head_dim_default or D // N}, "head_dim", where)
     if N % K:
         raise ConfigError(f"{where}: num_attention_heads {N} is not a multiple of num_key_value_heads {K}, "
                           "expected a multiple")
-    rope = _rope_settings(c, where, 0.5 if model_type == "nemotron" else None)
+    rope = _rope_settings(c, where, family.partial_rotary_default)
     rotary = int(H * rope["partial_rotary_factor"])
     if rotary < 2 or rotary % 2:
         raise ConfigError(f"{where}: head_dim {H} with partial_rotary_factor {rope['partial_rotary_factor']} rotates "
                           f"{rotary} dimensions, expected an even number for RoPE")
-    max_len = _positive_int(c, "max_position_embeddings", where, default=4096 if model_type == "nemotron" else 2048)
-    if model_type == "qwen3":
+    max_len = _positive_int(c, "max_position_embeddings", where, default=family.max_len_default)
+    if family.sliding_window == "per_layer":
         sliding = _sliding_layers(c, L)
         if sliding:
             raise ConfigError(f"{where}: sliding-window attention on layers {sliding[0]}..{sliding[-1]} "
@@ -282,14 +290,9 @@ def model_config_from_hf(hf_config: dict[str, Any], architecture: str, where: st
                               "expected full attention on every layer (use_sliding_window false)")
     # A sliding window changes nothing while sequences are no longer than it: capping max_seq_len
     # there keeps training exact with cpt_jax's full causal attention (Mistral, Qwen2: every layer).
-    window = c.get("sliding_window") if model_type == "mistral" or (
-        model_type == "qwen2" and c.get("use_sliding_window")) else None
-    if window:
+    if c.get("sliding_window") and (family.sliding_window == "every_layer" or (
+            family.sliding_window == "opt_in" and c.get("use_sliding_window"))):
         max_len = min(max_len, _positive_int(c, "sliding_window", where))
-    if model_type == "nemotron":
-        eps, norm = c.get("norm_eps", 1e-5), "layernorm1p"
-    else:
-        eps, norm = c.get("rms_norm_eps", 1e-5 if model_type == "olmo2" else 1e-6), "rmsnorm"
     return model.ModelConfig(
         n_layers=L,
         d_model=D,
@@ -299,18 +302,10 @@ def model_config_from_hf(hf_config: dict[str, Any], architecture: str, where: st
         d_ff=_positive_int(c, "intermediate_size", where),
         vocab_size=_positive_int(c, "vocab_size", where),
         max_seq_len=max_len,
-        mlp="squared_relu" if model_type == "nemotron" else "swiglu",
-        norm=norm,
-        norm_eps=float(eps),
-        norm_position="post" if model_type == "olmo2" else "pre",
-        qk_norm={"qwen3": "head", "olmo2": "projection"}.get(model_type, "none"),
-        qkv_bias=model_type == "qwen2",
+        norm_eps=float(c.get(family.eps_key, family.eps_default)),
         tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-        **rope,
+        **dict(family.options, **rope),
     )
-
-
-# ============================================================================ ModelConfig -> config.json
 
 
 def architecture_for(c: model.ModelConfig, source_architecture: str | None, where: str) -> str:
@@ -318,32 +313,25 @@ def architecture_for(c: model.ModelConfig, source_architecture: str | None, wher
     architecture it was imported from when that one fits). ConfigError naming the option that
     differs from the closest family when none fits."""
     def mismatches(arch: str) -> list[tuple[str, Any]]:
-        return [(k, v) for k, v in FAMILY_OPTIONS[arch].items() if getattr(c, k) != v]
+        return [(k, v) for k, v in FAMILIES[arch].options.items() if getattr(c, k) != v]
 
-    fits = [a for a in FAMILY_OPTIONS if not mismatches(a) and a != "MistralForCausalLM"]
-    if source_architecture in FAMILY_OPTIONS and not mismatches(source_architecture):
+    fits = [a for a, f in FAMILIES.items() if not mismatches(a) and f.default_export]
+    if source_architecture in FAMILIES and not mismatches(source_architecture):
         return source_architecture
     if fits:
         return fits[0]
-    closest = min(FAMILY_OPTIONS, key=lambda a: len(mismatches(a)))
+    closest = min(FAMILIES, key=lambda a: len(mismatches(a)))
     key, want = mismatches(closest)[0]
     raise ConfigError(f"{where}: model.{key} is {getattr(c, key)!r}, which no Hugging Face architecture cpt_jax "
                       f"exports has with the rest of this model (closest: {closest}, with {key} {want!r}); "
-                      f"exportable: {', '.join(FAMILY_OPTIONS)}")
+                      f"exportable: {', '.join(FAMILIES)}")
 
 
 def _rope_to_hf(c: model.ModelConfig) -> dict[str, Any] | None:
-    if c.rope_scaling == "linear":
-        return {"rope_type": "linear", "factor": c.rope_factor}
-    if c.rope_scaling == "llama3":
-        return {
-            "rope_type": "llama3",
-            "factor": c.rope_factor,
-            "low_freq_factor": c.rope_low_freq_factor,
-            "high_freq_factor": c.rope_high_freq_factor,
-            "original_max_position_embeddings": c.rope_original_max_seq_len,
-        }
-    return None
+    if c.rope_scaling == "none":
+        return None
+    fields = _ROPE_FIELDS[c.rope_scaling]
+    return {"rope_type": c.rope_scaling, **{key: getattr(c, ours) for key, (ours, _) in fields.items()}}
 
 
 def hf_config_for(c: model.ModelConfig, architecture: str, dtype: str, base: dict[str, Any] | None,
@@ -356,13 +344,13 @@ def hf_config_for(c: model.ModelConfig, architecture: str, dtype: str, base: dic
     for key in ("rope_parameters", "rope_scaling", "rope_theta", "transformers_version", "dtype", "torch_dtype",
                 "partial_rotary_factor", "rms_norm_eps", "norm_eps"):
         out.pop(key, None)
-    model_type = ARCHITECTURES[architecture]
+    family = FAMILIES[architecture]
     max_len = out.get("max_position_embeddings")
     if not isinstance(max_len, int) or max_len < c.max_seq_len:
         max_len = c.max_seq_len
     out.update(
         architectures=[architecture],
-        model_type=model_type,
+        model_type=family.model_type,
         hidden_size=c.d_model,
         intermediate_size=c.d_ff,
         num_hidden_layers=c.n_layers,
@@ -374,32 +362,21 @@ def hf_config_for(c: model.ModelConfig, architecture: str, dtype: str, base: dic
         rope_theta=c.rope_theta,
         rope_scaling=_rope_to_hf(c),
         tie_word_embeddings=c.tie_embeddings,
-        hidden_act="relu2" if model_type == "nemotron" else "silu",
+        hidden_act=family.hidden_act,
         torch_dtype=dtype,
         dtype=dtype,
+        **family.export_fixed,
     )
-    out["norm_eps" if model_type == "nemotron" else "rms_norm_eps"] = c.norm_eps
-    out.setdefault("initializer_range", c.init_std)
-    out.setdefault("attention_dropout", 0.0)
-    out.setdefault("use_cache", True)
-    if model_type in ("llama", "qwen3", "olmo2", "nemotron"):
-        out["attention_bias"] = False
-    if model_type in ("llama", "nemotron"):
-        out["mlp_bias"] = False
-    if model_type == "llama":
-        out.setdefault("pretraining_tp", 1)
-    if model_type == "nemotron":
+    out[family.eps_key] = c.norm_eps
+    if family.partial_rotary_default is not None:
         out["partial_rotary_factor"] = c.partial_rotary_factor
-    if model_type == "mistral":
-        out.setdefault("sliding_window", None)
-    if model_type == "qwen3":  # sliding-window layers were refused at import
-        out.update(use_sliding_window=False, sliding_window=None)
-        out.pop("layer_types", None)
-    if model_type in ("qwen2", "qwen3"):
-        out.setdefault("use_sliding_window", False)
-        out.setdefault("sliding_window", None)
+    for key, value in dict(family.export_defaults, initializer_range=c.init_std, attention_dropout=0.0,
+                           use_cache=True).items():
+        out.setdefault(key, value)
+    if family.sliding_window in ("opt_in", "per_layer"):
         out.setdefault("max_window_layers", c.n_layers)
-        if len(out.get("layer_types") or []) != c.n_layers:
+        # per_layer: sliding-window layers were refused at import, so every layer is a full one.
+        if family.sliding_window == "per_layer" or len(out.get("layer_types") or []) != c.n_layers:
             out.pop("layer_types", None)
     for which in ("bos", "eos", "pad"):
         if out.get(f"{which}_token_id") is None and tokenizer is not None:

@@ -12,7 +12,9 @@ import argparse
 import sys
 
 from cpt_jax.config import ConfigError
-from cpt_jax.data.prepare import BOS_CHOICES, DEFAULT_VAL_EXAMPLES, SPEC_HELP, prepare
+from cpt_jax.data.documents import SPEC_HELP
+from cpt_jax.data.packing import DEFAULT_VAL_EXAMPLES, prepare
+from cpt_jax.data.tokenization import BOS_CHOICES
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,7 +27,7 @@ import jax
 from cpt_jax import checkpoint, decode, resolve
 from cpt_jax.checkpoint_model import add_bos_and_dtype_flags, checkpoint_bos, checkpoint_tokenizer, restore_params
 from cpt_jax.config import ConfigError
-from cpt_jax.data.tokenizer import load_tokenizer
+from cpt_jax.data.tokenization import load_tokenizer
 from cpt_jax.metrics import log
 
 DEFAULT_NEW_TOKENS = 64

@@ -29,7 +29,7 @@ import numpy as np
 
 from cpt_jax import tasks as tasks_lib
 from cpt_jax.config import ConfigError
-from cpt_jax.data.tokenizer import load_tokenizer
+from cpt_jax.data.tokenization import load_tokenizer
 from cpt_jax.model import ModelConfig
 from cpt_jax.scoring import RowScorer, round_up
 

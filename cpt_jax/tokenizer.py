@@ -15,8 +15,8 @@ import sys
 from collections.abc import Iterator
 
 from cpt_jax.config import ConfigError
-from cpt_jax.data.prepare import SPEC_HELP, iter_documents
-from cpt_jax.data.tokenizer import describe, load_tokenizer, train_sentencepiece
+from cpt_jax.data.documents import SPEC_HELP, iter_documents
+from cpt_jax.data.tokenization import describe, load_tokenizer, train_sentencepiece
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -65,7 +65,7 @@ def make_sentencepiece(directory: str | os.PathLike, vocab_size: int = 320, docs
     With the default documents any vocab_size from 300 to 350 works: byte fallback needs 260 ids,
     and the coverage of 0.995 leaves the rare characters (accents, CJK, emoji) to bytes.
     """
-    from cpt_jax.data.tokenizer import train_sentencepiece
+    from cpt_jax.data.tokenization import train_sentencepiece
 
     docs = list(docs) if docs is not None else make_documents(300, seed=1) + list(ODD_TEXTS)
     path = os.path.join(os.fspath(directory), name)
@@ -180,7 +180,7 @@ def make_prepared_source(directory: str | os.PathLike, tokenizer: str, docs: Seq
                          seq_len: int = 16, val_examples: int = 2, name: str = "src", **kwargs) -> str:
     """Run prepare on a JSONL corpus of `docs` (default 200 synthetic documents); returns the
     prepared directory `directory/name`."""
-    from cpt_jax.data.prepare import prepare
+    from cpt_jax.data.packing import prepare
 
     directory = os.fspath(directory)
     docs = list(docs) if docs is not None else make_documents(200, seed=3)
@@ -198,8 +198,8 @@ def write_synthetic_source(directory: str | os.PathLike, name: str, num_examples
     from its first token. Same files and manifest keys as prepare writes."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    from cpt_jax.data.prepare import FORMAT_VERSION, MANIFEST, RECORD_OPTIONS, VAL_FILE, shard_name
-    from cpt_jax.data.tokenizer import token_dtype
+    from cpt_jax.data.packing import FORMAT_VERSION, MANIFEST, RECORD_OPTIONS, VAL_FILE, shard_name
+    from cpt_jax.data.tokenization import token_dtype
 
     out = os.path.join(os.fspath(directory), name)
     os.makedirs(out)
@@ -251,11 +251,11 @@ def reference_segments(tokens: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.
 
 
 def failing_process_task(task, *args):
-    """Stand-in for `cpt_jax.data.prepare._process_task` that fails on a JSONL block starting past
+    """Stand-in for `cpt_jax.data.packing._process_task` that fails on a JSONL block starting past
     line 40. It lives in an importable module so that spawned worker processes (which re-import
     functions by name) run it: a test patches it in to make a real worker process raise."""
-    from cpt_jax.data import prepare
+    from cpt_jax.data import packing
 
     if task[0] == "jsonl" and task[2] > 40:
         raise RuntimeError("worker died")
-    return prepare._process_task(task, *args)
+    return packing._process_task(task, *args)

@@ -7,7 +7,7 @@ import shutil
 import torch
 import transformers
 
-from cpt_jax import hf
+from cpt_jax import hf_import
 
 VOCAB = 320  # room for the test tokenizers (byte-level BPE of 300, sentencepiece of 320)
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -105,7 +105,7 @@ class Zoo:
     def ckpt(self, family):
         if family not in self._ckpt:
             out = os.path.join(self.root, f"ckpt-{family}")
-            hf.import_hf(self.hf(family), out, lr_min=LR_MIN[family])
+            hf_import.import_hf(self.hf(family), out, lr_min=LR_MIN[family])
             self._ckpt[family] = out
         return self._ckpt[family]
 

@@ -11,7 +11,7 @@ import pytest
 
 from cpt_jax import config, decode, model, sharding
 from cpt_jax.config import ConfigError
-from cpt_jax.data.tokenizer import load_tokenizer
+from cpt_jax.data.tokenization import load_tokenizer
 
 BASE = model.ModelConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=96, max_seq_len=64,
                          dtype="float32")

@@ -224,7 +224,7 @@ def test_an_ablation_reuses_the_base_and_the_main_runs(demo_dir, demo_run):
 def _fact_task_files(root, people, seed):
     """A corpus of `people` + `people` people: its task files, its tokenizer, and the texts of every
     fact the tasks ask (A and B biographies, the held-out questions with their answers)."""
-    from cpt_jax.data.tokenizer import train_sentencepiece
+    from cpt_jax.data.tokenization import train_sentencepiece
 
     c = corpus_lib.generate(seed, people_a=people, people_b=people, bios_per_person=10, val_bios=2)
     paths = corpus_lib.write(c, str(root / "corpus"))
@@ -240,8 +240,8 @@ def _fact_task_files(root, people, seed):
 def trained_on_the_facts(tmp_path_factory):
     """Every task of an 8 + 8 people corpus scored (python -m cpt_jax.evaluate --log_samples, as the
     demo scores its runs) on a tiny model trained on every fact the tasks ask."""
-    from cpt_jax.data.prepare import prepare, resolve_bos
-    from cpt_jax.data.tokenizer import load_tokenizer
+    from cpt_jax.data.packing import prepare
+    from cpt_jax.data.tokenization import load_tokenizer, resolve_bos
 
     root = tmp_path_factory.mktemp("facts")
     c, tasks, tok_path, texts = _fact_task_files(root, 8, 11)

@@ -20,7 +20,7 @@ from train_helpers import SMALL_MODEL
 
 from cpt_jax import checkpoint, distributed, resolve, train
 from cpt_jax.config import ConfigError
-from cpt_jax.data.tokenizer import load_tokenizer
+from cpt_jax.data.tokenization import load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCAL = os.path.join(REPO, "launch", "local.sh")

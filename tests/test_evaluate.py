@@ -20,7 +20,7 @@ from data_helpers import make_prepared_source
 from cpt_jax import checkpoint_model, config, evaluate, model, scoring, sharding, source_eval, task_eval
 from cpt_jax.config import ConfigError
 from cpt_jax.data import sources
-from cpt_jax.data.tokenizer import load_tokenizer
+from cpt_jax.data.tokenization import load_tokenizer
 from cpt_jax.evaluation import eval_record, from_config
 
 C = model.ModelConfig(n_layers=2, d_model=32, n_heads=2, n_kv_heads=2, d_ff=64, vocab_size=320, max_seq_len=64,
@@ -342,7 +342,7 @@ def test_from_config_builds_the_run_evaluation(data, mc, sp_path):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, data, mc, sp_path):
     """A checkpoint of the trained model whose run config names source `a` and the tokenizer."""
-    from cpt_jax import checkpoint, hf
+    from cpt_jax import checkpoint, hf_import
 
     d = str(tmp_path_factory.mktemp("ckpt") / "run")
     meta = {"step": 90, "model": C.to_dict(), "param_shapes": checkpoint.param_shapes(mc["trained"]),
@@ -350,7 +350,7 @@ def ckpt(tmp_path_factory, data, mc, sp_path):
             "config": {"data": {"kind": "mixture", "tokenizer": sp_path,
                                 "sources": {"a": data["a"], "gone": str(data["dir"] / "gone")}},
                        "eval": {"examples_per_source": 4}}}
-    hf.write_checkpoint(d, jax.device_get(mc["trained"]), meta)
+    hf_import.write_checkpoint(d, jax.device_get(mc["trained"]), meta)
     return d
 
 
@@ -425,10 +425,10 @@ def test_cli_user_errors_are_one_line(args, message, ckpt, mc, tmp_path, capsys)
 
 
 def test_cli_without_tokenizer_or_anything_to_evaluate(tmp_path, mc, capsys):
-    from cpt_jax import checkpoint, hf
+    from cpt_jax import checkpoint, hf_import
 
     d = str(tmp_path / "bare")
-    hf.write_checkpoint(d, jax.device_get(mc["trained"]),
+    hf_import.write_checkpoint(d, jax.device_get(mc["trained"]),
                         {"step": 0, "model": C.to_dict(), "param_shapes": checkpoint.param_shapes(mc["trained"])})
     assert evaluate.main(["--checkpoint", d]) == 2
     assert "error: --sources/--tasks: nothing to evaluate" in capsys.readouterr().err
@@ -440,7 +440,7 @@ def _bos_checkpoint(tmp_path, data, mc, sp_path, add_bos):
     """A checkpoint like `ckpt` whose data source's manifest says documents start (or not) with BOS."""
     import shutil
 
-    from cpt_jax import checkpoint, hf
+    from cpt_jax import checkpoint, hf_import
 
     src = str(tmp_path / f"a_bos_{add_bos}")
     shutil.copytree(data["a"], src)
@@ -450,7 +450,7 @@ def _bos_checkpoint(tmp_path, data, mc, sp_path, add_bos):
     d = str(tmp_path / f"run_bos_{add_bos}")
     meta = {"step": 90, "model": C.to_dict(), "param_shapes": checkpoint.param_shapes(mc["trained"]),
             "config": {"data": {"kind": "mixture", "tokenizer": sp_path, "sources": {"a": src}}}}
-    hf.write_checkpoint(d, jax.device_get(mc["trained"]), meta)
+    hf_import.write_checkpoint(d, jax.device_get(mc["trained"]), meta)
     return d
 
 
@@ -474,7 +474,7 @@ def test_cli_poses_questions_as_the_checkpoints_sources_were_prepared(data, mc, 
             for q, ll in zip(samples, direct[expected], strict=True):
                 assert q["loglikelihoods"] == pytest.approx(list(ll), rel=1e-4, abs=1e-4), (add_bos, flag)
     # A checkpoint whose sources are gone follows the tokenizer's convention, as prepare --bos auto.
-    from cpt_jax.data.prepare import resolve_bos
+    from cpt_jax.data.tokenization import resolve_bos
 
     gone = {"config": {"data": {"kind": "mixture", "sources": {"a": str(tmp_path / "gone")}}}}
     assert checkpoint_model.checkpoint_bos(gone, tok) == resolve_bos("auto", tok)

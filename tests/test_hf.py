@@ -11,9 +11,9 @@ import shutil
 import numpy as np
 import pytest
 
-from cpt_jax import checkpoint, hf, model, train
+from cpt_jax import checkpoint, hf, hf_check, hf_export, hf_import, model, train
 from cpt_jax.config import ConfigError
-from cpt_jax.data.tokenizer import file_sha256
+from cpt_jax.data.tokenization import file_sha256
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -36,7 +36,7 @@ EXPECTED = {
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_logits_match_transformers_in_float32(zoo, family):
-    r = hf.check_logits(zoo.hf(family), zoo.ckpt(family), batch_size=2, seq_len=64)
+    r = hf_check.check_logits(zoo.hf(family), zoo.ckpt(family), batch_size=2, seq_len=64)
     print(f"{family}: max |diff| {r['max_abs_diff']:.2e} (max |logit| {r['max_abs_logit']:.2f})")
     assert r["max_abs_logit"] > 1.0  # the comparison is not between near-zero logits
     assert r["max_abs_diff"] <= 1e-4, r
@@ -65,7 +65,7 @@ def test_import_metadata(zoo, family):
     if family == "llama":
         assert (mc.rope_scaling, mc.rope_factor, mc.rope_low_freq_factor, mc.rope_high_freq_factor,
                 mc.rope_original_max_seq_len) == ("llama3", 8.0, 1.0, 4.0, 64)
-        assert os.path.isfile(os.path.join(zoo.hf(family), hf.INDEX_FILE))  # imported from shards
+        assert os.path.isfile(os.path.join(zoo.hf(family), hf_import.INDEX_FILE))  # imported from shards
     else:
         assert mc.rope_scaling == "none"
     assert meta["param_shapes"] == checkpoint.param_shapes(model.abstract_params(mc))
@@ -107,7 +107,7 @@ def test_transformers_4_config_json_imports_the_same_model(zoo, tmp_path, family
     cfg["rope_scaling"] = dict(rope, type=kind) if kind != "default" else None  # the oldest spelling: "type"
     cfg["torch_dtype"] = cfg.pop("dtype")
     (src / "config.json").write_text(json.dumps(cfg))
-    meta = hf.import_hf(str(src), str(tmp_path / "ckpt"), lr_min=1e-5)
+    meta = hf_import.import_hf(str(src), str(tmp_path / "ckpt"), lr_min=1e-5)
     assert meta["model"] == checkpoint.read_metadata(zoo.ckpt(family))["model"]
 
 
@@ -127,15 +127,15 @@ def test_check_command(zoo, capsys):
 def test_import_then_export_is_bit_identical(zoo, family, tmp_path):
     spec, out = FAMILIES[family], str(tmp_path / "exported")
     # Small shards for llama: the export writes an index too. No dtype: the import's is kept.
-    r = hf.export_hf(zoo.ckpt(family), out, max_shard_bytes=60_000 if family == "llama" else 10**9)
+    r = hf_export.export_hf(zoo.ckpt(family), out, max_shard_bytes=60_000 if family == "llama" else 10**9)
     assert r == {"architecture": spec["cls"], "dtype": spec["dtype"], "dtype_reason": "the dtype it was imported in"}
     names = sorted(os.listdir(out))
     if family == "llama":
-        assert hf.INDEX_FILE in names and sum(n.endswith(".safetensors") for n in names) > 1
-        index = json.loads(open(os.path.join(out, hf.INDEX_FILE)).read())
+        assert hf_import.INDEX_FILE in names and sum(n.endswith(".safetensors") for n in names) > 1
+        index = json.loads(open(os.path.join(out, hf_import.INDEX_FILE)).read())
         assert set(index["weight_map"].values()) == {n for n in names if n.endswith(".safetensors")}
     else:
-        assert hf.SINGLE_FILE in names and hf.INDEX_FILE not in names
+        assert hf_import.SINGLE_FILE in names and hf_import.INDEX_FILE not in names
     assert "config.json" in names and "generation_config.json" in names
     assert ("tokenizer.json" if spec["tokenizer"] == "hf" else "tokenizer.model") in names
 
@@ -163,7 +163,7 @@ def test_a_moved_import_exports_its_own_tokenizer(zoo, tmp_path):
     meta = checkpoint.read_metadata(str(moved))
     assert not meta["tokenizer"].startswith(str(moved))  # the metadata still names the old place
     out = tmp_path / "exported"
-    hf.export_hf(str(moved), str(out), dtype="bfloat16")
+    hf_export.export_hf(str(moved), str(out), dtype="bfloat16")
     assert file_sha256(out / "tokenizer.json") == meta["tokenizer_fingerprint"]
     assert os.path.isfile(out / "tokenizer_config.json")
     cfg = json.loads((out / "config.json").read_text())
@@ -189,7 +189,7 @@ def test_export_command_keeps_the_imported_dtype_unless_told(zoo, tmp_path, caps
 
 def _own_checkpoint(directory, mc, **meta):
     params = model.init_params(mc, 0)
-    hf.write_checkpoint(str(directory), params, {
+    hf_import.write_checkpoint(str(directory), params, {
         "step": 0, "model": mc.to_dict(), "param_shapes": checkpoint.param_shapes(params), "lr_min": 1e-5, **meta})
     return str(directory)
 
@@ -197,13 +197,14 @@ def _own_checkpoint(directory, mc, **meta):
 def test_export_dtype_of_a_model_cpt_jax_trained_and_of_a_continued_import(zoo, tmp_path):
     # Trained from scratch by cpt_jax: its float32 master weights.
     mc = model.ModelConfig(n_layers=1, d_model=32, n_heads=2, n_kv_heads=2, d_ff=64, vocab_size=64, max_seq_len=32)
-    r = hf.export_hf(_own_checkpoint(tmp_path / "own", mc), str(tmp_path / "own_hf"))
+    r = hf_export.export_hf(_own_checkpoint(tmp_path / "own", mc), str(tmp_path / "own_hf"))
     assert (r["dtype"], r["dtype_reason"]) == ("float32", "trained by cpt_jax; --dtype bfloat16 halves the size")
     assert {t.dtype for t in safetensors_of(tmp_path / "own_hf").values()} == {torch.float32}
     # A checkpoint continued from the bf16 Qwen2 import: the import's dtype, found through init_from.
     imported = checkpoint.read_metadata(zoo.ckpt("qwen2"))
     mc = model.ModelConfig.from_config(imported["model"])
-    r = hf.export_hf(_own_checkpoint(tmp_path / "cpt", mc, init_from=zoo.ckpt("qwen2")), str(tmp_path / "cpt_hf"))
+    continued = _own_checkpoint(tmp_path / "cpt", mc, init_from=zoo.ckpt("qwen2"))
+    r = hf_export.export_hf(continued, str(tmp_path / "cpt_hf"))
     assert r == {"architecture": "Qwen2ForCausalLM", "dtype": "bfloat16",
                  "dtype_reason": "the dtype it was imported in"}
     assert {t.dtype for t in safetensors_of(tmp_path / "cpt_hf").values()} == {torch.bfloat16}
@@ -232,7 +233,7 @@ def test_continued_run_starts_at_the_imported_lr_min_and_exports(zoo, tmp_path):
     # metadata of the checkpoint it was initialised from; so does the dtype (the import's float32).
     out = str(tmp_path / "exported")
     assert checkpoint.read_metadata(wd)["source_dtype"] == "float32"
-    assert hf.export_hf(wd, out)["dtype"] == "float32"
+    assert hf_export.export_hf(wd, out)["dtype"] == "float32"
     cfg = json.loads(open(os.path.join(out, "config.json")).read())
     assert cfg["architectures"] == ["MistralForCausalLM"] and cfg["sliding_window"] == 48
     assert file_sha256(os.path.join(out, "tokenizer.model")) == file_sha256(os.path.join(zoo.hf("mistral"),
@@ -282,16 +283,16 @@ def test_cpt_hf_config_reads_the_model_from_the_import(zoo):
 def test_published_schedule_table(zoo, tmp_path, monkeypatch):
     llama2_7b = dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                      intermediate_size=11008, vocab_size=32000)
-    known = hf.published_schedule(llama2_7b)
+    known = hf_import.published_schedule(llama2_7b)
     assert (known.lr_max, known.lr_min) == (3e-4, 3e-5) and "Llama 2" in known.reference
-    assert hf.published_schedule(dict(llama2_7b, num_key_value_heads=8)) is None
-    assert hf.published_schedule(dict(llama2_7b, model_type="mistral")) is None
+    assert hf_import.published_schedule(dict(llama2_7b, num_key_value_heads=8)) is None
+    assert hf_import.published_schedule(dict(llama2_7b, model_type="mistral")) is None
 
     # A model found in the table needs no --lr_min.
-    tiny = hf.PublishedSchedule("tiny test model", 1e-3, 1e-4, "this test",
-                                hf._llama_shape(64, 2, 4, 2, 96, VOCAB))
-    monkeypatch.setattr(hf, "PUBLISHED_SCHEDULES", (tiny,))
-    meta = hf.import_hf(zoo.hf("llama"), str(tmp_path / "ckpt"))
+    tiny = hf_import.PublishedSchedule("tiny test model", 1e-3, 1e-4, "this test",
+                                hf_import._llama_shape(64, 2, 4, 2, 96, VOCAB))
+    monkeypatch.setattr(hf_import, "PUBLISHED_SCHEDULES", (tiny,))
+    meta = hf_import.import_hf(zoo.hf("llama"), str(tmp_path / "ckpt"))
     assert (meta["lr_min"], meta["lr_max"]) == (1e-4, 1e-3)
     assert meta["schedule"]["source"] == "table" and "this test" in meta["schedule"]["reference"]
 
@@ -319,7 +320,7 @@ def _missing_shard(zoo, tmp_path):
     d = _copy(zoo, "llama", tmp_path)
     shard = sorted(n for n in os.listdir(d) if n.endswith(".safetensors"))[1]
     os.remove(d / shard)
-    return d, [hf.INDEX_FILE, f"shard {shard}", "missing"]
+    return d, [hf_import.INDEX_FILE, f"shard {shard}", "missing"]
 
 
 def _wrong_shape(zoo, tmp_path):
@@ -461,7 +462,7 @@ def test_output_directory_must_be_new_or_empty(zoo, tmp_path, capsys):
     # An empty directory is fine.
     empty = tmp_path / "empty"
     empty.mkdir()
-    hf.import_hf(zoo.hf("mistral"), str(empty), lr_min=1e-5)
+    hf_import.import_hf(zoo.hf("mistral"), str(empty), lr_min=1e-5)
     assert sorted(os.listdir(empty)) == ["checkpoints", "tokenizer"]
     assert [n for n in os.listdir(tmp_path) if ".tmp-" in n] == []
 
@@ -481,7 +482,7 @@ def test_api_raises_config_error(tmp_path):
         (tmp_path / "empty").mkdir()
         (tmp_path / "empty" / "config.json").write_text(json.dumps(dict(FAMILIES["llama"]["config"],
                                                                           architectures=["LlamaForCausalLM"])))
-        hf.import_hf(str(tmp_path / "empty"), str(tmp_path / "out"), lr_min=1e-5)
+        hf_import.import_hf(str(tmp_path / "empty"), str(tmp_path / "out"), lr_min=1e-5)
     with pytest.raises(ConfigError, match="--dtype"):
-        hf.export_hf(str(tmp_path), str(tmp_path / "out"), dtype="int8")
+        hf_export.export_hf(str(tmp_path), str(tmp_path / "out"), dtype="int8")
     assert not (tmp_path / "out").exists()

@@ -24,7 +24,7 @@ from cpt_jax.config import ConfigError, default_config
 from cpt_jax.data import pipeline as pl
 from cpt_jax.data import sources
 from cpt_jax.data.synthetic import synthetic_examples
-from cpt_jax.data.tokenizer import load_tokenizer
+from cpt_jax.data.tokenization import load_tokenizer
 
 B, L, STEPS, VOCAB = 8, 16, 24, 1000
 

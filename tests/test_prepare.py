@@ -23,9 +23,11 @@ from data_helpers import (
 )
 
 from cpt_jax.config import ConfigError
-from cpt_jax.data import prepare as prep
-from cpt_jax.data.prepare import parse_input, prepare
-from cpt_jax.data.tokenizer import load_tokenizer
+from cpt_jax.data import documents as docs_lib
+from cpt_jax.data import packing
+from cpt_jax.data.documents import parse_input
+from cpt_jax.data.packing import prepare
+from cpt_jax.data.tokenization import load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = make_documents(150, seed=5) + list(ODD_TEXTS)
@@ -216,7 +218,7 @@ def _columnar_inputs(tmp_path, docs, column="text"):
 
 
 def test_parquet_and_arrow_inputs_give_the_examples_of_jsonl(tmp_path, sp_path, corpus, monkeypatch):
-    monkeypatch.setattr(prep, "TASK_BYTES", 2000)  # several tasks per file
+    monkeypatch.setattr(docs_lib, "TASK_BYTES", 2000)  # several tasks per file
     parquet, arrow = _columnar_inputs(tmp_path, DOCS, column="body")
     outputs = {}
     for kind, spec in (("jsonl", f"jsonl:{corpus}"), ("parquet", f"parquet:{parquet}:body"),
@@ -258,12 +260,12 @@ def test_parquet_and_arrow_errors(tmp_path, sp_path):
 
 
 def test_parse_input():
-    assert parse_input("jsonl:a/*.jsonl") == prep.InputSpec("jsonl:a/*.jsonl", "jsonl", pattern="a/*.jsonl")
+    assert parse_input("jsonl:a/*.jsonl") == docs_lib.InputSpec("jsonl:a/*.jsonl", "jsonl", pattern="a/*.jsonl")
     assert parse_input("jsonl:a/*.jsonl:body").field == "body"
     assert parse_input("text:/x/**/*.md").pattern == "/x/**/*.md"
-    assert parse_input("parquet:/d/*.parquet:content") == prep.InputSpec("parquet:/d/*.parquet:content", "parquet",
+    assert parse_input("parquet:/d/*.parquet:content") == docs_lib.InputSpec("parquet:/d/*.parquet:content", "parquet",
                                                                          pattern="/d/*.parquet", field="content")
-    assert parse_input("arrow:/saved/ds") == prep.InputSpec("arrow:/saved/ds", "arrow", pattern="/saved/ds")
+    assert parse_input("arrow:/saved/ds") == docs_lib.InputSpec("arrow:/saved/ds", "arrow", pattern="/saved/ds")
     spec = parse_input("tfds:wiki/en:train[:10%]:content")
     assert (spec.tfds_name, spec.tfds_config, spec.split, spec.feature) == ("wiki", "en", "train[:10%]", "content")
     spec = parse_input("tfds:wiki")
@@ -277,8 +279,8 @@ def test_parse_input():
 
 def test_one_or_two_workers_give_identical_output(tmp_path, sp_path, corpus, monkeypatch):
     # Small tasks, so that two workers really split the input between them.
-    monkeypatch.setattr(prep, "TASK_BYTES", 1500)
-    monkeypatch.setattr(prep, "TASK_FILES", 2)
+    monkeypatch.setattr(docs_lib, "TASK_BYTES", 1500)
+    monkeypatch.setattr(docs_lib, "TASK_FILES", 2)
     write_text_files(tmp_path / "texts", make_documents(9, seed=8))
     specs = [f"jsonl:{corpus}", f"text:{tmp_path}/texts/*.txt"]
     outputs = {}
@@ -344,8 +346,8 @@ class Boom(RuntimeError):
 
 
 def test_interrupted_prepare_leaves_nothing(tmp_path, sp_path, corpus, monkeypatch):
-    monkeypatch.setattr(prep, "TASK_BYTES", 2000)
-    real = prep._process_task
+    monkeypatch.setattr(docs_lib, "TASK_BYTES", 2000)
+    real = packing._process_task
     calls = []
 
     def failing(task, *args):
@@ -354,7 +356,7 @@ def test_interrupted_prepare_leaves_nothing(tmp_path, sp_path, corpus, monkeypat
             raise Boom("worker died")
         return real(task, *args)
 
-    monkeypatch.setattr(prep, "_process_task", failing)
+    monkeypatch.setattr(packing, "_process_task", failing)
     out = str(tmp_path / "out")
     with pytest.raises(Boom):
         prepare([f"jsonl:{corpus}"], sp_path, 8, out, 1, examples_per_shard=5)
@@ -363,7 +365,7 @@ def test_interrupted_prepare_leaves_nothing(tmp_path, sp_path, corpus, monkeypat
     def interrupt(task, *args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prep, "_process_task", interrupt)
+    monkeypatch.setattr(packing, "_process_task", interrupt)
     with pytest.raises(KeyboardInterrupt):
         prepare([f"jsonl:{corpus}"], sp_path, 8, out, 1)
     assert_nothing_written(out)
@@ -371,8 +373,8 @@ def test_interrupted_prepare_leaves_nothing(tmp_path, sp_path, corpus, monkeypat
 
 def test_worker_process_failure_leaves_nothing(tmp_path, sp_path, corpus, monkeypatch):
     # The patched task function is pickled by reference and re-imported by the spawned workers.
-    monkeypatch.setattr(prep, "TASK_BYTES", 2000)
-    monkeypatch.setattr(prep, "_process_task", failing_process_task)
+    monkeypatch.setattr(docs_lib, "TASK_BYTES", 2000)
+    monkeypatch.setattr(packing, "_process_task", failing_process_task)
     out = str(tmp_path / "out")
     with pytest.raises(RuntimeError, match="worker died"):
         prepare([f"jsonl:{corpus}"], sp_path, 8, out, 1, workers=2)
@@ -381,7 +383,7 @@ def test_worker_process_failure_leaves_nothing(tmp_path, sp_path, corpus, monkey
 
 def test_bad_jsonl_records(tmp_path, sp_path, monkeypatch):
     # Blocks smaller than a line: line numbers must stay right across task boundaries.
-    monkeypatch.setattr(prep, "TASK_BYTES", 64)
+    monkeypatch.setattr(docs_lib, "TASK_BYTES", 64)
     good = make_documents(30, seed=10)
     lines = [json.dumps({"text": d}) for d in good]
     lines.insert(3, "{not json")
@@ -502,7 +504,7 @@ def test_progress_bar_on_a_terminal(tmp_path, sp_path, corpus, monkeypatch):
 
     term = Terminal()
     monkeypatch.setattr(sys, "stderr", term)
-    monkeypatch.setattr(prep, "TASK_BYTES", 2000)
+    monkeypatch.setattr(docs_lib, "TASK_BYTES", 2000)
     prepare([f"jsonl:{corpus}"], sp_path, 16, str(tmp_path / "out"), 2, name="tty")
     text = term.getvalue()
     assert "\rprepare tty:" in text and "docs (" in text and "tokens (" in text and "/s)" in text

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from cpt_jax import checkpoint, hf, model, sample
+from cpt_jax import checkpoint, hf_import, model, sample
 from cpt_jax.config import ConfigError
 
 torch = pytest.importorskip("torch")
@@ -32,8 +32,7 @@ def test_greedy_decoding_matches_transformers_generate(zoo, capsys, family):
     got = [json.loads(line) for line in out.splitlines()]
     assert [g["prompt"] for g in got] == PROMPTS
 
-    from cpt_jax.data.prepare import resolve_bos
-    from cpt_jax.data.tokenizer import load_tokenizer
+    from cpt_jax.data.tokenization import load_tokenizer, resolve_bos
 
     tok = load_tokenizer(checkpoint.read_metadata(ckpt)["tokenizer"])
     reference = transformers.AutoModelForCausalLM.from_pretrained(zoo.hf(family), dtype=torch.float32).eval()
@@ -67,8 +66,7 @@ def test_sampling_is_seeded_and_text_output_shows_each_prompt(zoo, capsys):
 
 def test_prompts_start_with_bos_as_the_checkpoint_was_trained_unless_told(zoo, capsys, monkeypatch):
     from cpt_jax import decode
-    from cpt_jax.data.prepare import resolve_bos
-    from cpt_jax.data.tokenizer import load_tokenizer
+    from cpt_jax.data.tokenization import load_tokenizer, resolve_bos
 
     ckpt = zoo.ckpt("nemotron")  # a sentencepiece tokenizer with a BOS token
     tok = load_tokenizer(checkpoint.read_metadata(ckpt)["tokenizer"])
@@ -92,13 +90,13 @@ _TINY = model.ModelConfig(n_layers=1, d_model=32, n_heads=2, n_kv_heads=2, d_ff=
 def _own_checkpoint_without_tokenizer(tmp_path):
     mc = _TINY
     params = model.init_params(mc, 0)
-    hf.write_checkpoint(str(tmp_path / "own"), params, {
+    hf_import.write_checkpoint(str(tmp_path / "own"), params, {
         "step": 0, "model": mc.to_dict(), "param_shapes": checkpoint.param_shapes(params), "lr_min": 1e-5})
     return str(tmp_path / "own")
 
 
 def _checkpoint_without_model(tmp_path):
-    hf.write_checkpoint(str(tmp_path / "nomodel"), {"w": model.init_params(_TINY, 0)["embed"]}, {"step": 0})
+    hf_import.write_checkpoint(str(tmp_path / "nomodel"), {"w": model.init_params(_TINY, 0)["embed"]}, {"step": 0})
     return str(tmp_path / "nomodel")
 
 

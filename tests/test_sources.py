@@ -25,7 +25,7 @@ from cpt_jax.data.sources import (
     record_index,
     segment_ids_and_positions,
 )
-from cpt_jax.data.tokenizer import load_tokenizer
+from cpt_jax.data.tokenization import load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ_LEN = 9

@@ -19,7 +19,7 @@ from data_helpers import (
 
 from cpt_jax import tokenizer as cli
 from cpt_jax.config import ConfigError
-from cpt_jax.data.tokenizer import load_tokenizer, token_dtype, train_sentencepiece
+from cpt_jax.data.tokenization import load_tokenizer, token_dtype, train_sentencepiece
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXTS = make_documents(30, seed=11) + list(ODD_TEXTS) + [" leading space", "trailing space ", "x"]

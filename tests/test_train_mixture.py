@@ -9,7 +9,7 @@ import data_helpers
 import pytest
 
 from cpt_jax import checkpoint, config, schedules, train
-from cpt_jax.data.tokenizer import load_tokenizer
+from cpt_jax.data.tokenization import load_tokenizer
 
 STEPS, START_LR = 20, 1e-3
 

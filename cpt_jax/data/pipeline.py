@@ -178,7 +178,7 @@ class Pipeline:
 
     def _load_sources(self, cfg: Any) -> int:
         """Opens and checks data.sources; returns the EOS id that ends their documents."""
-        from cpt_jax.data.tokenizer import load_tokenizer
+        from cpt_jax.data.tokenization import load_tokenizer
 
         if not cfg.data.tokenizer:
             raise ConfigError(

@@ -27,7 +27,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
 
 from cpt_jax.config import ConfigError, first_line
-from cpt_jax.data.prepare import FORMAT_VERSION, MANIFEST, VAL_FILE
+from cpt_jax.data.packing import FORMAT_VERSION, MANIFEST, VAL_FILE
 
 _DTYPES = ("uint16", "uint32")
 _REQUIRED = {

@@ -7,7 +7,7 @@ Per seed (everything is repeated for each, corpus included):
   corpus     biographies of two disjoint populations (A: pretraining, B: the new domain), QA pairs
              about A, and three multiple-choice tasks: retention (A's facts), acquisition (B's facts),
              held-out QA (questions about B, never asked in training)            (corpus.py)
-  data       a sentencepiece tokenizer and the prepared sources A, B, qa (cpt_jax.data.prepare)
+  data       a sentencepiece tokenizer and the prepared sources A, B, qa (cpt_jax.data.packing)
   base       pretraining on A (warmup + cosine) until its validation loss has flattened
   runs       continued runs from the base checkpoint, the same token budget each (runs.py):
                baseline  A only, the recipe's LR schedule
@@ -21,6 +21,6 @@ intervals, paired differences, and the paper's four questions answered agree / d
 tell (report.py, stats.py). A stage whose output is in DIR is reused.
 """
 
-from cpt_jax.demo.cli import main, run
+from cpt_jax.demo.command import main, run
 
 __all__ = ["main", "run"]

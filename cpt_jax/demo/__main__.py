@@ -1,5 +1,5 @@
 import sys
 
-from cpt_jax.demo.cli import main
+from cpt_jax.demo.command import main
 
 sys.exit(main())

@@ -171,8 +171,8 @@ class Data:
 
 def prepare_data(seed_dir: str, s: Scale, seed: int, say: Callable[[str], None]) -> Data:
     """Corpus, tokenizer and prepared sources of one seed (each made only when absent)."""
-    from cpt_jax.data.prepare import prepare, resolve_bos
-    from cpt_jax.data.tokenizer import load_tokenizer, train_sentencepiece
+    from cpt_jax.data.packing import prepare
+    from cpt_jax.data.tokenization import load_tokenizer, resolve_bos, train_sentencepiece
 
     corpus_dir = os.path.join(seed_dir, "corpus")
     paths = corpus_lib.paths(corpus_dir)

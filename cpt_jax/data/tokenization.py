@@ -27,6 +27,7 @@ from cpt_jax.config import ConfigError, first_line
 EOS_CANDIDATES = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<|eos|>")
 BOS_CANDIDATES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>", "<|bos|>")
 PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
+BOS_CHOICES = ("auto", "always", "never")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -166,7 +167,7 @@ class HuggingFaceTokenizer(Tokenizer):
         self._tok = tok
         vocab = tok.get_vocab(with_added_tokens=True)
         vocab_size = max(max(vocab.values(), default=-1) + 1, tok.get_vocab_size(with_added_tokens=True))
-        named = _config_special_tokens(path)
+        named, config_says = _config_tokens(path)
         eos = self._special_id("eos", named, EOS_CANDIDATES, path)
         if eos is None:
             raise ConfigError(
@@ -178,7 +179,6 @@ class HuggingFaceTokenizer(Tokenizer):
         # tokenizer_config.json's add_bos_token when it says (transformers honours it over the
         # template), else what the post-processor's template does (Llama 3 and Mistral start with
         # BOS; Qwen2 has no BOS).
-        config_says = _config_add_bos(path)
         if config_says is None:
             ids = tok.encode("a", add_special_tokens=True).ids
             config_says = bos is not None and bool(ids) and ids[0] == bos
@@ -228,17 +228,9 @@ def _tokenizer_config(path: str) -> tuple[str, dict[str, Any]]:
     return config, cfg
 
 
-def _config_add_bos(path: str) -> bool | None:
-    """tokenizer_config.json's add_bos_token (None when it does not say)."""
-    config, cfg = _tokenizer_config(path)
-    value = cfg.get("add_bos_token")
-    if value is not None and not isinstance(value, bool):
-        raise ConfigError(f"{config}: add_bos_token is {value!r}, expected true or false")
-    return value
-
-
-def _config_special_tokens(path: str) -> dict[str, str | None]:
-    """{'eos': content, ...} for the special tokens a tokenizer_config.json beside `path` names."""
+def _config_tokens(path: str) -> tuple[dict[str, str | None], bool | None]:
+    """({'eos': content, ...} for the special tokens a tokenizer_config.json beside `path` names,
+    its add_bos_token or None when it does not say)."""
     config, cfg = _tokenizer_config(path)
     named: dict[str, str | None] = {}
     for which in ("eos", "bos", "pad"):
@@ -251,7 +243,10 @@ def _config_special_tokens(path: str) -> dict[str, str | None]:
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"{config}: {key} is {value!r}, expected a token string")
         named[which] = value
-    return named
+    add_bos = cfg.get("add_bos_token")
+    if add_bos is not None and not isinstance(add_bos, bool):
+        raise ConfigError(f"{config}: add_bos_token is {add_bos!r}, expected true or false")
+    return named, add_bos
 
 
 def resolve_tokenizer_path(path: str | os.PathLike) -> str:
@@ -304,23 +299,17 @@ class _Sentences:
         self.error: BaseException | None = None
 
     def __iter__(self) -> Iterator[str]:
+        count = 0
         try:
-            yield from _sentences(self.documents, self.max_sentences)
+            for doc in self.documents:
+                for line in filter(str.strip, doc.splitlines()):
+                    for start in range(0, len(line), _MAX_SENTENCE_CHARS):
+                        yield line[start:start + _MAX_SENTENCE_CHARS]
+                        count += 1
+                        if count >= self.max_sentences:
+                            return
         except Exception as e:
             self.error = e
-
-
-def _sentences(documents: Iterable[str], max_sentences: int) -> Iterator[str]:
-    count = 0
-    for doc in documents:
-        for line in doc.splitlines():
-            if not line.strip():
-                continue
-            for start in range(0, len(line), _MAX_SENTENCE_CHARS):
-                yield line[start:start + _MAX_SENTENCE_CHARS]
-                count += 1
-                if count >= max_sentences:
-                    return
 
 
 def train_sentencepiece(documents: Iterable[str], out: str | os.PathLike, vocab_size: int, *,
@@ -394,3 +383,19 @@ def describe(tok: Tokenizer) -> dict[str, Any]:
         "eos_id": tok.eos_id,
         "pad_id": tok.pad_id,
     }
+
+
+def resolve_bos(choice: str, tok: Tokenizer) -> bool:
+    """Whether documents start with BOS for `--bos` auto (the tokenizer's own convention), always
+    or never. ConfigError for an unknown choice or 'always' without a BOS to add."""
+    if choice not in BOS_CHOICES:
+        raise ConfigError(f"--bos: {choice!r}, expected one of {', '.join(BOS_CHOICES)}")
+    if choice == "always" and tok.bos_id is None:
+        raise ConfigError(f"--bos always: tokenizer {tok.path} has no BOS token, expected one (use --bos auto or "
+                          "never)")
+    if choice == "always" and tok.bos_id == tok.eos_id:
+        raise ConfigError(f"--bos always: tokenizer {tok.path}'s BOS is its EOS (id {tok.eos_id}), which already "
+                          "separates the documents; expected --bos auto or never")
+    # A BOS that is also the EOS would end a document where it starts: the EOS before it serves.
+    return choice == "always" or (choice == "auto" and tok.adds_bos and tok.bos_id != tok.eos_id)
+
