@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 import ml_collections
+import numpy as np
 from ml_collections import config_dict
 
 # Keys whose value may change between the start of a run and its resumption (they do not change
@@ -231,17 +232,19 @@ def check_key(key: str) -> None:
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:
     """The resolved config as stable JSON (written to WORKDIR/config.json)."""
-    return json.dumps(_plain(cfg.to_dict()), indent=2, sort_keys=True)
+    return json.dumps(plain(cfg.to_dict()), indent=2, sort_keys=True)
 
 
-def _plain(x: Any) -> Any:
+def plain(x: Any) -> Any:
+    """`x` with only what JSON holds: dicts with string keys, lists, Python scalars (a config's
+    field references resolved, numpy scalars converted)."""
     if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
+        return {str(k): plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
+        return [plain(v) for v in x]
     if isinstance(x, config_dict.FieldReference):
-        return _plain(x.get())
-    return x
+        return plain(x.get())
+    return x.item() if isinstance(x, np.generic) else x
 
 
 def run_identity_diff(saved: dict, current: dict) -> str | None:
