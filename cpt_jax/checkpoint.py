@@ -16,10 +16,10 @@ Format 1 (items `params`, `opt_state` and a JSON item `metadata`) is still read.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -74,27 +74,18 @@ def is_step_dir(path: str) -> bool:
     return os.path.basename(os.path.normpath(path)).isdigit() and _has_metadata(path)
 
 
+def _step_names(root: str) -> dict[str, bool]:
+    """{name: whether its save finished (orbax's commit marker is there)} of the step directories
+    under a checkpoints/ directory."""
+    if not os.path.isdir(root):
+        return {}
+    return {name: os.path.isfile(os.path.join(root, name, _COMMIT_MARKER))
+            for name in os.listdir(root) if name.isdigit() and os.path.isdir(os.path.join(root, name))}
+
+
 def complete_steps(root: str) -> list[int]:
     """Steps under a checkpoints/ directory whose save finished (orbax's commit marker is there)."""
-    if not os.path.isdir(root):
-        return []
-    steps = []
-    for name in os.listdir(root):
-        d = os.path.join(root, name)
-        if name.isdigit() and os.path.isdir(d) and os.path.isfile(os.path.join(d, _COMMIT_MARKER)):
-            steps.append(int(name))
-    return sorted(steps)
-
-
-def incomplete_steps(root: str) -> list[str]:
-    """Step directories whose save never finished (no commit marker): ignored when resuming."""
-    if not os.path.isdir(root):
-        return []
-    return sorted(
-        name
-        for name in os.listdir(root)
-        if name.isdigit() and not os.path.isfile(os.path.join(root, name, _COMMIT_MARKER))
-    )
+    return sorted(int(name) for name, committed in _step_names(root).items() if committed)
 
 
 def resolve(path: str, key: str = "init_from") -> tuple[str, int]:
@@ -277,7 +268,7 @@ def read_data_state(root: str, step: int) -> tuple[str, dict[str, Any] | None]:
 def set_aside_incomplete(root: str, warn) -> None:
     """Move step directories whose save never finished to `<step>.incomplete` (orbax would
     otherwise refuse to save that step again); nothing is deleted."""
-    for name in incomplete_steps(root):
+    for name in sorted(name for name, committed in _step_names(root).items() if not committed):
         target = os.path.join(root, f"{name}.incomplete")
         os.replace(os.path.join(root, name), target)
         warn(f"warning: ignoring {os.path.join(root, name)}: its save never finished (no {_COMMIT_MARKER}); "
@@ -372,39 +363,37 @@ class CheckpointWriteError(CheckpointError):
 
 
 class _HeldOrbaxErrors(logging.Filter):
-    """Holds back what orbax prints when a save fails (its ERROR records with tracebacks, and the
-    'Event loop is closed' its threads raise on the way out): the loop reports the failure once,
-    as one line. Held records that no raised error accounts for are printed at close, so nothing
-    is lost."""
+    """Holds back what orbax prints when a save fails (its ERROR records with tracebacks, and
+    asyncio's 'Task exception was never retrieved' for the other writes of orbax's that failed
+    alike): the loop reports the failure once, as one line. Held records that no raised error
+    accounts for are printed at close, so nothing is lost."""
+
+    _LOGGERS = ("absl", "asyncio")
 
     def __init__(self):
         super().__init__()
         self.records: list[logging.LogRecord] = []
         self.accounted = False
-        self._previous_hook = None
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname:
+        if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in f"{record.pathname} {record.getMessage()}":
             self.records.append(record)
             return False
         return True
 
-    def _unraisable(self, info) -> None:
-        if isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed":
-            return  # orbax's helper threads, after a failed save, finding their loop gone
-        self._previous_hook(info)
-
     def hold(self) -> _HeldOrbaxErrors:
-        logging.getLogger("absl").addFilter(self)
-        self._previous_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
+        for name in self._LOGGERS:
+            logging.getLogger(name).addFilter(self)
         return self
 
     def release(self) -> None:
-        logging.getLogger("absl").removeFilter(self)
-        sys.unraisablehook = self._previous_hook
+        if self.accounted:
+            gc.collect()  # asyncio reports a failed task when it is collected: while it is held, not at exit
+        for name in self._LOGGERS:
+            logging.getLogger(name).removeFilter(self)
         if not self.accounted:
             for record in self.records:
-                logging.getLogger("absl").handle(record)
+                logging.getLogger(record.name).handle(record)
 
 
 def _write_failure(step: int, e: BaseException) -> CheckpointWriteError:
