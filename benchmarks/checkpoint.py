@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"config: {args.config} steps={args.steps} every={args.every} repeats={args.repeats} "
           f"{' '.join(args.overrides)}")
     print(f"never checkpointing:       {result['never_steps_per_sec']:8.2f} steps/s (median)")
-    print(f"checkpoint every {args.every:<4d}:     {result['every_steps_per_sec']:8.2f} steps/s (median, "
+    print(f"{f'checkpoint every {args.every}:':27s}{result['every_steps_per_sec']:8.2f} steps/s (median, "
           f"{every[-1]['checkpoint_saves']} saves a run)")
     print(f"slowdown (target <= 1.1x): {result['slowdown']:8.2f}x median of {len(ratios)} alternating pairs "
           f"(range {min(ratios):.2f}-{max(ratios):.2f})")
