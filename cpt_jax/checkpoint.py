@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import time
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -218,8 +219,7 @@ def _restore(root: str, step: int, **items: Any) -> dict[str, Any]:
 
 def restore_from(path: str, **abstract: Any) -> dict[str, Any]:
     """Items (params=..., opt_state=...) of another checkpoint into the given abstract targets."""
-    root, step = resolve(path)
-    return _restore(root, step, **abstract)
+    return _restore(*resolve(path), **abstract)
 
 
 def restore_latest_good(root: str, abstract_state: dict[str, Any], warn) -> tuple[int, dict[str, Any]] | None:
@@ -299,28 +299,16 @@ def _array_registry(replica_parallel: bool):
     ])
 
 
-class _IteratorState:
-    """A data iterator's state, taken when a save starts (the iterator moves on while the save is
-    written), in the form grain's orbax handler saves: an object whose get_state() gives the JSON
-    bytes, as grain's DataLoader iterator does (a resume reads the file back with read_data_state)."""
-
-    def __init__(self, state: dict[str, Any]):
-        self.state = state
-
-    def get_state(self) -> bytes:
-        return json.dumps(self.state, indent=1).encode()
-
-
-def _manager(root: str, *, max_to_keep: int | None, async_save: bool, committed=None) -> ocp.CheckpointManager:
+def _manager(root: str, *, max_to_keep: int | None, async_save: bool, written=None) -> ocp.CheckpointManager:
     """Orbax's manager of the checkpoints/ directory `root`. With `async_save`, the background part
-    of each save calls `committed()` once the files are written, just before the commit marker."""
+    of each save calls `written()` once the files are written, just before the commit marker."""
     handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_array_registry(jax.process_count() > 1))
     return ocp.CheckpointManager(
         root,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
-            async_options=ocp.AsyncOptions(post_finalization_callback=committed) if async_save else None,
+            async_options=ocp.AsyncOptions(post_finalization_callback=written) if async_save else None,
             enable_background_delete=True,  # removing old steps is not the save's business
             cleanup_tmp_directories=True,  # what a killed save left half-written is never a checkpoint
             create=True,
@@ -335,7 +323,10 @@ def _save(mngr: ocp.CheckpointManager, step: int, items: dict[str, Any], metadat
     data iterator state and our metadata (with the format, the step and whether the step carries
     optimizer state) as step `step`."""
     meta = plain(dict(metadata, format_version=FORMAT_VERSION, step=int(step), has_opt_state="opt_state" in items))
-    data = {} if data_state is None else {_DATA: grain.checkpoint.CheckpointSave(_IteratorState(data_state))}
+    # grain's handler writes what `get_state()` of its item gives, JSON bytes, as for grain's own
+    # iterators (a resume reads the file back with read_data_state)
+    iterator = types.SimpleNamespace(get_state=lambda: json.dumps(data_state, indent=1).encode())
+    data = {} if data_state is None else {_DATA: grain.checkpoint.CheckpointSave(iterator)}
     args = ocp.args.Composite(**{_STATE: ocp.args.PyTreeSave(items)}, **data)
     mngr.save(int(step), args=args, custom_metadata=meta, force=True)
 
@@ -432,21 +423,21 @@ class Checkpointer:
         # Where a save's time goes. wait: the loop waiting in save() for the previous save to
         # commit (the stall asynchronous saving cannot hide); start: the loop in save() after that
         # (the finiteness check and orbax's blocking part: the host copy, which on a CPU includes
-        # waiting for the step's own result); write: the background part, from save() returning
-        # until the files are written, just before the commit (process 0's figure; when
-        # synchronous, orbax's whole save, which start then includes).
+        # waiting for the step's own result); write: orbax's save from its start until the files
+        # are written, just before the commit marker (in the background when asynchronous, so
+        # overlapping the next steps; process 0's figure).
         self.wait_secs = self.start_secs = self.write_secs = 0.0
-        self._async = async_save
         self._last_step = 0  # the latest step a save was started for
-        self._started_at = 0.0  # when that save's background part began
-        self._mngr = _manager(self.root, max_to_keep=max_to_keep, async_save=async_save, committed=self._committed)
+        self._started_at: float | None = None  # when orbax began the save not yet counted in write_secs
+        self._written_at: float | None = None  # when its files were written (on orbax's thread)
+        self._mngr = _manager(self.root, max_to_keep=max_to_keep, async_save=async_save, written=self._files_written)
         self._orbax_errors = _HeldOrbaxErrors().hold()
 
     def should_save(self, step: int, last_step: int) -> bool:
         return step == last_step or (self.every_steps > 0 and step % self.every_steps == 0)
 
-    def _committed(self) -> None:
-        self.write_secs += time.perf_counter() - self._started_at
+    def _files_written(self) -> None:
+        self._written_at = time.perf_counter()
 
     def save(self, step: int, state: dict[str, Any], metadata: dict[str, Any],
              data_state: dict[str, Any] | None = None) -> None:
@@ -464,15 +455,14 @@ class Checkpointer:
         self._last_step = int(step)
         if not bool(_all_finite(items["params"])):
             raise NonFiniteParameters(f"parameters at step {step} are not finite; no checkpoint written")
+        self._started_at = time.perf_counter()
         try:
             _save(self._mngr, step, items, metadata, data_state)
         except Exception as e:  # raised to the loop as one clear error, which stops the run
             raise self._failure(e) from e
-        self._started_at = time.perf_counter()
-        if not self._async:
-            self.write_secs += self._started_at - t1
-        self.start_secs += self._started_at - t1
+        self.start_secs += time.perf_counter() - t1
         self.saves += 1
+        self._count_write()  # a synchronous save is written already
 
     def _failure(self, e: BaseException) -> CheckpointWriteError:
         self._orbax_errors.accounted = True
@@ -490,6 +480,12 @@ class Checkpointer:
             self._mngr.wait_until_finished()
         except Exception as e:
             raise self._failure(e) from e
+        self._count_write()
+
+    def _count_write(self) -> None:
+        if self._started_at is not None and not self._mngr.is_saving_in_progress():
+            self.write_secs += (self._written_at or time.perf_counter()) - self._started_at
+            self._started_at = self._written_at = None
 
     def close(self) -> None:
         """Finish pending writes and release the manager. A write's failure is raised once (orbax
