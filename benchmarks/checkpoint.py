@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"(range {min(ratios):.2f}-{max(ratios):.2f})")
     print(f"loop's stall per save:     {result['stall_ms_per_save']:8.1f} ms: waiting for the previous save "
           f"{result['wait_ms_per_save']:.1f}, then the finiteness check and host copy "
-          f"{result['start_ms_per_save']:.1f} (on a CPU, with the wait for the step's result)")
+          f"{result['start_ms_per_save']:.1f} (on a CPU, with the wait for the step's result; a step takes "
+          f"{1000 / result['never_steps_per_sec']:.1f} ms)")
     print(f"background write:          {result['write_ms_per_save']:8.1f} ms per save (from save() returning until "
           f"the files are written, before the commit marker)")
     print(f"restore (params):          {result['restore_ms']:8.1f} ms")
