@@ -109,10 +109,8 @@ def resolve(path: str, key: str = "init_from") -> tuple[str, int]:
         path = os.path.join(path, "checkpoints")
     steps = [s for s in complete_steps(path) if _has_metadata(os.path.join(path, str(s)))]
     if not steps:
-        raise ConfigError(
-            f"{key}: {path} holds no complete cpt_jax checkpoint, expected a checkpoints/ directory "
-            f"with step directories or one step directory"
-        )
+        raise ConfigError(f"{key}: {path} holds no complete cpt_jax checkpoint, expected a checkpoints/ directory "
+                          f"with step directories or one step directory")
     return path, steps[-1]
 
 
@@ -471,8 +469,10 @@ class Checkpointer:
     def check(self) -> None:
         """Raise now, without waiting, if the last save's background write has failed: a run whose
         checkpoints cannot be written stops at once rather than at its next save."""
+        # Not orbax's check_for_errors(): it misses a failure that orbax's finalize thread has
+        # already taken over, which wait_until_finished() raises (at once when nothing is in progress).
         if not self._mngr.is_saving_in_progress():
-            self.wait()  # returns at once (or raises the failure): nothing is being written
+            self.wait()
 
     def wait(self) -> None:
         """Block until every started save is committed; raises what a write raised."""

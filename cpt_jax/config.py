@@ -280,15 +280,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"{key}: {value!r}, expected a positive integer")
     m, t = cfg.model, cfg.train
     if m.n_heads % m.n_kv_heads:
-        raise ConfigError(
-            f"model.n_heads: {m.n_heads} is not divisible by model.n_kv_heads {m.n_kv_heads}, "
-            f"expected n_heads to be a multiple of n_kv_heads"
-        )
+        raise ConfigError(f"model.n_heads: {m.n_heads} is not divisible by model.n_kv_heads {m.n_kv_heads}, "
+                          f"expected n_heads to be a multiple of n_kv_heads")
     if not m.head_dim and m.d_model % m.n_heads:
-        raise ConfigError(
-            f"model.d_model: {m.d_model} is not divisible by model.n_heads {m.n_heads}, "
-            f"expected a multiple (or set model.head_dim)"
-        )
+        raise ConfigError(f"model.d_model: {m.d_model} is not divisible by model.n_heads {m.n_heads}, "
+                          f"expected a multiple (or set model.head_dim)")
     head_dim = m.head_dim or m.d_model // m.n_heads
     if not 0.0 < m.partial_rotary_factor <= 1.0:
         raise ConfigError(f"model.partial_rotary_factor: {m.partial_rotary_factor}, expected a fraction in (0, 1]")
@@ -301,10 +297,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len: {t.seq_len}, expected at most model.max_seq_len {m.max_seq_len}")
     if t.batch_size % t.micro_batches:
-        raise ConfigError(
-            f"train.micro_batches: {t.micro_batches} does not divide train.batch_size {t.batch_size}, "
-            f"expected a divisor"
-        )
+        raise ConfigError(f"train.micro_batches: {t.micro_batches} does not divide train.batch_size {t.batch_size}, "
+                          f"expected a divisor")
     if t.loss_chunk_tokens < 0 or (t.loss_chunk_tokens and t.seq_len % t.loss_chunk_tokens):
         raise ConfigError(
             f"train.loss_chunk_tokens: {t.loss_chunk_tokens}, expected 0 or a divisor of train.seq_len {t.seq_len}"
@@ -328,9 +322,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if cfg.checkpoint.every_steps < 0:
         raise ConfigError(f"checkpoint.every_steps: {cfg.checkpoint.every_steps}, expected a value >= 0")
     if cfg.wandb.project and importlib.util.find_spec("wandb") is None:
-        raise ConfigError(
-            f"wandb.project: {cfg.wandb.project!r} but the wandb package is not installed, expected "
-            f"`pip install wandb` or wandb.project=''"
-        )
+        raise ConfigError(f"wandb.project: {cfg.wandb.project!r} but the wandb package is not installed, expected "
+                          f"`pip install wandb` or wandb.project=''")
     if cfg.init_from_optimizer and not cfg.init_from:
         raise ConfigError("init_from_optimizer: True without init_from, expected init_from to name a checkpoint")
