@@ -7,7 +7,7 @@ The two runs alternate `--repeats` times, so that load from elsewhere on the mac
 alike (both save once at the end, as every run does). Prints steps/s of each, the slowdown of
 saving every `--every` steps (target: at most 1.1x) as the median of the alternating pairs and
 their range, the loop's stall per save (its seconds inside save(): waiting for the previous save
-to commit, then the finiteness check and orbax's host copy), the background write per save, and
+to commit, then the finiteness check and orbax's host copy), orbax's write per save (in the background), and
 the restore time of the last checkpoint.
 """
 
@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{result['wait_ms_per_save']:.1f}, then the finiteness check and host copy "
           f"{result['start_ms_per_save']:.1f} (on a CPU, with the wait for the step's result; a step takes "
           f"{1000 / result['never_steps_per_sec']:.1f} ms)")
-    print(f"background write:          {result['write_ms_per_save']:8.1f} ms per save (from save() returning until "
-          f"the files are written, before the commit marker)")
+    print(f"orbax's write:             {result['write_ms_per_save']:8.1f} ms per save (from its start until the "
+          f"files are written, in the background)")
     print(f"restore (params):          {result['restore_ms']:8.1f} ms")
     return result
 
