@@ -7,8 +7,8 @@ The two runs alternate `--repeats` times, so that load from elsewhere on the mac
 alike (both save once at the end, as every run does). Prints steps/s of each, the slowdown of
 saving every `--every` steps (target: at most 1.1x) as the median of the alternating pairs and
 their range, the loop's stall per save (its seconds inside save(): waiting for the previous save
-to commit, then the finiteness check and orbax's host copy), orbax's write per save (in the background), and
-the restore time of the last checkpoint.
+to commit, then the finiteness check and orbax's host copy), orbax's write per save (in the
+background), and the restore time of the last checkpoint.
 """
 
 from __future__ import annotations
