@@ -16,13 +16,13 @@ Format 1 (items `params`, `opt_state` and a JSON item `metadata`) is still read.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
-import sys
 import time
+import types
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import grain
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cpt_jax.config import ConfigError, first_line
+from cpt_jax.config import ConfigError, first_line, plain
 from cpt_jax.model import ModelConfig
 
 FORMAT_VERSION = 2
@@ -42,11 +42,6 @@ _STATE = "state"
 _DATA = "data"
 _STEP_METADATA = "_CHECKPOINT_METADATA"  # orbax's per-step file; ours is its "custom_metadata"
 _V1_METADATA = os.path.join("metadata", "metadata")
-# With one process, arrays up to this size are written whole (one chunk) rather than shard by
-# shard: orbax's cost per shard exceeds the write of a small shard, and a restore reads at most
-# this much per device for them. Larger arrays keep one chunk per shard (parallel writes, and a
-# restore reads only its own shards).
-_WHOLE_ARRAY_BYTES = 16 << 20
 
 
 # ----------------------------------------------------------------------------- reading any checkpoint
@@ -80,27 +75,18 @@ def is_step_dir(path: str) -> bool:
     return os.path.basename(os.path.normpath(path)).isdigit() and _has_metadata(path)
 
 
+def _step_names(root: str) -> dict[str, bool]:
+    """{name: whether its save finished (orbax's commit marker is there)} of the step directories
+    under a checkpoints/ directory."""
+    if not os.path.isdir(root):
+        return {}
+    return {name: os.path.isfile(os.path.join(root, name, _COMMIT_MARKER))
+            for name in os.listdir(root) if name.isdigit() and os.path.isdir(os.path.join(root, name))}
+
+
 def complete_steps(root: str) -> list[int]:
     """Steps under a checkpoints/ directory whose save finished (orbax's commit marker is there)."""
-    if not os.path.isdir(root):
-        return []
-    steps = []
-    for name in os.listdir(root):
-        d = os.path.join(root, name)
-        if name.isdigit() and os.path.isdir(d) and os.path.isfile(os.path.join(d, _COMMIT_MARKER)):
-            steps.append(int(name))
-    return sorted(steps)
-
-
-def incomplete_steps(root: str) -> list[str]:
-    """Step directories whose save never finished (no commit marker): ignored when resuming."""
-    if not os.path.isdir(root):
-        return []
-    return sorted(
-        name
-        for name in os.listdir(root)
-        if name.isdigit() and not os.path.isfile(os.path.join(root, name, _COMMIT_MARKER))
-    )
+    return sorted(int(name) for name, committed in _step_names(root).items() if committed)
 
 
 def resolve(path: str, key: str = "init_from") -> tuple[str, int]:
@@ -123,10 +109,8 @@ def resolve(path: str, key: str = "init_from") -> tuple[str, int]:
         path = os.path.join(path, "checkpoints")
     steps = [s for s in complete_steps(path) if _has_metadata(os.path.join(path, str(s)))]
     if not steps:
-        raise ConfigError(
-            f"{key}: {path} holds no complete cpt_jax checkpoint, expected a checkpoints/ directory "
-            f"with step directories or one step directory"
-        )
+        raise ConfigError(f"{key}: {path} holds no complete cpt_jax checkpoint, expected a checkpoints/ directory "
+                          f"with step directories or one step directory")
     return path, steps[-1]
 
 
@@ -233,8 +217,7 @@ def _restore(root: str, step: int, **items: Any) -> dict[str, Any]:
 
 def restore_from(path: str, **abstract: Any) -> dict[str, Any]:
     """Items (params=..., opt_state=...) of another checkpoint into the given abstract targets."""
-    root, step = resolve(path)
-    return _restore(root, step, **abstract)
+    return _restore(*resolve(path), **abstract)
 
 
 def restore_latest_good(root: str, abstract_state: dict[str, Any], warn) -> tuple[int, dict[str, Any]] | None:
@@ -283,7 +266,7 @@ def read_data_state(root: str, step: int) -> tuple[str, dict[str, Any] | None]:
 def set_aside_incomplete(root: str, warn) -> None:
     """Move step directories whose save never finished to `<step>.incomplete` (orbax would
     otherwise refuse to save that step again); nothing is deleted."""
-    for name in incomplete_steps(root):
+    for name in sorted(name for name, committed in _step_names(root).items() if not committed):
         target = os.path.join(root, f"{name}.incomplete")
         os.replace(os.path.join(root, name), target)
         warn(f"warning: ignoring {os.path.join(root, name)}: its save never finished (no {_COMMIT_MARKER}); "
@@ -314,26 +297,16 @@ def _array_registry(replica_parallel: bool):
     ])
 
 
-class _IteratorState:
-    """A data iterator's state, taken when a save starts (a save written later, in the background,
-    must not read an iterator that has moved on), in the form grain's orbax handler saves: an
-    object whose get_state() gives the JSON bytes, as grain's DataLoader iterator does (a resume
-    reads the file back with read_data_state)."""
-
-    def __init__(self, state: dict[str, Any]):
-        self.state = state
-
-    def get_state(self) -> bytes:
-        return json.dumps(self.state, indent=1).encode()
-
-
-def _manager(root: str, *, max_to_keep: int | None, async_save: bool, multi_process: bool) -> ocp.CheckpointManager:
-    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_array_registry(replica_parallel=multi_process))
+def _manager(root: str, *, max_to_keep: int | None, async_save: bool, written=None) -> ocp.CheckpointManager:
+    """Orbax's manager of the checkpoints/ directory `root`. With `async_save`, the background part
+    of each save calls `written()` once the files are written, just before the commit marker."""
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_array_registry(jax.process_count() > 1))
     return ocp.CheckpointManager(
         root,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
+            async_options=ocp.AsyncOptions(post_finalization_callback=written) if async_save else None,
             enable_background_delete=True,  # removing old steps is not the save's business
             cleanup_tmp_directories=True,  # what a killed save left half-written is never a checkpoint
             create=True,
@@ -342,26 +315,26 @@ def _manager(root: str, *, max_to_keep: int | None, async_save: bool, multi_proc
     )
 
 
-def _save_args(items: dict[str, Any], data_state: dict[str, Any] | None = None) -> ocp.args.Composite:
-    data = {} if data_state is None else {_DATA: grain.checkpoint.CheckpointSave(_IteratorState(data_state))}
-    return ocp.args.Composite(**{_STATE: ocp.args.PyTreeSave(items)}, **data)
-
-
-def _stamped(metadata: dict[str, Any], step: int, items: dict[str, Any]) -> dict[str, Any]:
-    """The metadata a step is saved with: the caller's, plus the format, the step and whether the
-    step carries optimizer state (JSON-able)."""
-    return _jsonable(dict(metadata, format_version=FORMAT_VERSION, step=int(step),
-                          has_opt_state="opt_state" in items))
+def _save(mngr: ocp.CheckpointManager, step: int, items: dict[str, Any], metadata: dict[str, Any],
+          data_state: dict[str, Any] | None = None) -> None:
+    """Start orbax's save of `items` ({"params": ...} and, for a run, "opt_state"), this process's
+    data iterator state and our metadata (with the format, the step and whether the step carries
+    optimizer state) as step `step`."""
+    meta = plain(dict(metadata, format_version=FORMAT_VERSION, step=int(step), has_opt_state="opt_state" in items))
+    # grain's handler writes what `get_state()` of its item gives, JSON bytes, as for grain's own
+    # iterators (a resume reads the file back with read_data_state)
+    iterator = types.SimpleNamespace(get_state=lambda: json.dumps(data_state, indent=1).encode())
+    data = {} if data_state is None else {_DATA: grain.checkpoint.CheckpointSave(iterator)}
+    args = ocp.args.Composite(**{_STATE: ocp.args.PyTreeSave(items)}, **data)
+    mngr.save(int(step), args=args, custom_metadata=meta, force=True)
 
 
 def write(root: str, step: int, items: dict[str, Any], metadata: dict[str, Any]) -> None:
     """Save `items` ({"params": ...} and, for a run, "opt_state") and `metadata` as step `step` of
     the checkpoints/ directory `root`, synchronously (an import writes its model this way)."""
-    meta = _stamped(metadata, step, items)
-    mngr = _manager(root, max_to_keep=None, async_save=False, multi_process=jax.process_count() > 1)
+    mngr = _manager(root, max_to_keep=None, async_save=False)
     try:
-        mngr.save(int(step), args=_save_args(items), custom_metadata=meta, force=True)
-        mngr.wait_until_finished()
+        _save(mngr, step, items, metadata)
     finally:
         mngr.close()
 
@@ -379,39 +352,37 @@ class CheckpointWriteError(CheckpointError):
 
 
 class _HeldOrbaxErrors(logging.Filter):
-    """Holds back what orbax prints when a save fails (its ERROR records with tracebacks, and the
-    'Event loop is closed' its threads raise on the way out): the loop reports the failure once,
-    as one line. Held records that no raised error accounts for are printed at close, so nothing
-    is lost."""
+    """Holds back what orbax prints when a save fails (its ERROR records with tracebacks, and
+    asyncio's 'Task exception was never retrieved' for the other writes of orbax's that failed
+    alike): the loop reports the failure once, as one line. Held records that no raised error
+    accounts for are printed at close, so nothing is lost."""
+
+    _LOGGERS = ("absl", "asyncio")
 
     def __init__(self):
         super().__init__()
         self.records: list[logging.LogRecord] = []
         self.accounted = False
-        self._previous_hook = None
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname:
+        if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in f"{record.pathname} {record.getMessage()}":
             self.records.append(record)
             return False
         return True
 
-    def _unraisable(self, info) -> None:
-        if isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed":
-            return  # orbax's helper threads, after a failed save, finding their loop gone
-        self._previous_hook(info)
-
     def hold(self) -> _HeldOrbaxErrors:
-        logging.getLogger("absl").addFilter(self)
-        self._previous_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
+        for name in self._LOGGERS:
+            logging.getLogger(name).addFilter(self)
         return self
 
     def release(self) -> None:
-        logging.getLogger("absl").removeFilter(self)
-        sys.unraisablehook = self._previous_hook
+        if self.accounted:
+            gc.collect()  # asyncio reports a failed task when it is collected: while it is held, not at exit
+        for name in self._LOGGERS:
+            logging.getLogger(name).removeFilter(self)
         if not self.accounted:
             for record in self.records:
-                logging.getLogger("absl").handle(record)
+                logging.getLogger(record.name).handle(record)
 
 
 def _write_failure(step: int, e: BaseException) -> CheckpointWriteError:
@@ -428,143 +399,99 @@ def _write_failure(step: int, e: BaseException) -> CheckpointWriteError:
 _all_finite = jax.jit(lambda tree: jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])))
 
 
-def _host_memory_kind() -> str | None:
-    kinds = {m.kind for m in jax.local_devices()[0].addressable_memories()}
-    return next((k for k in ("pinned_host", "unpinned_host") if k in kinds), None)
-
-
-def snapshot(tree: Any) -> Any:
-    """A copy of `tree` in host memory (same shardings), dispatched without waiting for it.
-
-    The train step donates the state's buffers, so a save that outlives the step must write from
-    a copy. The copy is ordered after the step that produced the values and before the next step
-    that reuses the buffers. On accelerators it lands in host memory (no device memory is spent on
-    it); on a CPU, host memory is device memory.
-    """
-    kind = _host_memory_kind()
-    if kind is None:  # a backend without host memory spaces: copy on the device
-        return jax.jit(lambda t: jax.tree.map(jnp.copy, t))(tree)
-    return jax.device_put(tree, jax.tree.map(lambda x: x.sharding.with_memory_kind(kind), tree))
-
-
-def _whole_if_small(x: Any) -> Any:
-    return np.asarray(x) if x.nbytes <= _WHOLE_ARRAY_BYTES else x
-
-
 class Checkpointer:
-    """Saves this run's checkpoints (asynchronously, atomically, keeping the last `max_to_keep`).
+    """Saves this run's checkpoints with orbax's asynchronous save (atomically, keeping the last
+    `max_to_keep`), on one process or several.
 
-    Asynchronous saves with one process: `save` waits for the previous write to finish, starts a
-    host copy of the state and returns; a writer thread checks that the parameters are finite and
-    has orbax write the copy synchronously (a temporary directory, then rename and commit marker).
-    The loop pays for the copy plus whatever part of the previous write is still running: the
-    write of step N overlaps the computation of step N+1. With several processes orbax's own
-    asynchronous save is used, since its barriers are made to run beside the train step's
-    collectives (a save on a thread of ours would interleave the two).
+    `save` waits for the previous save to commit, checks that the parameters are finite and has
+    orbax start the save: orbax copies every array to host memory before its save returns (its
+    array handler waits for the device-to-host transfer of all arrays in the blocking part
+    whenever no device-host byte limit is set, as here), then writes the copy in the background
+    (a temporary directory, then rename and commit marker). Because the copy is complete when
+    `save` returns, the next train step may donate and overwrite the state's buffers, and the
+    write of step N overlaps the steps after it. The loop pays for the wait, the check and the
+    copy, which waits for the step that produced the state (the check adds one reduction to it).
+    With `async_save=False` every save is written before `save` returns.
     """
 
     def __init__(self, workdir: str, every_steps: int, max_to_keep: int, async_save: bool = True):
         self.root = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.every_steps = every_steps
         self.saves = 0
-        # Where a save's time goes. wait: the loop waiting in save() for the previous write to finish
-        # (the stall asynchronous saving cannot hide); start: the loop starting this save (the host
-        # copy and the finiteness check; on a CPU this includes waiting for the step's own result);
-        # write: the writes themselves (on the writer thread when asynchronous).
+        # Where a save's time goes. wait: the loop waiting in save() for the previous save to
+        # commit (the stall asynchronous saving cannot hide); start: the loop in save() after that
+        # (the finiteness check and orbax's blocking part: the host copy, which on a CPU includes
+        # waiting for the step's own result); write: orbax's save from its start until the files
+        # are written, just before the commit marker (in the background when asynchronous, so
+        # overlapping the next steps; process 0's figure).
         self.wait_secs = self.start_secs = self.write_secs = 0.0
-        self._multi = jax.process_count() > 1
-        self._writer = ThreadPoolExecutor(1, "checkpoint-writer") if async_save and not self._multi else None
-        self._pending: Future | None = None
         self._last_step = 0  # the latest step a save was started for
-        self._mngr = _manager(self.root, max_to_keep=max_to_keep, async_save=async_save and self._multi,
-                              multi_process=self._multi)
+        self._started_at: float | None = None  # when orbax began the save not yet counted in write_secs
+        self._written_at: float | None = None  # when its files were written (on orbax's thread)
+        self._mngr = _manager(self.root, max_to_keep=max_to_keep, async_save=async_save, written=self._files_written)
         self._orbax_errors = _HeldOrbaxErrors().hold()
 
     def should_save(self, step: int, last_step: int) -> bool:
         return step == last_step or (self.every_steps > 0 and step % self.every_steps == 0)
 
+    def _files_written(self) -> None:
+        self._written_at = time.perf_counter()
+
     def save(self, step: int, state: dict[str, Any], metadata: dict[str, Any],
              data_state: dict[str, Any] | None = None) -> None:
         """Start saving `state` (params, opt_state) and this process's `data_state` (the data
-        iterator's, JSON-able) at `step`; returns before the write finishes.
+        iterator's, JSON-able) at `step`; returns once the arrays are copied to host memory.
 
-        Raises what the previous asynchronous write raised (NonFiniteParameters, OSError, ...).
+        Raises NonFiniteParameters for parameters holding a NaN or an infinity (nothing is
+        written), and CheckpointWriteError for a failed write, this one's or the previous one's.
         """
         items = {"params": state["params"], "opt_state": state["opt_state"]}
-        meta = _stamped(metadata, step, items)
-        self._last_step = int(step)
         t0 = time.perf_counter()
-        self._finish_pending()
+        self.wait()
         t1 = time.perf_counter()
         self.wait_secs += t1 - t0
-        if self._writer is None:
-            self._write(int(step), items, _all_finite(items["params"]), meta, data_state)
-        else:
-            copy = snapshot(items)  # before the finiteness check: it may wait for the step on a CPU
-            finite = _all_finite(items["params"])  # dispatched now, read when the write starts
-            self._pending = self._writer.submit(self._write, int(step), copy, finite, meta, data_state)
+        self._last_step = int(step)
+        if not bool(_all_finite(items["params"])):
+            raise NonFiniteParameters(f"parameters at step {step} are not finite; no checkpoint written")
+        self._started_at = time.perf_counter()
+        try:
+            _save(self._mngr, step, items, metadata, data_state)
+        except Exception as e:  # raised to the loop as one clear error, which stops the run
+            raise self._failure(e) from e
         self.start_secs += time.perf_counter() - t1
         self.saves += 1
+        self._count_write()  # a synchronous save is written already
 
-    def _write(self, step: int, items: dict[str, Any], finite: jax.Array, meta: dict[str, Any],
-               data_state: dict[str, Any] | None) -> None:
-        t0 = time.perf_counter()
-        if not bool(finite):
-            raise NonFiniteParameters(f"parameters at step {step} are not finite; no checkpoint written")
-        if not self._multi:
-            items = jax.tree.map(_whole_if_small, items)
-        try:
-            self._mngr.save(step, args=_save_args(items, data_state), custom_metadata=meta, force=True)
-        except Exception as e:  # raised to the loop as one clear error, which stops the run
-            self._orbax_errors.accounted = True
-            raise _write_failure(step, e) from e
-        self.write_secs += time.perf_counter() - t0
-
-    def _finish_pending(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()  # re-raises the writer's exception here, on the loop's thread
+    def _failure(self, e: BaseException) -> CheckpointWriteError:
+        self._orbax_errors.accounted = True
+        return _write_failure(self._last_step, e)
 
     def check(self) -> None:
-        """Raise now, without waiting, if the last asynchronous write has failed: a run whose
+        """Raise now, without waiting, if the last save's background write has failed: a run whose
         checkpoints cannot be written stops at once rather than at its next save."""
-        if self._pending is not None and self._pending.done() and self._pending.exception() is not None:
-            self._finish_pending()
+        # Not orbax's check_for_errors(): it misses a failure that orbax's finalize thread has
+        # already taken over, which wait_until_finished() raises (at once when nothing is in progress).
+        if not self._mngr.is_saving_in_progress():
+            self.wait()
 
     def wait(self) -> None:
         """Block until every started save is committed; raises what a write raised."""
-        self._finish_pending()
         try:
-            self._mngr.wait_until_finished()  # orbax's own asynchronous saves (several processes)
+            self._mngr.wait_until_finished()
         except Exception as e:
-            self._orbax_errors.accounted = True
-            raise _write_failure(self._last_step, e) from e
+            raise self._failure(e) from e
+        self._count_write()
+
+    def _count_write(self) -> None:
+        if self._started_at is not None and not self._mngr.is_saving_in_progress():
+            self.write_secs += (self._written_at or time.perf_counter()) - self._started_at
+            self._started_at = self._written_at = None
 
     def close(self) -> None:
-        """Finish pending writes and release the manager. A write's failure is raised once: by
-        save(), check() or wait(), or else here."""
+        """Finish pending writes and release the manager. A write's failure is raised once (orbax
+        raises a background failure once): by save(), check() or wait(), or else here."""
         try:
-            if self._writer is not None:
-                self._writer.shutdown(wait=True)
-            self._pending = None
-            try:
-                self._mngr.wait_until_finished()
-            except Exception as e:
-                if not self._orbax_errors.accounted:  # else save() or wait() raised this failure already
-                    self._orbax_errors.accounted = True
-                    raise _write_failure(self._last_step, e) from e
-            self._mngr.close()
+            self.wait()
         finally:
+            self._mngr.close()
             self._orbax_errors.release()
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    return x

@@ -8,30 +8,20 @@ found, what is expected) before anything is compiled or written.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 from typing import Any
 
 import ml_collections
+import numpy as np
 from ml_collections import config_dict
 
 # Keys whose value may change between the start of a run and its resumption (they do not change
 # the math of the run: elastic resume onto another mesh, more frequent checkpoints, ...).
 OPERATIONAL_KEYS = (
-    "mesh",
-    "checkpoint",
-    "train.log_every_steps",
-    "train.micro_batches",
-    "train.max_nonfinite_steps",
-    "train.progress",
-    "train.stop_at",
-    "eval",
-    "data.num_threads",
-    "data.prefetch",
-    "data.workers",
-    "init_from",
-    "init_from_optimizer",
-    "tensorboard",
-    "wandb",
+    "mesh", "checkpoint", "train.log_every_steps", "train.micro_batches", "train.max_nonfinite_steps",
+    "train.progress", "train.stop_at", "eval", "data.num_threads", "data.prefetch", "data.workers", "init_from",
+    "init_from_optimizer", "tensorboard", "wandb",
 )
 
 
@@ -45,10 +35,6 @@ def first_line(e: BaseException, limit: int = 300) -> str:
     type when the message is empty."""
     lines = str(e).strip().splitlines()
     return lines[0][:limit] if lines else type(e).__name__
-
-
-def _placeholder(kind: type) -> config_dict.FieldReference:
-    return config_dict.placeholder(kind)
 
 
 def model_defaults() -> ml_collections.ConfigDict:
@@ -133,7 +119,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.schedule.name = "recipe"
     # Starting LR of 'recipe', 'constant' and the warmup start of 'rewarm'. None: the lr_min
     # stored in the `init_from` checkpoint's metadata.
-    c.schedule.start_lr = _placeholder(float)
+    c.schedule.start_lr = config_dict.placeholder(float)
     c.schedule.final_ratio = 0.01  # recipe: final LR as a fraction of start_lr.
     c.schedule.peak_lr = 3e-4  # warmup_cosine, rewarm, wsd, infinite: the LR after warmup.
     c.schedule.min_lr = 3e-5  # warmup_cosine, rewarm, wsd, infinite: the final LR.
@@ -197,12 +183,13 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
-    """{'a.b.c': value} for every leaf; dict-valued user sections (sources) stay whole."""
+    """{'a.b.c': value} for every leaf of a config or of its JSON form; dict-valued user sections
+    (sources) and empty sections stay whole."""
     out: dict[str, Any] = {}
     items = cfg.items() if hasattr(cfg, "items") else []
     for k, v in items:
         key = f"{prefix}{k}"
-        if isinstance(v, (ml_collections.ConfigDict, dict)) and key not in _FREE_FORM:
+        if isinstance(v, (ml_collections.ConfigDict, dict)) and v and key not in _FREE_FORM:
             out.update(flatten(v, key + "."))
         else:
             out[key] = v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v
@@ -231,38 +218,30 @@ def check_key(key: str) -> None:
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:
     """The resolved config as stable JSON (written to WORKDIR/config.json)."""
-    return json.dumps(_plain(cfg.to_dict()), indent=2, sort_keys=True)
+    return json.dumps(plain(cfg.to_dict()), indent=2, sort_keys=True)
 
 
-def _plain(x: Any) -> Any:
+def plain(x: Any) -> Any:
+    """`x` with only what JSON holds: dicts with string keys, lists, Python scalars (a config's
+    field references resolved, numpy scalars converted)."""
     if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
+        return {str(k): plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
+        return [plain(v) for v in x]
     if isinstance(x, config_dict.FieldReference):
-        return _plain(x.get())
-    return x
+        return plain(x.get())
+    return x.item() if isinstance(x, np.generic) else x
 
 
 def run_identity_diff(saved: dict, current: dict) -> str | None:
     """The first key (outside OPERATIONAL_KEYS) whose value differs, as 'key: a there, b here'."""
-    fs, fc = _flat_plain(saved), _flat_plain(current)
+    fs, fc = flatten(saved), flatten(current)
     for key in sorted(set(fs) | set(fc)):
         if any(key == op or key.startswith(op + ".") for op in OPERATIONAL_KEYS):
             continue
         if fs.get(key, "<absent>") != fc.get(key, "<absent>"):
             return f"{key}: {fs.get(key, '<absent>')!r} there, {fc.get(key, '<absent>')!r} here"
     return None
-
-
-def _flat_plain(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v and f"{prefix}{k}" not in _FREE_FORM:
-            out.update(_flat_plain(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 # ----------------------------------------------------------------------------- static validation
@@ -281,54 +260,31 @@ _CHOICES = {
 }
 
 _POSITIVE_INTS = (
-    "model.n_layers",
-    "model.d_model",
-    "model.n_heads",
-    "model.n_kv_heads",
-    "model.d_ff",
-    "model.vocab_size",
-    "model.max_seq_len",
-    "train.steps",
-    "train.batch_size",
-    "train.seq_len",
-    "train.micro_batches",
-    "train.log_every_steps",
-    "train.max_nonfinite_steps",
-    "checkpoint.max_to_keep",
-    "data.synthetic_branching",
+    "model.n_layers", "model.d_model", "model.n_heads", "model.n_kv_heads", "model.d_ff", "model.vocab_size",
+    "model.max_seq_len", "train.steps", "train.batch_size", "train.seq_len", "train.micro_batches",
+    "train.log_every_steps", "train.max_nonfinite_steps", "checkpoint.max_to_keep", "data.synthetic_branching",
     "eval.sample_max_new_tokens",
 )
-
-
-def _get(cfg: ml_collections.ConfigDict, key: str) -> Any:
-    node: Any = cfg
-    for part in key.split("."):
-        node = node[part]
-    return node
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Checks that need no files, devices or checkpoints. Raises ConfigError (one line)."""
     check_keys(cfg)
+    flat = flatten(cfg)
     for key, choices in _CHOICES.items():
-        value = _get(cfg, key)
-        if value not in choices:
-            raise ConfigError(f"{key}: {value!r}, expected one of {', '.join(map(repr, choices))}")
+        if flat[key] not in choices:
+            raise ConfigError(f"{key}: {flat[key]!r}, expected one of {', '.join(map(repr, choices))}")
     for key in _POSITIVE_INTS:
-        value = _get(cfg, key)
+        value = flat[key]
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{key}: {value!r}, expected a positive integer")
     m, t = cfg.model, cfg.train
     if m.n_heads % m.n_kv_heads:
-        raise ConfigError(
-            f"model.n_heads: {m.n_heads} is not divisible by model.n_kv_heads {m.n_kv_heads}, "
-            f"expected n_heads to be a multiple of n_kv_heads"
-        )
+        raise ConfigError(f"model.n_heads: {m.n_heads} is not divisible by model.n_kv_heads {m.n_kv_heads}, "
+                          f"expected n_heads to be a multiple of n_kv_heads")
     if not m.head_dim and m.d_model % m.n_heads:
-        raise ConfigError(
-            f"model.d_model: {m.d_model} is not divisible by model.n_heads {m.n_heads}, "
-            f"expected a multiple (or set model.head_dim)"
-        )
+        raise ConfigError(f"model.d_model: {m.d_model} is not divisible by model.n_heads {m.n_heads}, "
+                          f"expected a multiple (or set model.head_dim)")
     head_dim = m.head_dim or m.d_model // m.n_heads
     if not 0.0 < m.partial_rotary_factor <= 1.0:
         raise ConfigError(f"model.partial_rotary_factor: {m.partial_rotary_factor}, expected a fraction in (0, 1]")
@@ -341,10 +297,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len: {t.seq_len}, expected at most model.max_seq_len {m.max_seq_len}")
     if t.batch_size % t.micro_batches:
-        raise ConfigError(
-            f"train.micro_batches: {t.micro_batches} does not divide train.batch_size {t.batch_size}, "
-            f"expected a divisor"
-        )
+        raise ConfigError(f"train.micro_batches: {t.micro_batches} does not divide train.batch_size {t.batch_size}, "
+                          f"expected a divisor")
     if t.loss_chunk_tokens < 0 or (t.loss_chunk_tokens and t.seq_len % t.loss_chunk_tokens):
         raise ConfigError(
             f"train.loss_chunk_tokens: {t.loss_chunk_tokens}, expected 0 or a divisor of train.seq_len {t.seq_len}"
@@ -367,13 +321,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                               + (" (0: read in this process)" if key == "workers" else ""))
     if cfg.checkpoint.every_steps < 0:
         raise ConfigError(f"checkpoint.every_steps: {cfg.checkpoint.every_steps}, expected a value >= 0")
-    if cfg.wandb.project:
-        import importlib.util
-
-        if importlib.util.find_spec("wandb") is None:
-            raise ConfigError(
-                f"wandb.project: {cfg.wandb.project!r} but the wandb package is not installed, expected "
-                f"`pip install wandb` or wandb.project=''"
-            )
+    if cfg.wandb.project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"wandb.project: {cfg.wandb.project!r} but the wandb package is not installed, expected "
+                          f"`pip install wandb` or wandb.project=''")
     if cfg.init_from_optimizer and not cfg.init_from:
         raise ConfigError("init_from_optimizer: True without init_from, expected init_from to name a checkpoint")

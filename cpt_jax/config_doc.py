@@ -42,19 +42,13 @@ def descriptions() -> dict[str, str]:
     return out
 
 
-def _default(value) -> str:
-    if isinstance(value, dict):
-        return "{}" if not value else repr(value)
-    return "None" if value is None else repr(value)
-
-
 def render() -> str:
     """The markdown table of every key."""
     docs = descriptions()
     rows = ["| key | default | what it does |", "|---|---|---|"]
     for key, value in config.flatten(config.default_config()).items():
         text = docs.get(key, "")
-        rows.append(f"| `{key}` | `{_default(value)}` | {text.replace('|', '/')} |")
+        rows.append(f"| `{key}` | `{value!r}` | {text.replace('|', '/')} |")
     return "\n".join(rows)
 
 

@@ -17,14 +17,8 @@ def _chunk_loss(hidden_BTD, w_DV, targets_BT, mask_BT, dtype):
     return jnp.sum((logz - gold) * mask_BT)
 
 
-def cross_entropy_sum(
-    hidden_BTD: jax.Array,
-    w_DV: jax.Array,
-    targets_BT: jax.Array,
-    mask_BT: jax.Array,
-    dtype: str = "bfloat16",
-    chunk_tokens: int = 0,
-) -> jax.Array:
+def cross_entropy_sum(hidden_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array,
+                      dtype: str = "bfloat16", chunk_tokens: int = 0) -> jax.Array:
     """Sum over unmasked positions of -log p(target); fp32. chunk_tokens > 0 splits the sequence."""
     mask_BT = mask_BT.astype(jnp.float32)
     T = hidden_BTD.shape[1]

@@ -8,6 +8,7 @@ That product is exactly optax.adamw (decoupled weight decay multiplied by the le
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -30,14 +31,9 @@ def decay_mask(params: Any, decay_norms_and_biases: bool = False) -> Any:
 
 def build(cfg_optim) -> optax.GradientTransformation:
     """clip_by_global_norm (when clip_norm > 0), Adam moments, decoupled weight decay; no LR."""
-    parts = []
-    if cfg_optim.clip_norm > 0:
-        parts.append(optax.clip_by_global_norm(cfg_optim.clip_norm))
+    parts = [optax.clip_by_global_norm(cfg_optim.clip_norm)] if cfg_optim.clip_norm > 0 else []
     parts.append(optax.scale_by_adam(b1=cfg_optim.b1, b2=cfg_optim.b2, eps=cfg_optim.eps))
     if cfg_optim.weight_decay > 0:
-        parts.append(
-            optax.add_decayed_weights(
-                cfg_optim.weight_decay, mask=lambda p: decay_mask(p, cfg_optim.decay_norms_and_biases)
-            )
-        )
+        mask = functools.partial(decay_mask, decay_norms_and_biases=cfg_optim.decay_norms_and_biases)
+        parts.append(optax.add_decayed_weights(cfg_optim.weight_decay, mask=mask))
     return optax.chain(*parts)
