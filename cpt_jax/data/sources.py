@@ -1,13 +1,10 @@
 """A prepared source (the output of `cpt_jax.prepare`) as random-access grain datasets, and the
 pure functions that decide its order: per-epoch permutations and segment ids.
 
-Data order is a function of (seed, source name, draw index) only, never of the topology or of
-iterator state: the k-th draw from a source of n examples is record `perm(epoch=k // n)[k % n]`,
-where each epoch's permutation comes from a seed derived by a stable hash of (seed, name, epoch).
-A source therefore repeats when exhausted, and every epoch visits every example exactly once.
-`Source.draws` is that order as grain transforms: `MapDataset.source(ArrayRecordDataSource)`,
-decoded, `EpochShuffle`d (grain's own shuffle with this stable, numpy-version-proof permutation),
-repeated.
+The k-th draw from a source of n examples is record `perm(epoch=k // n)[k % n]`, each epoch's
+permutation seeded by a stable hash of (seed, name, epoch): a function of those alone, never of the
+topology or of iterator state. A source repeats when exhausted; every epoch visits every example
+once. `Source.draws` is that order as grain transforms.
 """
 
 from __future__ import annotations
@@ -117,17 +114,8 @@ class EpochShuffle(grain.MapDataset):
 
 @dataclasses.dataclass
 class Source:
-    """One split of a prepared source.
-
-    Attributes:
-      name: the source's name (from the manifest).
-      directory: the prepared directory.
-      split: 'train' or 'val'.
-      manifest: manifest.json as a dict.
-      num_examples: examples in this split.
-      dataset: grain.MapDataset of np arrays of seq_len + 1 tokens in the manifest dtype (read-only views
-        of the records).
-    """
+    """One split ('train' or 'val') of a prepared source: its manifest and `dataset`, a grain.MapDataset
+    of its `num_examples` examples (read-only arrays of seq_len + 1 tokens in the manifest dtype)."""
 
     name: str
     directory: str
@@ -254,9 +242,7 @@ def starts_with_bos(manifests: Sequence[tuple[str, dict[str, Any]]]) -> bool:
     return bool(seen and next(iter(seen)))
 
 
-# ----------------------------------------------------------------------------------------------
-# Order
-# ----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- order
 
 
 def epoch_seed(seed: int, name: str, epoch: int) -> int:
@@ -269,23 +255,19 @@ def epoch_seed(seed: int, name: str, epoch: int) -> int:
 # Examples are looked up one at a time: keep the permutations of the current (and next) epoch of
 # up to 16 sources.
 @functools.lru_cache(maxsize=32)
-def _permutation(seed: int, name: str, epoch: int, n: int) -> np.ndarray:
-    # Argsort of raw 64-bit draws rather than Generator.permutation: a BitGenerator's raw stream is
-    # fixed by its algorithm, while Generator methods may change between numpy versions, and a
-    # resumed run must see the same order whatever numpy it runs with.
-    keys = np.random.PCG64(epoch_seed(seed, name, epoch)).random_raw(n)
-    perm = np.argsort(keys, kind="stable")
-    perm.flags.writeable = False  # shared through the cache
-    return perm
-
-
 def epoch_permutation(seed: int, name: str, epoch: int, n: int) -> np.ndarray:
     """The order (int64 record indices, read-only) in which epoch `epoch` visits a source of n examples."""
     if n <= 0:
         raise ValueError(f"n={n}: a source needs at least one example")
     if epoch < 0:
         raise ValueError(f"epoch={epoch}: expected >= 0")
-    return _permutation(int(seed), str(name), int(epoch), int(n))
+    # Argsort of raw 64-bit draws rather than Generator.permutation: a BitGenerator's raw stream is
+    # fixed by its algorithm, while Generator methods may change between numpy versions, and a
+    # resumed run must see the same order whatever numpy it runs with.
+    keys = np.random.PCG64(epoch_seed(seed, name, epoch)).random_raw(int(n))
+    perm = np.argsort(keys, kind="stable")
+    perm.flags.writeable = False  # shared through the cache
+    return perm
 
 
 def record_index(seed: int, name: str, n: int, k: int) -> int:
