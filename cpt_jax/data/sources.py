@@ -27,18 +27,9 @@ from cpt_jax.config import ConfigError, first_line
 from cpt_jax.data.prepare import FORMAT_VERSION, MANIFEST, VAL_FILE
 
 _DTYPES = ("uint16", "uint32")
-_REQUIRED = {
-    "format_version": int,
-    "name": str,
-    "tokenizer_fingerprint": str,
-    "vocab_size": int,
-    "eos_id": int,
-    "seq_len": int,
-    "dtype": str,
-    "examples": int,
-    "val_examples": int,
-    "shards": list,
-}
+# The manifest keys every reader relies on, and their types.
+_REQUIRED = {"format_version": int, "name": str, "tokenizer_fingerprint": str, "vocab_size": int, "eos_id": int,
+             "seq_len": int, "dtype": str, "examples": int, "val_examples": int, "shards": list}
 
 
 class _DecodeRecord:

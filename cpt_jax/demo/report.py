@@ -16,6 +16,7 @@ from cpt_jax.demo.runs import QUESTIONS, Question, RunResult, Scale, Variant
 GROUPS = {"retention": "retention (A facts)", "acquisition": "acquisition (B facts)",
           "heldout_qa": "held-out QA (B)"}
 AVERAGE = "average"
+COLUMNS = (*TASKS, AVERAGE)  # the groups and their average, in table order
 TARGET_HALF_WIDTH = 0.04  # +-4 points at 95%
 
 
@@ -69,12 +70,11 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def accuracy_table(table: Table, names: Sequence[str]) -> list[str]:
-    cols = [*TASKS, AVERAGE]
-    lines = ["| run | " + " | ".join(GROUPS.get(c, c) for c in cols) + " | val loss A | val loss B |",
-             "|---|" + "---|" * (len(cols) + 2)]
+    lines = ["| run | " + " | ".join(GROUPS.get(c, c) for c in COLUMNS) + " | val loss A | val loss B |",
+             "|---|" + "---|" * (len(COLUMNS) + 2)]
     for name in names:
         acc, loss = table.accuracy[name], table.losses[name]
-        lines.append(f"| {name} | " + " | ".join(_acc(acc[c]) for c in cols)
+        lines.append(f"| {name} | " + " | ".join(_acc(acc[c]) for c in COLUMNS)
                      + f" | {_mean(loss['A']):.3f} | {_mean(loss['B']):.3f} |")
     return lines
 
@@ -83,20 +83,19 @@ def seed_table(table: Table, names: Sequence[str], seeds: Sequence[int]) -> list
     lines = ["| run | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
     for name in names:
         acc = table.accuracy[name]
-        cells = [" / ".join(f"{acc[c].per_seed[i]:.2f}" for c in (*TASKS, AVERAGE)) for i in range(len(seeds))]
+        cells = [" / ".join(f"{acc[c].per_seed[i]:.2f}" for c in COLUMNS) for i in range(len(seeds))]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
 
 def difference_table(results: dict[str, Sequence[RunResult]], names: Sequence[str], reference: str) -> list[str]:
-    cols = [*TASKS, AVERAGE]
-    lines = [f"| run - {reference} | " + " | ".join(GROUPS.get(c, c) for c in cols) + " |",
-             "|---|" + "---|" * len(cols)]
+    lines = [f"| run - {reference} | " + " | ".join(GROUPS.get(c, c) for c in COLUMNS) + " |",
+             "|---|" + "---|" * len(COLUMNS)]
     for name in names:
         if name == reference:
             continue
         d = differences(results, name, reference)
-        lines.append(f"| {name} | " + " | ".join(f"{_points(d[c])} {stats.outcome(d[c])}" for c in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{_points(d[c])} {stats.outcome(d[c])}" for c in COLUMNS) + " |")
     return lines
 
 
@@ -254,7 +253,7 @@ def _item_note(table: Table, base: Sequence[RunResult]) -> str:
 
 def method_lines() -> list[str]:
     doc = stats.__doc__.split("\n\n", 1)[1] if stats.__doc__ else ""
-    return [line for line in doc.strip().splitlines()]
+    return doc.strip().splitlines()
 
 
 def figure(path: str, base: Sequence[RunResult], results: dict[str, Sequence[RunResult]], table: Table,
@@ -277,14 +276,14 @@ def figure(path: str, base: Sequence[RunResult], results: dict[str, Sequence[Run
     names = ["base", *results]
     width = 0.8 / len(names)
     for i, name in enumerate(names):
-        for j, g in enumerate([*TASKS, AVERAGE]):
+        for j, g in enumerate(COLUMNS):
             e = table.accuracy[name][g]
             acc_ax.bar(j + i * width, e.value, width, color=f"C{i}", label=name if j == 0 else None)
             acc_ax.errorbar(j + i * width, e.value, yerr=[[e.value - e.lo], [e.hi - e.value]], color="black",
                             capsize=2, linewidth=0.8)
     acc_ax.axhline(1 / CHOICES, color="gray", linestyle=":", label="chance")
     acc_ax.set_xticks([j + 0.4 - width / 2 for j in range(len(TASKS) + 1)],
-                      [GROUPS.get(g, g) for g in (*TASKS, AVERAGE)])
+                      [GROUPS.get(g, g) for g in COLUMNS])
     acc_ax.set(title="accuracy pooled over seeds, 95% intervals", ylim=(0, 1.05))
     acc_ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
