@@ -95,9 +95,8 @@ def flops_per_sec_per_device(tokens_per_sec_global: float, c: ModelConfig, seq_l
     return tokens_per_sec_global * flops_per_token(c, seq_len) / num_devices
 
 
-def mfu(
-    tokens_per_sec_global: float, c: ModelConfig, seq_len: int, num_devices: int, peak: float | None
-) -> float | None:
+def mfu(tokens_per_sec_global: float, c: ModelConfig, seq_len: int, num_devices: int,
+        peak: float | None) -> float | None:
     """Model FLOPs utilization in [0, 1]: achieved model FLOP/s per device over the device's peak.
 
     `tokens_per_sec_global` counts the tokens of all hosts; `peak` is per device (`peak_flops()`).

@@ -242,9 +242,8 @@ def rope_frequencies(c: ModelConfig) -> np.ndarray:
         high_wl = c.rope_original_max_seq_len / c.rope_high_freq_factor
         wavelen = 2 * np.pi / inv
         scaled = np.where(wavelen > low_wl, inv / c.rope_factor, inv)
-        smooth = (c.rope_original_max_seq_len / wavelen - c.rope_low_freq_factor) / (
-            c.rope_high_freq_factor - c.rope_low_freq_factor
-        )
+        smooth = ((c.rope_original_max_seq_len / wavelen - c.rope_low_freq_factor)
+                  / (c.rope_high_freq_factor - c.rope_low_freq_factor))
         smoothed = (1 - smooth) * scaled / c.rope_factor + smooth * scaled
         medium = (wavelen >= high_wl) & (wavelen <= low_wl)
         inv = np.where(medium, smoothed, scaled)
@@ -358,14 +357,8 @@ _REMAT_POLICIES = {
 }
 
 
-def forward(
-    params: Params,
-    tokens_BT: jax.Array,
-    c: ModelConfig,
-    segment_ids_BT: jax.Array | None = None,
-    positions_BT: jax.Array | None = None,
-    rules: tuple = (),
-) -> jax.Array:
+def forward(params: Params, tokens_BT: jax.Array, c: ModelConfig, segment_ids_BT: jax.Array | None = None,
+            positions_BT: jax.Array | None = None, rules: tuple = ()) -> jax.Array:
     """Final hidden states [B, T, D] (after the final norm) in the compute dtype."""
     B, T = tokens_BT.shape
     if segment_ids_BT is None:

@@ -43,11 +43,8 @@ _MAX_DENOMINATOR = 10_000
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
-    """One resolved phase: from `start_step` on, examples follow the (normalized) `weights`.
-
-    `weights` has every source of the mixture, in the mixture's source order, summing to 1.
-    `start_at` is the condition from the config (None for the first phase).
-    """
+    """One resolved phase: from `start_step` on, examples follow `weights` (every source of the
+    mixture in its order, summing to 1); `start_at` is the config's condition (None for the first)."""
 
     index: int
     start_step: int
@@ -74,13 +71,8 @@ def _fmt(x: float) -> str:
     return f"{x:.6g}"
 
 
-def resolve_phases(
-    phases_cfg: Sequence[Any],
-    source_names: Sequence[str],
-    schedule: Any,
-    batch_size: int,
-    seq_len: int,
-) -> list[Phase]:
+def resolve_phases(phases_cfg: Sequence[Any], source_names: Sequence[str], schedule: Any, batch_size: int,
+                   seq_len: int) -> list[Phase]:
     """Validates `data.phases` and resolves every start condition to a step of `schedule`.
 
     `schedule` is a `cpt_jax.schedules.Schedule` (uses `.steps`, `.start_lr`, `.lr_min` and
@@ -407,10 +399,9 @@ class Mixture:
 class ProcessSelection(grain.transforms.DatasetSelectionMap):
     """The mixture as grain's selection hook for `MapDataset.select_from_datasets`, for one process.
 
-    Local index i is row `rows.start + i % R` of step `i // R` (R rows per step): global example
-    `(i // R) * B + rows.start + i % R`. So `.batch(R)` of the selected dataset gives this process's
-    rows of step s at index s, every index stays a global one (no worker-local counters), and the
-    order is the same on any topology. Component s must yield the k-th draw of source s at index k.
+    Local index i is global example `(i // R) * B + rows.start + i % R` (R rows per step), so
+    `.batch(R)` gives this process's rows of step s at index s with no worker-local counters.
+    Component s must yield the k-th draw of source s at index k.
     """
 
     def __init__(self, mixture: Mixture, rows: slice, num_steps: int):

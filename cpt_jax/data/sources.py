@@ -178,11 +178,8 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_source(directory: str | os.PathLike, split: str = "train") -> Source:
-    """Open one split ('train' or 'val') of a prepared directory for random access.
-
-    Raises ConfigError when the manifest is missing or unreadable, a shard is missing, the files
-    disagree with the manifest, or the split has no examples.
-    """
+    """Open one split ('train' or 'val') of a prepared directory for random access; ConfigError when
+    the manifest or a shard is missing or unreadable, the files disagree with it, or the split is empty."""
     directory = os.path.abspath(os.path.expanduser(os.fspath(directory)))
     manifest = read_manifest(directory)
     path = os.path.join(directory, MANIFEST)
@@ -269,9 +266,8 @@ def record_index(seed: int, name: str, n: int, k: int) -> int:
     return int(epoch_permutation(seed, name, epoch, n)[i])
 
 
-def segment_ids_and_positions(
-    tokens: np.ndarray, eos_id: int, length: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+def segment_ids_and_positions(tokens: np.ndarray, eos_id: int,
+                              length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Document segment ids and in-document positions of the first `length` tokens of each row.
 
     `tokens` is [..., W] (`length` defaults to W): a model's inputs, or the stored examples of

@@ -17,9 +17,7 @@ def successor_table(seed: int, vocab_size: int, branching: int) -> np.ndarray:
     return rng.integers(0, vocab_size, size=(vocab_size, branching), dtype=np.int64)
 
 
-def synthetic_examples(
-    seed: int, indices: np.ndarray, seq_len: int, vocab_size: int, branching: int
-) -> np.ndarray:
+def synthetic_examples(seed: int, indices: np.ndarray, seq_len: int, vocab_size: int, branching: int) -> np.ndarray:
     """Examples `indices` of the stream: int32 [len(indices), seq_len + 1]."""
     return SyntheticWalks(seed, seq_len, vocab_size, branching)(indices)
 
