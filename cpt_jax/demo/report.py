@@ -193,7 +193,7 @@ def build(workdir: str, scale_name: str, s: Scale, seeds: Sequence[int], base: S
         "`python -m cpt_jax.evaluate --log_samples` on each run's final checkpoint. Retention: a cloze over every "
         "fact of A in the biographies' phrasing; acquisition: the same over every fact of B; held-out QA: the "
         "QA format asked about every fact of B (the QA data is about A only). Each cell: the accuracy pooled over "
-        f"the seeds with its 95% interval ({_item_note(table, base)}); average: the mean of the three groups.",
+        f"the seeds with its 95% interval ({_item_note(table)}); average: the mean of the three groups.",
         "",
         *accuracy_table(table, ["base", *names]),
         "",
@@ -244,7 +244,7 @@ def summary_lines(verdicts: Sequence[tuple[Question, str]]) -> list[str]:
     return lines
 
 
-def _item_note(table: Table, base: Sequence[RunResult]) -> str:
+def _item_note(table: Table) -> str:
     counts = ", ".join(f"{table.accuracy['base'][g].n} {g}" for g in TASKS)
     widest = max(table.accuracy[name][g].half_width for name in table.accuracy for g in TASKS)
     meets = "every interval is within" if widest <= TARGET_HALF_WIDTH else "NOT every interval is within"
