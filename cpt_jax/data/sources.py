@@ -54,26 +54,15 @@ class DataError(ConfigError):
     """A prepared file found unreadable while a run reads it (a damaged shard): reported as one line."""
 
 
-@dataclasses.dataclass(frozen=True)
-class _WholeFile:
-    """A file and its record count in the form of ArrayRecord's FileInstruction: given it, the
-    data source takes the count instead of opening the file once more to read it."""
-
-    filename: str
-    skip: int
-    take: int
-    examples_in_shard: int
-
-
 class _Shards(grain.sources.ArrayRecordDataSource):
-    """grain's ArrayRecord source over a split's files (whose record counts load_source has just
-    read), naming the file when a read fails (the reader's own error names neither the file nor
-    the record)."""
+    """grain's ArrayRecord source over a split's files, naming the file when a read fails (the
+    reader's own error names neither the file nor the record)."""
 
     def __init__(self, paths: list[str], counts: list[int]):
-        # Each read is served in the calling thread: reads are single records, for which the
-        # reader's own thread pool costs more than it saves (and competes with the train step).
-        super().__init__([_WholeFile(p, 0, n, n) for p, n in zip(paths, counts, strict=True)],
+        # "file[0:n]" hands the source the record counts load_source has just read (it need not open
+        # every file again). Each read is served in the calling thread: reads are single records, for
+        # which the reader's thread pool costs more than it saves (and competes with the train step).
+        super().__init__([f"{p}[0:{n}]" for p, n in zip(paths, counts, strict=True)],
                          reader_options={"max_parallelism": "0"})
         self._starts = [0, *itertools.accumulate(counts)]
 
