@@ -266,15 +266,6 @@ def _rope(x_BTnH, cos_BT1h, sin_BT1h):
     return out.astype(x_BTnH.dtype)
 
 
-def cudnn_unsupported(c: ModelConfig) -> str | None:
-    """Why cuDNN's fused attention cannot take this model's attention, or None when it can."""
-    if c.dtype not in ("bfloat16", "float16"):
-        return f"model.dtype is {c.dtype!r}, cuDNN's fused attention takes bfloat16 or float16"
-    if c.hd % 8 or c.hd > 128:
-        return f"the head width is {c.hd}, cuDNN's fused attention takes multiples of 8 up to 128"
-    return None
-
-
 def attention_implementation(c: ModelConfig, platform: str | None = None) -> str:
     """What `model.attention` runs on `platform` (default: JAX's default backend): 'xla' or 'cudnn'.
 
@@ -289,10 +280,13 @@ def attention_implementation(c: ModelConfig, platform: str | None = None) -> str
     if platform != "gpu":
         raise ConfigError(f"model.attention: 'cudnn' on {platform} devices, expected 'auto' or 'xla' "
                           f"(cuDNN's fused attention runs on NVIDIA GPUs only)")
-    reason = cudnn_unsupported(c)
-    if reason:
-        raise ConfigError(f"model.attention: 'cudnn', but {reason}; expected 'auto' or 'xla' for this model")
-    return "cudnn"
+    if c.dtype not in ("bfloat16", "float16"):
+        reason = f"model.dtype is {c.dtype!r}, cuDNN's fused attention takes bfloat16 or float16"
+    elif c.hd % 8 or c.hd > 128:
+        reason = f"the head width is {c.hd}, cuDNN's fused attention takes multiples of 8 up to 128"
+    else:
+        return "cudnn"
+    raise ConfigError(f"model.attention: 'cudnn', but {reason}; expected 'auto' or 'xla' for this model")
 
 
 def _attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, c: ModelConfig):
