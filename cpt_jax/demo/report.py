@@ -117,7 +117,8 @@ def _steps(span: tuple[float, float]) -> str:
     return f"{math.floor(lo + 1e-9) + 1}-{math.floor(hi + 1e-9)}"
 
 
-def plateau_lines(base: Sequence[RunResult], seeds: Sequence[int]) -> tuple[bool, list[str]]:
+def plateau_lines(base: Sequence[RunResult], seeds: Sequence[int]) -> tuple[list[stats.Plateau], list[str]]:
+    """Each seed's plateau check of the base, and its table."""
     checks = [stats.plateau(r.curve) for r in base]
     first = checks[0]
     lines = [f"| seed | mean val loss A, steps {_steps(first.before_steps)} | steps {_steps(first.last_steps)} | "
@@ -126,7 +127,7 @@ def plateau_lines(base: Sequence[RunResult], seeds: Sequence[int]) -> tuple[bool
     for seed, p in zip(seeds, checks, strict=True):
         lines.append(f"| {seed} | {p.before:.4f} | {p.last:.4f} | {100 * p.relative_improvement:+.2f}% | "
                      f"{'yes' if p.flattened else 'NO: ' + p.describe()} |")
-    return all(p.flattened for p in checks), lines
+    return checks, lines
 
 
 def check_lines(results: dict[str, Sequence[RunResult]], seeds: Sequence[int]) -> list[str]:
@@ -159,7 +160,8 @@ def build(workdir: str, scale_name: str, s: Scale, seeds: Sequence[int], base: S
     """Write report.md and report.png; returns the report's path and the lines to print."""
     table = tabulate({"base": base, **results})
     names = [n for n in results]
-    ok, plateau = plateau_lines(base, seeds)
+    checks, plateau = plateau_lines(base, seeds)
+    ok = all(p.flattened for p in checks)
     run_tokens = s.run_steps * s.batch_size * s.seq_len
     lines = [
         f"# cpt_jax demo report (scale `{scale_name}`, seeds {', '.join(map(str, seeds))})",
@@ -183,9 +185,8 @@ def build(workdir: str, scale_name: str, s: Scale, seeds: Sequence[int], base: S
         "",
         ("Its validation loss on A had flattened in every seed." if ok else
          "**The base had NOT flattened in every seed (" + "; ".join(
-             f"seed {seed}: {p.describe()}" for seed, r in zip(seeds, base, strict=True)
-             if not (p := stats.plateau(r.curve)).flattened) + "): its continuations do not start from a "
-         "finished model.**"),
+             f"seed {seed}: {p.describe()}" for seed, p in zip(seeds, checks, strict=True) if not p.flattened)
+         + "): its continuations do not start from a finished model.**"),
         "",
         "## Accuracy",
         "",
