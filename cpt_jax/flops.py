@@ -1,19 +1,14 @@
 """Model FLOPs per token, accelerator peak FLOP/s and model FLOPs utilization (MFU).
 
-Pure functions of the model config and a device description; nothing here touches an array.
-
 Convention (PaLM, Chowdhery et al. 2022, appendix B; also MaxText's and Levanter's): training costs
 3 matmuls per weight matmul of the forward pass (the forward, the gradient of the input, the
 gradient of the weight), each 2 FLOPs per multiply-add, so
 
     flops_per_token = 6 * N_matmul + 12 * n_layers * n_heads * head_dim * seq_len
 
-- N_matmul: the parameters that take part in a matmul for every token: per layer wq, wk, wv, wo
-  and the MLP (w_gate, w_up, w_down for SwiGLU; w_up, w_down for squared ReLU), plus the output head
-  (d_model x vocab, counted whether or not it is tied to the input embedding: the matmul runs either
-  way). Not counted: the input embedding (a lookup, not a matmul), norms and qkv biases (elementwise).
-  So N_matmul differs from `ModelConfig.num_params(include_embedding=False)`, which counts norms and
-  biases and drops a tied head.
+- N_matmul (`model.matmul_params`): per layer wq, wk, wv, wo and the MLP, plus the output head, tied
+  or not (the matmul runs either way). Not counted: the input embedding (a lookup, not a matmul),
+  norms and qkv biases (elementwise).
 - The attention term: per query token and layer the forward computes QK^T (2 * T * n_heads * head_dim
   FLOPs) and AV (as many), 4 * T * N * H; times 3 for training gives 12 * L * N * H * T. The full T is
   counted, as in PaLM, although a causal mask makes half of those products useless; the masked half
@@ -27,16 +22,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from cpt_jax.model import ModelConfig
+import jax
 
-
-def matmul_params(c: ModelConfig) -> int:
-    """N_matmul: weights that multiply every token (blocks' projections and the output head)."""
-    D, N, K, H, F, V = c.d_model, c.n_heads, c.n_kv_heads, c.hd, c.d_ff, c.vocab_size
-    attention = D * N * H + 2 * D * K * H + N * H * D  # wq, wk + wv, wo
-    mlp = (3 if c.mlp == "swiglu" else 2) * D * F  # (w_gate,) w_up, w_down
-    head = D * V
-    return c.n_layers * (attention + mlp) + head
+from cpt_jax.model import ModelConfig, matmul_params
 
 
 def flops_per_token(c: ModelConfig, seq_len: int) -> float:
@@ -96,8 +84,6 @@ def peak_flops_for_kind(device_kind: str) -> float | None:
 def peak_flops(device: Any | None = None) -> float | None:
     """Dense bf16 peak FLOP/s of `device` (default: the first JAX device); None for CPU and unknown kinds."""
     if device is None:
-        import jax
-
         device = jax.devices()[0]
     if getattr(device, "platform", None) == "cpu":
         return None
@@ -109,9 +95,8 @@ def flops_per_sec_per_device(tokens_per_sec_global: float, c: ModelConfig, seq_l
     return tokens_per_sec_global * flops_per_token(c, seq_len) / num_devices
 
 
-def mfu(
-    tokens_per_sec_global: float, c: ModelConfig, seq_len: int, num_devices: int, peak: float | None
-) -> float | None:
+def mfu(tokens_per_sec_global: float, c: ModelConfig, seq_len: int, num_devices: int,
+        peak: float | None) -> float | None:
     """Model FLOPs utilization in [0, 1]: achieved model FLOP/s per device over the device's peak.
 
     `tokens_per_sec_global` counts the tokens of all hosts; `peak` is per device (`peak_flops()`).

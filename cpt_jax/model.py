@@ -87,15 +87,22 @@ class ModelConfig:
 
     def num_params(self, include_embedding: bool = True) -> int:
         """Parameter count (the input embedding is excluded when include_embedding is False)."""
-        D, N, K, H, F, V = self.d_model, self.n_heads, self.n_kv_heads, self.hd, self.d_ff, self.vocab_size
+        D, N, K, H, V = self.d_model, self.n_heads, self.n_kv_heads, self.hd, self.vocab_size
         norm = D * (1 if self.norm == "rmsnorm" else 2)
-        attn = D * N * H + 2 * D * K * H + N * H * D + (N * H + 2 * K * H if self.qkv_bias else 0)
-        attn += {"none": 0, "head": 2 * H, "projection": (N + K) * H}[self.qk_norm]
-        mlp = (3 if self.mlp == "swiglu" else 2) * D * F
-        block = attn + mlp + 2 * norm
-        head = 0 if self.tie_embeddings else D * V
+        bias = N * H + 2 * K * H if self.qkv_bias else 0
+        qk_norm = {"none": 0, "head": 2 * H, "projection": (N + K) * H}[self.qk_norm]
+        tied_head = D * V if self.tie_embeddings else 0  # counted by matmul_params, stored as the embedding
         embed = V * D if include_embedding else 0
-        return self.n_layers * block + norm + head + embed
+        return matmul_params(self) - tied_head + self.n_layers * (bias + qk_norm + 2 * norm) + norm + embed
+
+
+def matmul_params(c: ModelConfig) -> int:
+    """Weights that multiply every token: the blocks' projections and the output head (tied or not:
+    its matmul runs either way). What `flops` counts; norms, biases and the embedding lookup are not."""
+    D, N, K, H, F = c.d_model, c.n_heads, c.n_kv_heads, c.hd, c.d_ff
+    attention = D * N * H + 2 * D * K * H + N * H * D  # wq, wk + wv, wo
+    mlp = (3 if c.mlp == "swiglu" else 2) * D * F  # (w_gate,) w_up, w_down
+    return c.n_layers * (attention + mlp) + D * c.vocab_size
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -168,10 +175,8 @@ class Decoder(nnx.Module):
             self.lm_head = _param(rngs, (c.d_model, c.vocab_size), ("embed", "vocab"), c.init_std, dt)
 
     def __call__(self, tokens, segment_ids=None, positions=None, dtype: str | None = None):
-        params = nnx.to_pure_dict(nnx.state(self, nnx.Param))
         c = dataclasses.replace(self.config, dtype=dtype) if dtype else self.config
-        hidden = forward(params, tokens, c, segment_ids, positions, self.rules)
-        return logits_from_hidden(params, hidden, c)
+        return apply(nnx.to_pure_dict(nnx.state(self, nnx.Param)), tokens, c, segment_ids, positions, self.rules)
 
 
 def init_params(config: ModelConfig, seed: int) -> Params:
@@ -184,18 +189,12 @@ def logical_axes(config: ModelConfig) -> Params:
     abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(params=0)))
     state = nnx.state(abstract, nnx.Param)
     names = jax.tree.map(lambda v: v.logical_axes, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return _to_pure(names)
+    return nnx.to_pure_dict(names)
 
 
 def abstract_params(config: ModelConfig) -> Params:
     """ShapeDtypeStructs of every parameter (no memory allocated)."""
     return jax.eval_shape(lambda: init_params(config, 0))
-
-
-def _to_pure(state) -> dict:
-    if hasattr(state, "items"):
-        return {k: _to_pure(v) for k, v in state.items()}
-    return state
 
 
 # ----------------------------------------------------------------------------- computation
@@ -243,9 +242,8 @@ def rope_frequencies(c: ModelConfig) -> np.ndarray:
         high_wl = c.rope_original_max_seq_len / c.rope_high_freq_factor
         wavelen = 2 * np.pi / inv
         scaled = np.where(wavelen > low_wl, inv / c.rope_factor, inv)
-        smooth = (c.rope_original_max_seq_len / wavelen - c.rope_low_freq_factor) / (
-            c.rope_high_freq_factor - c.rope_low_freq_factor
-        )
+        smooth = ((c.rope_original_max_seq_len / wavelen - c.rope_low_freq_factor)
+                  / (c.rope_high_freq_factor - c.rope_low_freq_factor))
         smoothed = (1 - smooth) * scaled / c.rope_factor + smooth * scaled
         medium = (wavelen >= high_wl) & (wavelen <= low_wl)
         inv = np.where(medium, smoothed, scaled)
@@ -268,15 +266,6 @@ def _rope(x_BTnH, cos_BT1h, sin_BT1h):
     return out.astype(x_BTnH.dtype)
 
 
-def cudnn_unsupported(c: ModelConfig) -> str | None:
-    """Why cuDNN's fused attention cannot take this model's attention, or None when it can."""
-    if c.dtype not in ("bfloat16", "float16"):
-        return f"model.dtype is {c.dtype!r}, cuDNN's fused attention takes bfloat16 or float16"
-    if c.hd % 8 or c.hd > 128:
-        return f"the head width is {c.hd}, cuDNN's fused attention takes multiples of 8 up to 128"
-    return None
-
-
 def attention_implementation(c: ModelConfig, platform: str | None = None) -> str:
     """What `model.attention` runs on `platform` (default: JAX's default backend): 'xla' or 'cudnn'.
 
@@ -291,10 +280,13 @@ def attention_implementation(c: ModelConfig, platform: str | None = None) -> str
     if platform != "gpu":
         raise ConfigError(f"model.attention: 'cudnn' on {platform} devices, expected 'auto' or 'xla' "
                           f"(cuDNN's fused attention runs on NVIDIA GPUs only)")
-    reason = cudnn_unsupported(c)
-    if reason:
-        raise ConfigError(f"model.attention: 'cudnn', but {reason}; expected 'auto' or 'xla' for this model")
-    return "cudnn"
+    if c.dtype not in ("bfloat16", "float16"):
+        reason = f"model.dtype is {c.dtype!r}, cuDNN's fused attention takes bfloat16 or float16"
+    elif c.hd % 8 or c.hd > 128:
+        reason = f"the head width is {c.hd}, cuDNN's fused attention takes multiples of 8 up to 128"
+    else:
+        return "cudnn"
+    raise ConfigError(f"model.attention: 'cudnn', but {reason}; expected 'auto' or 'xla' for this model")
 
 
 def _attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, c: ModelConfig):
@@ -347,20 +339,10 @@ def block_output(p: Params, x_BTD, o_BTNH, c: ModelConfig, rules: tuple = ()):
     return constrain(x_BTD + m, ("batch", "length", "act_embed"), rules)
 
 
-def _block(p: Params, x_BTD, cos, sin, segment_ids_BT, c: ModelConfig, rules: tuple):
-    q, k, v = attention_inputs(p, x_BTD, cos, sin, c, rules)
-    return block_output(p, x_BTD, _attention(q, k, v, segment_ids_BT, c), c, rules)
-
-
 def embed(params: Params, tokens_BT: jax.Array, c: ModelConfig, rules: tuple = ()) -> jax.Array:
     """Input embeddings [B, T, D] in the compute dtype."""
     x = jnp.take(params["embed"], tokens_BT, axis=0).astype(c.dtype)
     return constrain(x, ("batch", "length", "act_embed"), rules)
-
-
-def final_norm(params: Params, x_BTD: jax.Array, c: ModelConfig) -> jax.Array:
-    """The final norm of the residual stream (before the output head)."""
-    return _norm(x_BTD, params["final_norm_scale"], params.get("final_norm_bias"), c)
 
 
 _REMAT_POLICIES = {
@@ -369,14 +351,8 @@ _REMAT_POLICIES = {
 }
 
 
-def forward(
-    params: Params,
-    tokens_BT: jax.Array,
-    c: ModelConfig,
-    segment_ids_BT: jax.Array | None = None,
-    positions_BT: jax.Array | None = None,
-    rules: tuple = (),
-) -> jax.Array:
+def forward(params: Params, tokens_BT: jax.Array, c: ModelConfig, segment_ids_BT: jax.Array | None = None,
+            positions_BT: jax.Array | None = None, rules: tuple = ()) -> jax.Array:
     """Final hidden states [B, T, D] (after the final norm) in the compute dtype."""
     B, T = tokens_BT.shape
     if segment_ids_BT is None:
@@ -387,7 +363,8 @@ def forward(
     x = embed(params, tokens_BT, c, rules)
 
     def block(x, p):
-        return _block(p, x, cos, sin, segment_ids_BT, c, rules)
+        q, k, v = attention_inputs(p, x, cos, sin, c, rules)
+        return block_output(p, x, _attention(q, k, v, segment_ids_BT, c), c, rules)
 
     if c.remat != "none":
         block = jax.checkpoint(block, policy=_REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
@@ -397,7 +374,7 @@ def forward(
     else:
         for i in range(c.n_layers):
             x = block(x, jax.tree.map(lambda a, i=i: a[i], layers))
-    return final_norm(params, x, c)
+    return _norm(x, params["final_norm_scale"], params.get("final_norm_bias"), c)
 
 
 def head_weights(params: Params, c: ModelConfig) -> jax.Array:

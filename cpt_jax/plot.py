@@ -2,16 +2,11 @@
 
     python -m cpt_jax.plot WORKDIR [WORKDIR ...] [--labels recipe,baseline] [--out figure.png]
 
-Reads WORKDIR/metrics.jsonl (and WORKDIR/config.json for the tokens per step) of each run and draws
-four panels over tokens seen: training loss, per-source validation loss, task accuracy, and the
-learning rate with the mixture phases shaded. A panel without data says so ("no eval records")
-instead of vanishing, so figures of different runs have the same layout. Labels default to the
-directory names. The PNG goes to WORKDIR/plot.png for one run, ./comparison.png for several.
-A user error (a missing directory or file, an unreadable line) prints `error: <one line>` and
-exits with status 2.
-
-`load_run(workdir)` returns the numbers as arrays and `make_figure(runs, labels)` the matplotlib
-Figure: tests check those, not pixels.
+Four panels over tokens seen (training loss, per-source validation loss, task accuracy, the LR with
+the mixture phases shaded) from each WORKDIR's metrics.jsonl and config.json. A panel without data
+says so instead of vanishing, so figures of different runs have the same layout. A user error
+prints `error: <one line>` and exits with status 2. `load_run` gives the numbers as arrays and
+`make_figure` the matplotlib Figure: tests check those, not pixels.
 """
 
 from __future__ import annotations
@@ -36,33 +31,20 @@ class PlotError(Exception):
 # ----------------------------------------------------------------------------- reading
 
 
-def _num(value: Any) -> float:
-    """A record value as a float: numbers, and the strings metrics.jsonl uses for NaN/inf; else NaN."""
-    if isinstance(value, bool):
-        return math.nan
-    if isinstance(value, (int, float)):
+def _parse(value: Any) -> float | None:
+    """A record value as a float: numbers, and the strings metrics.jsonl writes for NaN/inf ("nan",
+    "inf"); None for anything else, bools included."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
         return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return math.nan
-    return math.nan
+    except ValueError:
+        return None
 
 
-def _is_number(value: Any) -> bool:
-    """A number, or a string a number was written as ("nan", "inf"); not a bool."""
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, (int, float)):
-        return True
-    if isinstance(value, str):
-        try:
-            float(value)
-        except ValueError:
-            return False
-        return True
-    return False
+def _num(value: Any) -> float:
+    parsed = _parse(value)
+    return math.nan if parsed is None else parsed
 
 
 def read_records(path: str) -> list[dict[str, Any]]:
@@ -119,24 +101,16 @@ def _last_per_step(records: list[dict]) -> list[dict]:
 
 def _columns(records: list[dict], skip: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """Every numeric field of the records as a float array (NaN where a record lacks it)."""
-    keys: list[str] = []
-    for r in records:
-        for k, v in r.items():
-            if k not in keys and k not in skip and not k.startswith("_") and _is_number(v):
-                keys.append(k)
+    keys = dict.fromkeys(k for r in records for k, v in r.items()
+                         if k not in skip and not k.startswith("_") and _parse(v) is not None)
     return {k: np.array([_num(r.get(k)) for r in records], dtype=np.float64) for k in keys}
 
 
 def _nested(records: list[dict], field: str, tokens: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
     """{name: {step, tokens, metric...}} from records' `field` ({name: {metric: value}}), each name
     over the records that have it."""
-    names: list[str] = []
-    for r in records:
-        for name in r.get(field) or {}:
-            if name not in names:
-                names.append(name)
     out = {}
-    for name in names:
+    for name in dict.fromkeys(n for r in records for n in r.get(field) or {}):
         rows = [(i, r[field][name]) for i, r in enumerate(records) if isinstance((r.get(field) or {}).get(name), dict)]
         metrics = _columns([m for _, m in rows])
         idx = np.array([i for i, _ in rows], dtype=np.int64)
@@ -168,15 +142,13 @@ def load_run(workdir: str) -> dict[str, Any]:
 
     train_records = _last_per_step([r for r in records if r.get("kind") == "train"])
     if tps is None:  # a train record of step s has seen (s + 1) * tokens_per_step tokens
-        first = next((r for r in train_records if _is_number(r.get("tokens"))), None)
+        first = next((r for r in train_records if _parse(r.get("tokens")) is not None), None)
         if first is not None:
             tps = int(round(_num(first["tokens"]) / (first["step"] + 1)))
     train = _columns(train_records, skip=("step", "tokens"))
     train["step"] = np.array([r["step"] for r in train_records], dtype=np.int64)
-    train["tokens"] = np.array(
-        [_num(r["tokens"]) if "tokens" in r else (r["step"] + 1) * tps if tps else math.nan for r in train_records],
-        dtype=np.float64,
-    )
+    train["tokens"] = np.array([_num(r["tokens"]) if "tokens" in r else (r["step"] + 1) * tps if tps else math.nan
+                                for r in train_records], dtype=np.float64)
     sources = sorted({s for r in train_records for s in (r.get("tokens_per_source") or {})})
     train["tokens_per_source"] = {
         s: np.array([_num((r.get("tokens_per_source") or {}).get(s)) for r in train_records]) for s in sources
@@ -184,9 +156,8 @@ def load_run(workdir: str) -> dict[str, Any]:
 
     tokens_at = {int(s): t for s, t in zip(train["step"], train["tokens"], strict=True)}
     eval_records = _last_per_step([r for r in records if r.get("kind") == "eval"])
-    eval_tokens = np.array(
-        [tokens_at.get(r["step"], r["step"] * tps if tps else math.nan) for r in eval_records], dtype=np.float64
-    )
+    eval_tokens = np.array([tokens_at.get(r["step"], r["step"] * tps if tps else math.nan) for r in eval_records],
+                           dtype=np.float64)
     evals = {
         "step": np.array([r["step"] for r in eval_records], dtype=np.int64),
         "tokens": eval_tokens,
@@ -199,53 +170,45 @@ def load_run(workdir: str) -> dict[str, Any]:
     phases = []
     for p in (plan or {}).get("phases") or []:
         if isinstance(p, dict) and isinstance(p.get("start_step"), int):
-            phases.append({
-                "index": p.get("index", len(phases)),
-                "start_step": p["start_step"],
-                "start_tokens": p["start_step"] * tps if tps else math.nan,
-                "weights": p.get("weights") or {},
-                "start_at": p.get("start_at"),
-            })
-    return {
-        "workdir": workdir,
-        "name": os.path.basename(workdir),
-        "tokens_per_step": tps,
-        "steps": steps,
-        "train": train,
-        "eval": evals,
-        "phases": phases,
-        "plan": plan,
-        "events": [r for r in records if r.get("kind") == "event"],
-    }
+            phases.append({"index": p.get("index", len(phases)), "start_step": p["start_step"],
+                           "start_tokens": p["start_step"] * tps if tps else math.nan,
+                           "weights": p.get("weights") or {}, "start_at": p.get("start_at")})
+    return {"workdir": workdir, "name": os.path.basename(workdir), "tokens_per_step": tps, "steps": steps,
+            "train": train, "eval": evals, "phases": phases, "plan": plan,
+            "events": [r for r in records if r.get("kind") == "event"]}
 
 
 # ----------------------------------------------------------------------------- picture
 
 
+def _finite_max(xs: np.ndarray) -> float:
+    finite = xs[np.isfinite(xs)]
+    return float(finite.max()) if finite.size else math.nan
+
+
 def _token_scale(runs: list[dict]) -> tuple[float, str]:
-    """(divisor, unit) for the tokens axis: B, M or K by the largest count in any run."""
-    largest = 0.0
-    for run in runs:
-        for xs in (run["train"]["tokens"], run["eval"]["tokens"]):
-            finite = xs[np.isfinite(xs)]
-            if finite.size:
-                largest = max(largest, float(finite.max()))
+    """(divisor, unit) for the tokens axis: T, B, M or K by the largest count in any run."""
+    maxima = [_finite_max(xs) for run in runs for xs in (run["train"]["tokens"], run["eval"]["tokens"])]
+    largest = max([m for m in maxima if not math.isnan(m)], default=0.0)
     for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if largest >= size:
             return size, unit
     return 1.0, ""
 
 
-def _say_empty(ax, text: str) -> None:
-    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="gray")
+def _finish_panel(ax, ylabel: str, drawn: bool, empty: str) -> None:
+    """A legend when the panel has lines, else a note of what is missing (the panel stays)."""
+    ax.set_ylabel(ylabel)
+    if drawn:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, empty, transform=ax.transAxes, ha="center", va="center", color="gray")
 
 
 def _run_end_tokens(run: dict) -> float:
-    tokens = run["train"]["tokens"]
-    finite = tokens[np.isfinite(tokens)]
     if run["steps"] and run["tokens_per_step"]:
         return float(run["steps"] * run["tokens_per_step"])
-    return float(finite.max()) if finite.size else math.nan
+    return _finite_max(run["train"]["tokens"])
 
 
 def make_figure(runs: list[dict], labels: list[str]):
@@ -280,11 +243,7 @@ def make_figure(runs: list[dict], labels: list[str]):
             if field in train and np.isfinite(train[field]).any():
                 ax.plot(train["tokens"] / scale, train[field], color=color, linewidth=1.2, label=label)
                 drawn = True
-        ax.set_ylabel(ylabel)
-        if drawn:
-            ax.legend(fontsize=8)
-        else:
-            _say_empty(ax, "no train records")
+        _finish_panel(ax, ylabel, drawn, "no train records")
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
 
     # Mixture phases on the LR panel: shaded spans (one color per phase index), a line at each switch.
@@ -312,9 +271,7 @@ def make_figure(runs: list[dict], labels: list[str]):
         (val_ax, "sources", "loss", "loss", "no eval records"),
         (task_ax, "tasks", "acc", "accuracy", "no task records"),
     ):
-        names: list[str] = []
-        for run in runs:
-            names += [n for n in run["eval"][field] if n not in names]
+        names = list(dict.fromkeys(n for run in runs for n in run["eval"][field]))
         drawn = False
         for r, (run, label) in enumerate(zip(runs, labels, strict=True)):
             for name, series in run["eval"][field].items():
@@ -324,11 +281,7 @@ def make_figure(runs: list[dict], labels: list[str]):
                         linestyle=LINESTYLES[r % len(LINESTYLES)], marker="o", markersize=3, linewidth=1.2,
                         label=f"{label}: {name}" if several else name)
                 drawn = True
-        ax.set_ylabel(ylabel)
-        if drawn:
-            ax.legend(fontsize=8)
-        else:
-            _say_empty(ax, empty)
+        _finish_panel(ax, ylabel, drawn, empty)
 
     fig.suptitle(" vs ".join(labels) if several else labels[0])
     fig.tight_layout()

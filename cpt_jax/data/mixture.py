@@ -1,27 +1,19 @@
 """Schedule-aware data mixture: global example index -> (source, k-th draw from that source).
 
-A mixture is a list of phases. Each phase has weights over the named sources; every phase after
-the first starts at a condition (a step, a fraction of the run, a token count, an absolute LR or a
-fraction of the starting LR) that `resolve_phases` turns into a step ONCE, through the LR schedule.
-After that everything is a pure function of the global example index (Principles 1 and 2): the
-`Mixture` maps index `i` to the source that example comes from and to `k`, how many examples of
-that source came before it in the whole run. The source's `EpochShuffle` then turns `k` into a
-record (shuffled per epoch, repeating when exhausted).
+A mixture is a list of phases, each with weights over the named sources; every phase after the
+first starts at a condition (step, fraction of the run, tokens, LR or a fraction of the starting
+LR) that `resolve_phases` turns into a step ONCE, through the LR schedule. After that, index `i`
+maps to its source and to `k`, how many examples of that source came before it in the whole run
+(so a source picked up again in a later phase continues where it left off): a pure function of
+the index (Principles 1 and 2).
 
-Within a phase the selection is an exact deterministic interleave. The weights are written as
-integer counts `c_s` over a period `P` (exactly when they are ratios with a small common
-denominator, e.g. 0.9/0.1 -> 9:1 over 10; otherwise quantized to 1/65536 by largest remainder). One
-period is laid out once by an earliest-deadline-first schedule such that, for every prefix of `j`
-examples of the phase, every source's count stays within `j * c_s / P` +- delta, delta < 1 (1/2
-when that is achievable, e.g. for two sources; Tijdeman's 1 - 1/(2n-2) bound otherwise). Index ->
-(source, k) is then O(1): full periods times the per-period count plus the rank inside the period.
-A source's `k` carries across phases: a source picked up again in a later phase continues where
-it left off, so it does not repeat records it already served.
-
-The trainer reads through grain: `Mixture.selection_map` is this sampler as the selection map of
-`grain.MapDataset.select_from_datasets`, on the global indices of one process's rows (a selection
-on global indices, unlike a mixer inside grain's worker processes, does not depend on how many
-workers read). `from_config` is the one place a run's mixture is made (trainer, plan, benchmarks).
+Within a phase the weights are integer counts `c_s` over a period `P` (exact for ratios with a
+small common denominator, 0.9/0.1 -> 9:1 over 10; else quantized to 1/65536 by largest remainder),
+laid out once by earliest-deadline-first so that every prefix of `j` examples holds each source
+within `j * c_s / P` +- delta, delta < 1 (1/2 where achievable; Tijdeman's 1 - 1/(2n-2) otherwise).
+Index -> (source, k) is then O(1). `Mixture.selection_map` is this sampler as grain's selection map
+on global indices, which (unlike a mixer inside grain's workers) does not depend on how many
+workers read. `from_config` is the one place a run's mixture is made.
 """
 
 from __future__ import annotations
@@ -51,11 +43,8 @@ _MAX_DENOMINATOR = 10_000
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
-    """One resolved phase: from `start_step` on, examples follow the (normalized) `weights`.
-
-    `weights` has every source of the mixture, in the mixture's source order, summing to 1.
-    `start_at` is the condition from the config (None for the first phase).
-    """
+    """One resolved phase: from `start_step` on, examples follow `weights` (every source of the
+    mixture in its order, summing to 1); `start_at` is the config's condition (None for the first)."""
 
     index: int
     start_step: int
@@ -82,13 +71,8 @@ def _fmt(x: float) -> str:
     return f"{x:.6g}"
 
 
-def resolve_phases(
-    phases_cfg: Sequence[Any],
-    source_names: Sequence[str],
-    schedule: Any,
-    batch_size: int,
-    seq_len: int,
-) -> list[Phase]:
+def resolve_phases(phases_cfg: Sequence[Any], source_names: Sequence[str], schedule: Any, batch_size: int,
+                   seq_len: int) -> list[Phase]:
     """Validates `data.phases` and resolves every start condition to a step of `schedule`.
 
     `schedule` is a `cpt_jax.schedules.Schedule` (uses `.steps`, `.start_lr`, `.lr_min` and
@@ -119,9 +103,9 @@ def resolve_phases(
             start_step = 0
             start_dict = None
         else:
-            start_dict = _check_start_at(key, start_at)
-            start_step = _start_step(key, start_dict, schedule, batch_size, seq_len)
-            what, value = next(iter(start_dict.items()))
+            what, value = _check_start_at(key, start_at)
+            start_dict = {what: value}
+            start_step = _start_step(key, what, value, schedule, batch_size, seq_len)
             if start_step >= steps:
                 raise ConfigError(
                     f"{key}.start_at.{what}: {_fmt(value)} resolves to step {start_step}, at or after the "
@@ -152,7 +136,7 @@ def _resolve_weights(key: str, weights: Any, names: list[str], known: str) -> di
     return {name: float(spec.get(name, 0.0)) / total for name in names}
 
 
-def _check_start_at(key: str, start_at: Any) -> dict:
+def _check_start_at(key: str, start_at: Any) -> tuple[str, float | int]:
     expected = "expected exactly one of " + ", ".join(START_KEYS)
     if start_at is None:
         raise ConfigError(f"{key}.start_at: missing; phases after the first need a start, {expected}")
@@ -174,11 +158,10 @@ def _check_start_at(key: str, start_at: Any) -> dict:
         raise ConfigError(f"{key}.start_at.fraction: {_fmt(value)}, expected a fraction of the run in (0, 1)")
     if what in ("tokens", "lr", "lr_ratio") and value <= 0:
         raise ConfigError(f"{key}.start_at.{what}: {_fmt(value)}, expected a value > 0")
-    return {what: int(value) if what == "step" else value}
+    return what, int(value) if what == "step" else value
 
 
-def _start_step(key: str, start: dict, schedule: Any, batch_size: int, seq_len: int) -> int:
-    what, value = next(iter(start.items()))
+def _start_step(key: str, what: str, value: float, schedule: Any, batch_size: int, seq_len: int) -> int:
     if what == "step":
         return int(value)
     if what == "fraction":
@@ -186,8 +169,7 @@ def _start_step(key: str, start: dict, schedule: Any, batch_size: int, seq_len: 
     if what == "tokens":
         return int(math.ceil(value / (batch_size * seq_len)))
     if what == "lr":
-        threshold = value
-        shown = f"{_fmt(value)}"
+        threshold, shown = value, _fmt(value)
     else:
         if schedule.start_lr is None or schedule.start_lr <= 0:
             raise ConfigError(
@@ -301,15 +283,6 @@ def interleave(counts: Sequence[int]) -> np.ndarray:
     raise AssertionError(f"no interleave below 1 for counts {counts}: contradicts Tijdeman's theorem")
 
 
-def _ranks(order: np.ndarray, num_sources: int) -> np.ndarray:
-    """rank[t] = how many earlier slots of the period hold the same source as slot t."""
-    ranks = np.empty(len(order), dtype=np.int64)
-    for s in range(num_sources):
-        where = np.flatnonzero(order == s)
-        ranks[where] = np.arange(len(where))
-    return ranks
-
-
 class Mixture:
     """Global example index -> (source id, k-th draw from that source): pure and picklable.
 
@@ -331,18 +304,18 @@ class Mixture:
             raise ValueError(f"phase start steps must increase: {self.start_steps.tolist()}")
         self.start_examples = self.start_steps * self.batch_size
         # counts[p, s] slots of source s in one period of phase p.
-        self.counts = np.stack(
-            [quantize([p.weights.get(name, 0.0) for name in self.source_names]) for p in self.phases]
-        )
+        self.counts = np.stack([quantize([p.weights.get(name, 0.0) for name in self.source_names])
+                                for p in self.phases])
         self.periods = self.counts.sum(axis=1)
         self.orders = [interleave(c) for c in self.counts]
-        self.ranks = [_ranks(o, num_sources) for o in self.orders]
         # cum[p][j, s]: examples of source s among the first j slots of a period (j = 0..P).
         self.cum = []
         for order in self.orders:
             onehot = np.zeros((len(order) + 1, num_sources), dtype=np.int64)
             onehot[np.arange(1, len(order) + 1), order] = 1
             self.cum.append(np.cumsum(onehot, axis=0))
+        # ranks[p][t]: how many earlier slots of the period hold the same source as slot t.
+        self.ranks = [cum[np.arange(len(order)), order] for order, cum in zip(self.orders, self.cum, strict=True)]
         # offsets[p, s]: draws of source s consumed by phases before p (where p picks it up).
         self.offsets = np.zeros((len(self.phases), num_sources), dtype=np.int64)
         for p in range(1, len(self.phases)):
@@ -375,9 +348,6 @@ class Mixture:
         if lo < 0:
             raise ValueError(f"example indices must be >= 0, got {lo}")
         first, last = np.searchsorted(self.start_examples, [lo, hi], side="right") - 1
-        if first == last:  # the usual batch: one phase, no per-phase masks
-            source, k = self._select_in(int(first), flat)
-            return source.reshape(idx.shape), k.reshape(idx.shape)
         phase = np.searchsorted(self.start_examples, flat, side="right") - 1
         source = np.empty(flat.shape, dtype=np.int32)
         k = np.empty(flat.shape, dtype=np.int64)
@@ -429,10 +399,9 @@ class Mixture:
 class ProcessSelection(grain.transforms.DatasetSelectionMap):
     """The mixture as grain's selection hook for `MapDataset.select_from_datasets`, for one process.
 
-    Local index i is row `rows.start + i % R` of step `i // R` (R rows per step): global example
-    `(i // R) * B + rows.start + i % R`. So `.batch(R)` of the selected dataset gives this process's
-    rows of step s at index s, every index stays a global one (no worker-local counters), and the
-    order is the same on any topology. Component s must yield the k-th draw of source s at index k.
+    Local index i is global example `(i // R) * B + rows.start + i % R` (R rows per step), so
+    `.batch(R)` gives this process's rows of step s at index s with no worker-local counters.
+    Component s must yield the k-th draw of source s at index k.
     """
 
     def __init__(self, mixture: Mixture, rows: slice, num_steps: int):

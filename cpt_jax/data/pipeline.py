@@ -1,8 +1,7 @@
 """The data loader, a grain pipeline: step -> this process's rows of the step's batch -> global `jax.Array`s.
 
-Step `s` consumes global examples [s*B, (s+1)*B) (B = train.batch_size). Which example a global
-index is comes from the mixture (source, k-th draw of that source) and the source's per-epoch
-order: a pure function of (config, seed, index). Built from grain's parts:
+Step `s` consumes global examples [s*B, (s+1)*B); which example a global index is comes from the
+mixture (source, k-th draw) and the source's per-epoch order. Built from grain's parts:
 
     each source   MapDataset.source(ArrayRecordDataSource) -> decode -> EpochShuffle -> repeat
                   (synthetic data: MapDataset.range, the draw is the example's global index)
@@ -13,10 +12,9 @@ order: a pure function of (config, seed, index). Built from grain's parts:
                   [-> .mp_prefetch(MultiprocessingOptions(workers))]
     to devices    jax.make_array_from_process_local_data, on the consumer's thread
 
-Each process reads only the rows its devices hold, so the same run on 1 host or 16, on 8 devices
-or 4, with any number of reading threads or worker processes, sees the same examples in the same
-steps; resuming at step k needs nothing but k (Principles 1 and 2). The iterator's state (grain's,
-with the step it stands at) goes into every checkpoint, and a resume checks it against the step.
+Each process reads only the rows its devices hold, so any topology, thread or worker count sees
+the same examples in the same steps; resuming at step k needs nothing but k (Principles 1 and 2).
+The iterator's state goes into every checkpoint, and a resume checks it against the step.
 """
 
 from __future__ import annotations
@@ -82,20 +80,13 @@ def process_rows(sharding: jax.sharding.Sharding, global_batch: int) -> slice:
 
 def _batch_shards(sharding: jax.sharding.Sharding, global_batch: int) -> tuple[int, str]:
     """(how many ways the batch dimension is split, a description) without requiring divisibility."""
-    if isinstance(sharding, jax.sharding.NamedSharding):
-        spec = sharding.spec
-        axes = spec[0] if len(spec) else None
-        if axes is None:
-            return 1, "no mesh axis"
-        axes = (axes,) if isinstance(axes, str) else tuple(axes)
-        size = 1
-        for a in axes:
-            size *= sharding.mesh.shape[a]
-        return size, f"mesh axes {axes}"
-    # Any other sharding: ask it for the shard shape of a batch that always divides.
+    # The shard shape of a batch that always divides: n devices split no dimension more than n ways.
     n = len(sharding.device_set)
-    shard_rows = sharding.shard_shape((n * global_batch, n))[0]
-    return (n * global_batch) // shard_rows, "the batch sharding"
+    shards = (n * global_batch) // sharding.shard_shape((n * global_batch, n))[0]
+    if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.spec) and sharding.spec[0] is not None:
+        axes = sharding.spec[0]
+        return shards, f"mesh axes {(axes,) if isinstance(axes, str) else tuple(axes)}"
+    return shards, "the batch sharding"
 
 
 class BatchFields:
@@ -248,11 +239,10 @@ class Pipeline:
 class Batches:
     """grain's iterator over steps [start, end) of a Pipeline, yielding (step, global batch).
 
-    `data.num_threads` threads read ahead up to `data.prefetch` batches (at least one per
-    thread); with `data.workers > 0`,
-    worker processes do (each with those threads), every worker building whole steps of the
-    global index space, so their output is the same batches in the same order. Close it (or use
-    it as a context manager) to stop the threads and workers.
+    `data.num_threads` threads read ahead up to `data.prefetch` batches (at least one per thread);
+    with `data.workers > 0`, worker processes do (each with those threads), every worker building
+    whole steps of the global index space: the same batches in the same order. Close it (or use it
+    as a context manager) to stop the threads and workers.
     """
 
     def __init__(self, pipeline: Pipeline, start: int, end: int, to_devices: bool = True):

@@ -1,13 +1,10 @@
 """A prepared source (the output of `cpt_jax.prepare`) as random-access grain datasets, and the
 pure functions that decide its order: per-epoch permutations and segment ids.
 
-Data order is a function of (seed, source name, draw index) only, never of the topology or of
-iterator state: the k-th draw from a source of n examples is record `perm(epoch=k // n)[k % n]`,
-where each epoch's permutation comes from a seed derived by a stable hash of (seed, name, epoch).
-A source therefore repeats when exhausted, and every epoch visits every example exactly once.
-`Source.draws` is that order as grain transforms: `MapDataset.source(ArrayRecordDataSource)`,
-decoded, `EpochShuffle`d (grain's own shuffle with this stable, numpy-version-proof permutation),
-repeated.
+The k-th draw from a source of n examples is record `perm(epoch=k // n)[k % n]`, each epoch's
+permutation seeded by a stable hash of (seed, name, epoch): a function of those alone, never of the
+topology or of iterator state. A source repeats when exhausted; every epoch visits every example
+once. `Source.draws` is that order as grain transforms.
 """
 
 from __future__ import annotations
@@ -30,18 +27,9 @@ from cpt_jax.config import ConfigError, first_line
 from cpt_jax.data.packing import FORMAT_VERSION, MANIFEST, VAL_FILE
 
 _DTYPES = ("uint16", "uint32")
-_REQUIRED = {
-    "format_version": int,
-    "name": str,
-    "tokenizer_fingerprint": str,
-    "vocab_size": int,
-    "eos_id": int,
-    "seq_len": int,
-    "dtype": str,
-    "examples": int,
-    "val_examples": int,
-    "shards": list,
-}
+# The manifest keys every reader relies on, and their types.
+_REQUIRED = {"format_version": int, "name": str, "tokenizer_fingerprint": str, "vocab_size": int, "eos_id": int,
+             "seq_len": int, "dtype": str, "examples": int, "val_examples": int, "shards": list}
 
 
 class _DecodeRecord:
@@ -66,26 +54,15 @@ class DataError(ConfigError):
     """A prepared file found unreadable while a run reads it (a damaged shard): reported as one line."""
 
 
-@dataclasses.dataclass(frozen=True)
-class _WholeFile:
-    """A file and its record count in the form of ArrayRecord's FileInstruction: given it, the
-    data source takes the count instead of opening the file once more to read it."""
-
-    filename: str
-    skip: int
-    take: int
-    examples_in_shard: int
-
-
 class _Shards(grain.sources.ArrayRecordDataSource):
-    """grain's ArrayRecord source over a split's files (whose record counts load_source has just
-    read), naming the file when a read fails (the reader's own error names neither the file nor
-    the record)."""
+    """grain's ArrayRecord source over a split's files, naming the file when a read fails (the
+    reader's own error names neither the file nor the record)."""
 
     def __init__(self, paths: list[str], counts: list[int]):
-        # Each read is served in the calling thread: reads are single records, for which the
-        # reader's own thread pool costs more than it saves (and competes with the train step).
-        super().__init__([_WholeFile(p, 0, n, n) for p, n in zip(paths, counts, strict=True)],
+        # "file[0:n]" hands the source the record counts load_source has just read (it need not open
+        # every file again). Each read is served in the calling thread: reads are single records, for
+        # which the reader's thread pool costs more than it saves (and competes with the train step).
+        super().__init__([f"{p}[0:{n}]" for p, n in zip(paths, counts, strict=True)],
                          reader_options={"max_parallelism": "0"})
         self._starts = [0, *itertools.accumulate(counts)]
 
@@ -117,17 +94,8 @@ class EpochShuffle(grain.MapDataset):
 
 @dataclasses.dataclass
 class Source:
-    """One split of a prepared source.
-
-    Attributes:
-      name: the source's name (from the manifest).
-      directory: the prepared directory.
-      split: 'train' or 'val'.
-      manifest: manifest.json as a dict.
-      num_examples: examples in this split.
-      dataset: grain.MapDataset of np arrays of seq_len + 1 tokens in the manifest dtype (read-only views
-        of the records).
-    """
+    """One split ('train' or 'val') of a prepared source: its manifest and `dataset`, a grain.MapDataset
+    of its `num_examples` examples (read-only arrays of seq_len + 1 tokens in the manifest dtype)."""
 
     name: str
     directory: str
@@ -199,11 +167,8 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_source(directory: str | os.PathLike, split: str = "train") -> Source:
-    """Open one split ('train' or 'val') of a prepared directory for random access.
-
-    Raises ConfigError when the manifest is missing or unreadable, a shard is missing, the files
-    disagree with the manifest, or the split has no examples.
-    """
+    """Open one split ('train' or 'val') of a prepared directory for random access; ConfigError when
+    the manifest or a shard is missing or unreadable, the files disagree with it, or the split is empty."""
     directory = os.path.abspath(os.path.expanduser(os.fspath(directory)))
     manifest = read_manifest(directory)
     path = os.path.join(directory, MANIFEST)
@@ -254,9 +219,7 @@ def starts_with_bos(manifests: Sequence[tuple[str, dict[str, Any]]]) -> bool:
     return bool(seen and next(iter(seen)))
 
 
-# ----------------------------------------------------------------------------------------------
-# Order
-# ----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- order
 
 
 def epoch_seed(seed: int, name: str, epoch: int) -> int:
@@ -269,23 +232,19 @@ def epoch_seed(seed: int, name: str, epoch: int) -> int:
 # Examples are looked up one at a time: keep the permutations of the current (and next) epoch of
 # up to 16 sources.
 @functools.lru_cache(maxsize=32)
-def _permutation(seed: int, name: str, epoch: int, n: int) -> np.ndarray:
-    # Argsort of raw 64-bit draws rather than Generator.permutation: a BitGenerator's raw stream is
-    # fixed by its algorithm, while Generator methods may change between numpy versions, and a
-    # resumed run must see the same order whatever numpy it runs with.
-    keys = np.random.PCG64(epoch_seed(seed, name, epoch)).random_raw(n)
-    perm = np.argsort(keys, kind="stable")
-    perm.flags.writeable = False  # shared through the cache
-    return perm
-
-
 def epoch_permutation(seed: int, name: str, epoch: int, n: int) -> np.ndarray:
     """The order (int64 record indices, read-only) in which epoch `epoch` visits a source of n examples."""
     if n <= 0:
         raise ValueError(f"n={n}: a source needs at least one example")
     if epoch < 0:
         raise ValueError(f"epoch={epoch}: expected >= 0")
-    return _permutation(int(seed), str(name), int(epoch), int(n))
+    # Argsort of raw 64-bit draws rather than Generator.permutation: a BitGenerator's raw stream is
+    # fixed by its algorithm, while Generator methods may change between numpy versions, and a
+    # resumed run must see the same order whatever numpy it runs with.
+    keys = np.random.PCG64(epoch_seed(seed, name, epoch)).random_raw(int(n))
+    perm = np.argsort(keys, kind="stable")
+    perm.flags.writeable = False  # shared through the cache
+    return perm
 
 
 def record_index(seed: int, name: str, n: int, k: int) -> int:
@@ -296,9 +255,8 @@ def record_index(seed: int, name: str, n: int, k: int) -> int:
     return int(epoch_permutation(seed, name, epoch, n)[i])
 
 
-def segment_ids_and_positions(
-    tokens: np.ndarray, eos_id: int, length: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+def segment_ids_and_positions(tokens: np.ndarray, eos_id: int,
+                              length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Document segment ids and in-document positions of the first `length` tokens of each row.
 
     `tokens` is [..., W] (`length` defaults to W): a model's inputs, or the stored examples of

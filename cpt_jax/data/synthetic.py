@@ -17,27 +17,9 @@ def successor_table(seed: int, vocab_size: int, branching: int) -> np.ndarray:
     return rng.integers(0, vocab_size, size=(vocab_size, branching), dtype=np.int64)
 
 
-def synthetic_examples(
-    seed: int, indices: np.ndarray, seq_len: int, vocab_size: int, branching: int
-) -> np.ndarray:
+def synthetic_examples(seed: int, indices: np.ndarray, seq_len: int, vocab_size: int, branching: int) -> np.ndarray:
     """Examples `indices` of the stream: int32 [len(indices), seq_len + 1]."""
-    return _walks(seed, successor_table(seed, vocab_size, branching), indices, seq_len)
-
-
-def _walks(seed: int, table: np.ndarray, indices: np.ndarray, seq_len: int) -> np.ndarray:
-    vocab_size, branching = table.shape
-    indices = np.asarray(indices, dtype=np.int64)
-    n = len(indices)
-    out = np.empty((n, seq_len + 1), dtype=np.int32)
-    choices = np.empty((n, seq_len), dtype=np.int64)
-    for row, i in enumerate(indices):
-        # One generator per example: rows are independent of which process or batch asks.
-        rng = np.random.default_rng([seed, int(i)])
-        out[row, 0] = rng.integers(0, vocab_size)
-        choices[row] = rng.integers(0, branching, size=seq_len)
-    for t in range(seq_len):
-        out[:, t + 1] = table[out[:, t], choices[:, t]]
-    return out
+    return SyntheticWalks(seed, seq_len, vocab_size, branching)(indices)
 
 
 class SyntheticWalks:
@@ -53,4 +35,15 @@ class SyntheticWalks:
         self.table = successor_table(self.seed, int(vocab_size), int(branching))
 
     def __call__(self, indices) -> np.ndarray:
-        return _walks(self.seed, self.table, indices, self.seq_len)
+        vocab_size, branching = self.table.shape
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(indices), self.seq_len + 1), dtype=np.int32)
+        choices = np.empty((len(indices), self.seq_len), dtype=np.int64)
+        for row, i in enumerate(indices):
+            # One generator per example: rows are independent of which process or batch asks.
+            rng = np.random.default_rng([self.seed, int(i)])
+            out[row, 0] = rng.integers(0, vocab_size)
+            choices[row] = rng.integers(0, branching, size=self.seq_len)
+        for t in range(self.seq_len):
+            out[:, t + 1] = self.table[out[:, t], choices[:, t]]
+        return out

@@ -27,9 +27,9 @@ def parse_ablations(value: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cpt_jax import demo
-
-    parser = argparse.ArgumentParser(prog="python -m cpt_jax.demo", description=demo.__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m cpt_jax.demo",
+                                     description="The recipe end to end on generated data, as evidence: "
+                                                 "`python -m cpt_jax.demo`.")
     parser.add_argument("--workdir", default="demo_out", help="Where the corpora, runs and report go.")
     parser.add_argument("--scale", default="small", choices=sorted(runs.SCALES),
                         help="tiny: CI, in seconds; small (default): 2 CPU cores, minutes; medium: one GPU.")

@@ -1,28 +1,17 @@
-"""The demo's generated corpus: biographies of two disjoint populations, question-answer pairs, and
-the three multiple-choice tasks that measure what a model knows.
+"""The demo's generated corpus, a pure function of the seed: biographies of two disjoint
+populations, question-answer pairs, and the three multiple-choice tasks that measure what a model knows.
 
-- Population A ("pretraining"): biographies. The base model is pretrained on them until it knows
-  their facts.
-- Population B (the new domain): biographies of other people (no name is in both populations).
-  They appear only in the continued runs' data.
-- QA: "Q: What is the profession of NAME? A: PROFESSION" about the people of A, one pair per
-  attribute: the QA Blend's question format, taught on facts the base already knows.
+Population A's biographies pretrain the base; population B (the new domain) appears only in the
+continued runs' data; the QA pairs ("Q: What is the profession of NAME? A: PROFESSION") teach the QA
+Blend's format on A's facts, which the base already knows. A biography states a person's four
+attributes once each, in a random one of three phrasings, in random order. Each population's
+`val_bios` validation biographies are written at the end of its file, where `prepare` takes the
+validation split from: validation loss measures the facts, never a document that was trained on.
 
-Every person has four attributes (city, profession, year, hobby) drawn from small vocabularies; a
-biography states each of them once, in a random one of three phrasings, in random order. Besides
-its training biographies, each population has `val_bios` more (its people in turn) that are
-written at the end of the source's file, where `prepare` takes the validation split from:
-validation loss measures the facts, never a document that was trained on.
-
-The tasks (lm-eval-harness records: context, choices, gold; plus name and attribute):
-  retention    a cloze over every fact of A in the biographies' own phrasing ("NAME was born in"
-               followed by the right city or 3 other cities): forgetting shows here.
-  acquisition  the same cloze over every fact of B: learning the new domain.
-  heldout_qa   the QA format asked about every fact of B, whose people are never asked in training:
-               the question format carried to facts learned only from biographies.
-Each question has the gold value and 3 distractors of the same attribute (chance: 1/4).
-
-Everything is a pure function of the seed (`random.Random(seed)`, no global state).
+The tasks (lm-eval-harness records plus name and attribute; the gold value among 3 distractors):
+retention, a cloze over every fact of A in the biographies' phrasing (forgetting shows here);
+acquisition, the same over B (learning the new domain); heldout_qa, the QA format asked about B,
+whose people are never asked in training (the format carried to facts learned from biographies).
 """
 
 from __future__ import annotations
@@ -93,13 +82,8 @@ class Person:
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-    """The generated texts and tasks.
-
-    Attributes:
-      a_bios, b_bios: the training biographies; a_val, b_val: the validation biographies.
-      qa_train: the QA pairs about A (the `qa` source).
-      tasks: {task name: its records}, see the module docstring.
-    """
+    """The generated texts and tasks: training biographies (a_bios, b_bios), validation biographies
+    (a_val, b_val), the QA pairs about A (qa_train, the `qa` source) and {task name: its records}."""
 
     seed: int
     people_a: tuple[Person, ...]

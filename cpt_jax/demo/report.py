@@ -16,6 +16,7 @@ from cpt_jax.demo.runs import QUESTIONS, Question, RunResult, Scale, Variant
 GROUPS = {"retention": "retention (A facts)", "acquisition": "acquisition (B facts)",
           "heldout_qa": "held-out QA (B)"}
 AVERAGE = "average"
+COLUMNS = (*TASKS, AVERAGE)  # the groups and their average, in table order
 TARGET_HALF_WIDTH = 0.04  # +-4 points at 95%
 
 
@@ -69,12 +70,11 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def accuracy_table(table: Table, names: Sequence[str]) -> list[str]:
-    cols = [*TASKS, AVERAGE]
-    lines = ["| run | " + " | ".join(GROUPS.get(c, c) for c in cols) + " | val loss A | val loss B |",
-             "|---|" + "---|" * (len(cols) + 2)]
+    lines = ["| run | " + " | ".join(GROUPS.get(c, c) for c in COLUMNS) + " | val loss A | val loss B |",
+             "|---|" + "---|" * (len(COLUMNS) + 2)]
     for name in names:
         acc, loss = table.accuracy[name], table.losses[name]
-        lines.append(f"| {name} | " + " | ".join(_acc(acc[c]) for c in cols)
+        lines.append(f"| {name} | " + " | ".join(_acc(acc[c]) for c in COLUMNS)
                      + f" | {_mean(loss['A']):.3f} | {_mean(loss['B']):.3f} |")
     return lines
 
@@ -83,20 +83,19 @@ def seed_table(table: Table, names: Sequence[str], seeds: Sequence[int]) -> list
     lines = ["| run | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
     for name in names:
         acc = table.accuracy[name]
-        cells = [" / ".join(f"{acc[c].per_seed[i]:.2f}" for c in (*TASKS, AVERAGE)) for i in range(len(seeds))]
+        cells = [" / ".join(f"{acc[c].per_seed[i]:.2f}" for c in COLUMNS) for i in range(len(seeds))]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
 
 def difference_table(results: dict[str, Sequence[RunResult]], names: Sequence[str], reference: str) -> list[str]:
-    cols = [*TASKS, AVERAGE]
-    lines = [f"| run - {reference} | " + " | ".join(GROUPS.get(c, c) for c in cols) + " |",
-             "|---|" + "---|" * len(cols)]
+    lines = [f"| run - {reference} | " + " | ".join(GROUPS.get(c, c) for c in COLUMNS) + " |",
+             "|---|" + "---|" * len(COLUMNS)]
     for name in names:
         if name == reference:
             continue
         d = differences(results, name, reference)
-        lines.append(f"| {name} | " + " | ".join(f"{_points(d[c])} {stats.outcome(d[c])}" for c in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{_points(d[c])} {stats.outcome(d[c])}" for c in COLUMNS) + " |")
     return lines
 
 
@@ -118,7 +117,8 @@ def _steps(span: tuple[float, float]) -> str:
     return f"{math.floor(lo + 1e-9) + 1}-{math.floor(hi + 1e-9)}"
 
 
-def plateau_lines(base: Sequence[RunResult], seeds: Sequence[int]) -> tuple[bool, list[str]]:
+def plateau_lines(base: Sequence[RunResult], seeds: Sequence[int]) -> tuple[list[stats.Plateau], list[str]]:
+    """Each seed's plateau check of the base, and its table."""
     checks = [stats.plateau(r.curve) for r in base]
     first = checks[0]
     lines = [f"| seed | mean val loss A, steps {_steps(first.before_steps)} | steps {_steps(first.last_steps)} | "
@@ -127,7 +127,7 @@ def plateau_lines(base: Sequence[RunResult], seeds: Sequence[int]) -> tuple[bool
     for seed, p in zip(seeds, checks, strict=True):
         lines.append(f"| {seed} | {p.before:.4f} | {p.last:.4f} | {100 * p.relative_improvement:+.2f}% | "
                      f"{'yes' if p.flattened else 'NO: ' + p.describe()} |")
-    return all(p.flattened for p in checks), lines
+    return checks, lines
 
 
 def check_lines(results: dict[str, Sequence[RunResult]], seeds: Sequence[int]) -> list[str]:
@@ -160,7 +160,8 @@ def build(workdir: str, scale_name: str, s: Scale, seeds: Sequence[int], base: S
     """Write report.md and report.png; returns the report's path and the lines to print."""
     table = tabulate({"base": base, **results})
     names = [n for n in results]
-    ok, plateau = plateau_lines(base, seeds)
+    checks, plateau = plateau_lines(base, seeds)
+    ok = all(p.flattened for p in checks)
     run_tokens = s.run_steps * s.batch_size * s.seq_len
     lines = [
         f"# cpt_jax demo report (scale `{scale_name}`, seeds {', '.join(map(str, seeds))})",
@@ -184,9 +185,8 @@ def build(workdir: str, scale_name: str, s: Scale, seeds: Sequence[int], base: S
         "",
         ("Its validation loss on A had flattened in every seed." if ok else
          "**The base had NOT flattened in every seed (" + "; ".join(
-             f"seed {seed}: {p.describe()}" for seed, r in zip(seeds, base, strict=True)
-             if not (p := stats.plateau(r.curve)).flattened) + "): its continuations do not start from a "
-         "finished model.**"),
+             f"seed {seed}: {p.describe()}" for seed, p in zip(seeds, checks, strict=True) if not p.flattened)
+         + "): its continuations do not start from a finished model.**"),
         "",
         "## Accuracy",
         "",
@@ -194,7 +194,7 @@ def build(workdir: str, scale_name: str, s: Scale, seeds: Sequence[int], base: S
         "`python -m cpt_jax.evaluate --log_samples` on each run's final checkpoint. Retention: a cloze over every "
         "fact of A in the biographies' phrasing; acquisition: the same over every fact of B; held-out QA: the "
         "QA format asked about every fact of B (the QA data is about A only). Each cell: the accuracy pooled over "
-        f"the seeds with its 95% interval ({_item_note(table, base)}); average: the mean of the three groups.",
+        f"the seeds with its 95% interval ({_item_note(table)}); average: the mean of the three groups.",
         "",
         *accuracy_table(table, ["base", *names]),
         "",
@@ -245,7 +245,7 @@ def summary_lines(verdicts: Sequence[tuple[Question, str]]) -> list[str]:
     return lines
 
 
-def _item_note(table: Table, base: Sequence[RunResult]) -> str:
+def _item_note(table: Table) -> str:
     counts = ", ".join(f"{table.accuracy['base'][g].n} {g}" for g in TASKS)
     widest = max(table.accuracy[name][g].half_width for name in table.accuracy for g in TASKS)
     meets = "every interval is within" if widest <= TARGET_HALF_WIDTH else "NOT every interval is within"
@@ -254,7 +254,7 @@ def _item_note(table: Table, base: Sequence[RunResult]) -> str:
 
 def method_lines() -> list[str]:
     doc = stats.__doc__.split("\n\n", 1)[1] if stats.__doc__ else ""
-    return [line for line in doc.strip().splitlines()]
+    return doc.strip().splitlines()
 
 
 def figure(path: str, base: Sequence[RunResult], results: dict[str, Sequence[RunResult]], table: Table,
@@ -277,14 +277,14 @@ def figure(path: str, base: Sequence[RunResult], results: dict[str, Sequence[Run
     names = ["base", *results]
     width = 0.8 / len(names)
     for i, name in enumerate(names):
-        for j, g in enumerate([*TASKS, AVERAGE]):
+        for j, g in enumerate(COLUMNS):
             e = table.accuracy[name][g]
             acc_ax.bar(j + i * width, e.value, width, color=f"C{i}", label=name if j == 0 else None)
             acc_ax.errorbar(j + i * width, e.value, yerr=[[e.value - e.lo], [e.hi - e.value]], color="black",
                             capsize=2, linewidth=0.8)
     acc_ax.axhline(1 / CHOICES, color="gray", linestyle=":", label="chance")
     acc_ax.set_xticks([j + 0.4 - width / 2 for j in range(len(TASKS) + 1)],
-                      [GROUPS.get(g, g) for g in (*TASKS, AVERAGE)])
+                      [GROUPS.get(g, g) for g in COLUMNS])
     acc_ax.set(title="accuracy pooled over seeds, 95% intervals", ylim=(0, 1.05))
     acc_ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()

@@ -1,10 +1,7 @@
 """The demo's scales, its continued-pretraining variants, and how one seed's data, base model and
 runs are made through the product's own entry points: `prepare`, `plan`, `train` (a config file
-per run, as a user writes one) and `evaluate` (a finished run's validation losses and its tasks,
-question by question).
-
-Every stage is skipped when its output is already there, so a later call (more seeds, an ablation)
-reuses the corpus, the base model and the runs it shares with an earlier one.
+per run, as a user writes one) and `evaluate`. A stage whose output is already there is skipped,
+so a later call (more seeds, an ablation) reuses what it shares with an earlier one.
 """
 
 from __future__ import annotations
@@ -19,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cpt_jax import checkpoint
+from cpt_jax.config import ConfigError
 from cpt_jax.demo import corpus as corpus_lib
 from cpt_jax.demo.corpus import SOURCES, TASKS
 
@@ -237,21 +235,17 @@ def _records(workdir: str) -> list[dict]:
 
 def _trained(workdir: str, steps: int) -> bool:
     """Whether the run's final checkpoint (step `steps`) is there."""
-    from cpt_jax.config import ConfigError
-
     try:
         return checkpoint.read_metadata(os.path.join(workdir, "checkpoints")).get("step") == steps
     except ConfigError:
         return False
 
 
+@contextlib.contextmanager
 def _quiet(log_path: str):
     """The trainer's and evaluator's lines go to the run's log; the demo prints its own."""
-    stack = contextlib.ExitStack()
-    log = stack.enter_context(open(log_path, "a"))
-    stack.enter_context(contextlib.redirect_stderr(log))
-    stack.enter_context(contextlib.redirect_stdout(log))
-    return stack
+    with open(log_path, "a") as log, contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
+        yield
 
 
 def _fail(what: str, log_path: str, status: int) -> RuntimeError:
@@ -325,10 +319,8 @@ def run_variant(seed_dir: str, s: Scale, data: Data, seed: int, v: Variant) -> b
 
 @dataclasses.dataclass
 class RunResult:
-    """One finished run: final validation losses, its curve, each task's correct answers and the
-    fact (name, attribute) each question asks (in task file order), the switch step and tokens per
-    source that `cpt_jax.plan` computed and that the trainer resolved, plan warnings, the model's
-    parameters, first and last LR."""
+    """What one finished run measured; `facts` is the (name, attribute) each question asks, in task
+    file order, and the planned_* fields come from `cpt_jax.plan`."""
 
     losses: dict[str, float]
     curve: list[tuple[int, float]]  # (step, validation loss on A) of every evaluation in the loop

@@ -82,10 +82,8 @@ def average(values: Mapping[str, Sequence[Sequence[float]]],
     """The mean over groups of each group's mean outcome (`values[group][seed][question]`: 1/0 for
     accuracies, +1/0/-1 for paired differences), pooled over seeds, with a normal 95% interval.
 
-    `keys[group][seed][question]` names each question's fact; questions of different groups with
-    the same key in the same seed are correlated, so each fact contributes one term, the sum of its
-    groups' outcomes over their group sizes (see the module docstring), and the variance is that of
-    those terms, fact by fact, within each set of facts asked by the same groups."""
+    `keys[group][seed][question]` names each question's fact: one term per fact and seed, its variance
+    taken within each set of facts asked by the same groups (see the module docstring)."""
     names = list(values)
     g = len(names)
     sizes = {name: sum(len(per_seed) for per_seed in values[name]) for name in names}
