@@ -374,7 +374,12 @@ def forward(params: Params, tokens_BT: jax.Array, c: ModelConfig, segment_ids_BT
     else:
         for i in range(c.n_layers):
             x = block(x, jax.tree.map(lambda a, i=i: a[i], layers))
-    return _norm(x, params["final_norm_scale"], params.get("final_norm_bias"), c)
+    return final_norm(params, x, c)
+
+
+def final_norm(params: Params, x_BTD: jax.Array, c: ModelConfig) -> jax.Array:
+    """The final norm of the residual stream (before the output head); decoding applies it too."""
+    return _norm(x_BTD, params["final_norm_scale"], params.get("final_norm_bias"), c)
 
 
 def head_weights(params: Params, c: ModelConfig) -> jax.Array:
