@@ -5,6 +5,7 @@ loopback through `jax.distributed` with gloo collectives. The test process itsel
 process with the 8 devices conftest.py gives it: the 1 x 8 side runs in it.
 """
 
+import inspect
 import json
 import os
 import signal
@@ -349,8 +350,17 @@ def test_a_batch_that_does_not_split_over_the_processes(env, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_check_same_config_is_free_for_one_process():
-    distributed.check_same_config({"anything": 1})  # one process: nothing to compare, no collective
+def test_check_same_config_is_free_for_one_process(monkeypatch):
+    """One process: nothing to compare, so no collective (every cross-process call of JAX fails here)."""
+    from jax.experimental import multihost_utils
+
+    called = []
+    for name, f in vars(multihost_utils).copy().items():
+        if inspect.isfunction(f) and f.__module__ == multihost_utils.__name__ and not name.startswith("_"):
+            monkeypatch.setattr(multihost_utils, name, lambda *a, name=name, **k: called.append(name))
+    assert distributed.check_same_config({"anything": 1}) is None
+    assert distributed.check_same_config({"anything": 2, "nested": {"x": [1]}}) is None
+    assert called == []
 
 
 def test_initialize_does_nothing_for_one_process():
