@@ -1,5 +1,6 @@
-"""The catalogue of wrong inputs: each gets one line naming the key or file, a nonzero exit, no
-traceback, and leaves the workdir, every checkpoint and every data directory byte-identical."""
+"""The catalogue of wrong inputs: each gets one line naming the key or file, exit status 2 (the
+README's promise for a mistake in the config, the data or a checkpoint), no traceback, and leaves the
+workdir, every checkpoint and every data directory byte-identical."""
 
 import json
 import os
@@ -247,7 +248,7 @@ def test_bad_input(world, tmp_path, capsys, case):
     capsys.readouterr()
     status = train.main(["train", *argv])
     err = capsys.readouterr().err.strip().splitlines()
-    assert status != 0
+    assert status == 2, err
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert "Traceback" not in err[0]
     assert expected in err[0], err[0]

@@ -5,6 +5,7 @@ loopback through `jax.distributed` with gloo collectives. The test process itsel
 process with the 8 devices conftest.py gives it: the 1 x 8 side runs in it.
 """
 
+import inspect
 import json
 import os
 import signal
@@ -81,43 +82,41 @@ def error_lines(stderr):
 # ----------------------------------------------------------------------------- same run, other topology
 
 
-def test_two_processes_train_like_one_and_their_checkpoint_continues_on_one(reference, env, tmp_path):
+def test_two_processes_train_like_one_and_checkpoints_move_both_ways(reference, env, tmp_path):
+    """One process x 8 devices trains to step 2; two processes x 4 devices continue from its checkpoint
+    to step 6 (saving at 4 and 6); one process continues theirs to the end. Every step's loss is the
+    uninterrupted run's. (One two-process launch checks both directions.)"""
+    first, middle = 2, 6
     workdir = str(tmp_path / "run")
+    ckpts = os.path.join(workdir, "checkpoints")
+    assert train.main(["train", *SMALL, f"--workdir={workdir}", f"--config.train.stop_at={first}"]) == 0
     t0 = time.perf_counter()
-    done = local(2, [*SMALL, f"--workdir={workdir}", f"--config.train.stop_at={HALF}"], env)
+    done = local(2, [*SMALL, f"--workdir={workdir}", f"--config.train.stop_at={middle}"], env)
     took = time.perf_counter() - t0
     assert done.returncode == 0, done.stderr[-3000:]
-    # Only process 0 logs; every line says which process wrote it.
-    assert "[p0] step 0: loss" in done.stderr and "[p1] step" not in done.stderr
+    # The checkpoint of one process continues on two. Only process 0 logs; every line says which
+    # process wrote it.
+    assert "[p0] resumed from" in done.stderr
+    assert f"[p0] step {first}: loss" in done.stderr and "[p1] step" not in done.stderr
     assert "[p0] compiled the train step" in done.stderr and "[p1] compiled" not in done.stderr
     got, order = losses(workdir)
-    assert order == list(range(HALF))
-    np.testing.assert_allclose([got[s] for s in range(HALF)], [reference[s] for s in range(HALF)], rtol=1e-4)
-    assert checkpoint.complete_steps(os.path.join(workdir, "checkpoints")) == [HALF]
+    assert order == list(range(middle))
+    np.testing.assert_allclose([got[s] for s in range(middle)], [reference[s] for s in range(middle)], rtol=1e-4)
+    assert checkpoint.complete_steps(ckpts)[-2:] == [HALF, middle]
     # orbax's asynchronous save of two processes carries each one's grain iterator state.
-    data_item = os.path.join(workdir, "checkpoints", str(HALF), "data")
-    for i in range(2):
-        assert json.load(open(os.path.join(data_item, f"process_{i}-of-2.json")))["step"] == HALF
-    print(f"2 x 4 processes: {HALF} steps in {took:.1f}s; max relative loss difference to 1 x 8: "
-          f"{max(abs(got[s] / reference[s] - 1) for s in range(HALF)):.2e}")
+    for step in (HALF, middle):
+        for i in range(2):
+            state = json.load(open(os.path.join(ckpts, str(step), "data", f"process_{i}-of-2.json")))
+            assert state["step"] == step, (step, i, state)
+    print(f"2 x 4 processes: {middle - first} steps in {took:.1f}s; max relative loss difference to 1 x 8: "
+          f"{max(abs(got[s] / reference[s] - 1) for s in range(first, middle)):.2e}")
 
     # The checkpoint written by two processes continues in one process with 8 devices.
     assert train.main(["train", *SMALL, f"--workdir={workdir}"]) == 0
     got, order = losses(workdir)
     assert order == list(range(STEPS)), "one record per step"
     np.testing.assert_allclose([got[s] for s in range(STEPS)], [reference[s] for s in range(STEPS)], rtol=1e-4)
-
-
-def test_checkpoint_of_one_process_continues_on_two(reference, env, tmp_path):
-    workdir = str(tmp_path / "run")
-    assert train.main(["train", *SMALL, f"--workdir={workdir}", f"--config.train.stop_at={HALF}"]) == 0
-    done = local(2, [*SMALL, f"--workdir={workdir}"], env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "[p0] resumed from" in done.stderr
-    got, order = losses(workdir)
-    assert order == list(range(STEPS))
-    np.testing.assert_allclose([got[s] for s in range(STEPS)], [reference[s] for s in range(STEPS)], rtol=1e-4)
-    assert checkpoint.complete_steps(os.path.join(workdir, "checkpoints"))[-1] == STEPS
+    assert checkpoint.complete_steps(ckpts)[-1] == STEPS
 
 
 # Each process builds its rows of steps 0 and 5 (random access) and of steps K.. (grain's iterator,
@@ -349,8 +348,17 @@ def test_a_batch_that_does_not_split_over_the_processes(env, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_check_same_config_is_free_for_one_process():
-    distributed.check_same_config({"anything": 1})  # one process: nothing to compare, no collective
+def test_check_same_config_is_free_for_one_process(monkeypatch):
+    """One process: nothing to compare, so no collective (every cross-process call of JAX fails here)."""
+    from jax.experimental import multihost_utils
+
+    called = []
+    for name, f in vars(multihost_utils).copy().items():
+        if inspect.isfunction(f) and f.__module__ == multihost_utils.__name__ and not name.startswith("_"):
+            monkeypatch.setattr(multihost_utils, name, lambda *a, name=name, **k: called.append(name))
+    assert distributed.check_same_config({"anything": 1}) is None
+    assert distributed.check_same_config({"anything": 2, "nested": {"x": [1]}}) is None
+    assert called == []
 
 
 def test_initialize_does_nothing_for_one_process():

@@ -221,7 +221,8 @@ def test_trained_model_answers_and_untrained_is_at_chance(mc, sp_path):
         untrained = ev.evaluate(model.init_params(C, seed))["mc"]
         assert abs(untrained["acc"] - 0.25) <= 0.2, untrained
     # One length bucket for the whole task: the longest row rounded up to a power of two.
-    assert ev.sets["mc"].length in (16, 32, 64)
+    longest = int(ev.sets["mc"].lengths.max()) - 1  # positions scored: the row's tokens but the last
+    assert ev.sets["mc"].length == max(evaluate.MIN_TASK_LENGTH, 1 << (longest - 1).bit_length()) >= longest
 
 
 def test_choice_loglikelihood_equals_a_direct_computation(mc, sp_path):
@@ -272,7 +273,10 @@ def test_fewshot_prompts_are_scored_and_task_errors(mc, sp_path, tmp_path):
     ev = task_eval.TaskEvaluator({"mc": spec}, sp_path, C, seq_len=64, batch_size=8)
     assert ev.sets["mc"].task.prompt(ev.sets["mc"].task.examples[0]).count("Question:") == 4
     r = ev.evaluate(mc["trained"])["mc"]
-    assert r["n"] == 45 and 0.0 <= r["acc"] <= 1.0
+    # 45 questions (3 went to the shots), 4 choices: chance is 0.25 (11 of 45); the trained model
+    # answers 30 (acc_norm 28) with the shots in front on this machine, far above what chance reaches.
+    assert r["n"] == 45 and r["acc"] >= 0.5 and r["acc_norm"] >= 0.5, r
+    assert (r["acc"] * 45).is_integer() and (r["acc_norm"] * 45).is_integer(), r
     with pytest.raises(ConfigError, match=r"tokenizer .*: 320 tokens, expected at most the model's vocab_size 100"):
         task_eval.TaskEvaluator({"mc": mc["path"]}, sp_path, dataclasses.replace(C, vocab_size=100), seq_len=64,
                                batch_size=8)

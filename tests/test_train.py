@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from train_helpers import SMALL_MODEL
 
-from cpt_jax import train
+from cpt_jax import flops, model, train
 
 SMALL = [
     *SMALL_MODEL,
@@ -43,7 +43,10 @@ def test_loss_falls_and_outputs_are_written(pretrained):
     for key in ("loss", "lr", "grad_norm", "tokens", "tokens_per_sec", "phase", "mfu", "tflops_per_device"):
         assert key in recs[-1]
     assert recs[-1]["mfu"] is None  # no peak FLOP/s is known for a CPU: never a made-up number
-    assert recs[-1]["tflops_per_device"] > 0
+    # The model FLOPs of the tokens trained per second, shared by the 8 devices.
+    mc = model.ModelConfig.from_config(json.load(open(os.path.join(pretrained, "config.json")))["model"])
+    want = recs[-1]["tokens_per_sec"] * flops.flops_per_token(mc, 32) / 8 / 1e12
+    assert recs[-1]["tflops_per_device"] == pytest.approx(want, rel=1e-9) and want > 0
     assert recs[-1]["tokens"] == 20 * 8 * 32
     cfg = json.load(open(os.path.join(pretrained, "config.json")))
     assert cfg["train"]["steps"] == 20

@@ -8,7 +8,7 @@ import shutil
 import data_helpers
 import pytest
 
-from cpt_jax import checkpoint, config, schedules, train
+from cpt_jax import checkpoint, config, evaluate, schedules, train
 from cpt_jax.data.tokenization import load_tokenizer
 
 STEPS, START_LR = 20, 1e-3
@@ -52,7 +52,7 @@ def get_config():
     return c
 """)
     shard = os.path.join(general, json.load(open(os.path.join(general, "manifest.json")))["shards"][0])
-    return {"config": str(cfg_file), "tokenizer": tok, "general_shard": shard}
+    return {"config": str(cfg_file), "tokenizer": tok, "general_shard": shard, "task": str(task)}
 
 
 def test_switch_at_the_lr_crossing(data, tmp_path):
@@ -97,9 +97,15 @@ def test_in_loop_evaluation_records(data, tmp_path):
         assert set(r["sources"]) == {"general", "qa", "forgetting"}
         for m in r["sources"].values():
             assert m["perplexity"] == pytest.approx(math.exp(m["loss"]), rel=1e-6) and m["bits_per_byte"] > 0
-        assert r["tasks"]["toy"]["n"] == 6 and 0.0 <= r["tasks"]["toy"]["acc"] <= 1.0
+        assert r["tasks"]["toy"]["n"] == 6
     # The eval-only source reads the same val examples as 'general': the same numbers.
     assert evals[0]["sources"]["forgetting"] == evals[0]["sources"]["general"]
+    # The task's scores are those `python -m cpt_jax.evaluate` gives the checkpoint of that step.
+    out = str(tmp_path / "eval.json")
+    assert evaluate.main(["--checkpoint", os.path.join(workdir, "checkpoints"), "--tasks", f"toy={data['task']}",
+                          "--out", out]) == 0
+    offline = json.load(open(out))["tasks"]["toy"]
+    assert {k: offline[k] for k in ("acc", "acc_norm", "n")} == evals[-1]["tasks"]["toy"], (offline, evals[-1])
 
 
 def _tree(path):
