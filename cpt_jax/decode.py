@@ -1,19 +1,13 @@
 """Autoregressive decoding with a KV cache: prefill a batch of prompts, then one jitted step per token.
 
-The cache holds every layer's keys and values for every position, {"k", "v"}: [L, B, S, K, H] in
-the compute dtype, sharded like the activations (batch over the batch mesh axes, kv heads over
-tensor). Each row has its own length: the prompts are right-padded to the longest, row b's first
-new token sits at position len_b, and a query at position p attends to the cached positions <= p.
-Whatever the padding left in the cache past a row's prompt is overwritten by that row's own new
-tokens before any query can reach it. The blocks are the training model's (`model.attention_inputs`,
-`model.block_output`), so a cached decode computes what a full forward pass computes (tested at
-every position).
-
-`Generator` wires this to batches of token-id prompts: greedy decoding (temperature 0), or sampling
-with a temperature and nucleus (top-p) filtering from a seeded key; it stops a row at EOS. Programs
-are compiled per power-of-two bucket of prompt lengths and per kind of choice (greedy or sampling,
-nucleus or not), never per temperature or top_p; the weights are cast to the compute dtype once per
-generation, and each step is dispatched before the previous one's tokens are read.
+The cache, {"k", "v"}: [L, B, S, K, H] in the compute dtype, is sharded like the activations.
+Prompts are right-padded to the longest: row b's first new token sits at position len_b and a
+query at position p attends to the cached positions <= p, so whatever the padding left in the cache
+is overwritten by the row's own tokens before any query reaches it. The blocks are the training
+model's (`model.attention_inputs`, `model.block_output`), so a cached decode computes what a full
+forward pass computes (tested at every position). `Generator` compiles per power-of-two bucket of
+prompt lengths and per kind of choice (greedy or sampling, nucleus or not), never per temperature
+or top_p, and dispatches each step before reading the previous one's tokens.
 """
 
 from __future__ import annotations
@@ -31,7 +25,7 @@ import numpy as np
 from cpt_jax import model, sharding
 from cpt_jax.config import ConfigError
 from cpt_jax.model import ModelConfig, Params
-from cpt_jax.placement import Placement
+from cpt_jax.scoring import Placement, bucket_length
 
 Cache = dict[str, jax.Array]
 _CACHE_NAMES = ("layers", "batch", "length", "act_kv_heads", None)
@@ -121,15 +115,10 @@ def compute_params(params: Params, c: ModelConfig) -> Params:
     return jax.tree_util.tree_map_with_path(cast, params)
 
 
-_MIN_BUCKET = 16
-
-
 def padded_length(longest: int, max_new_tokens: int, max_seq_len: int) -> int:
-    """The prompt length the programs are compiled for: the longest prompt rounded up to a power of
-    two (at least 16), so prompts of similar lengths share one compiled prefill and step; capped
+    """The prompt length the programs are compiled for: the longest prompt's bucket_length, capped
     so that it plus max_new_tokens still fits in max_seq_len."""
-    bucket = max(_MIN_BUCKET, 1 << (longest - 1).bit_length())
-    return max(longest, min(bucket, max_seq_len - max_new_tokens))
+    return max(longest, min(bucket_length(longest), max_seq_len - max_new_tokens))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,15 +1,8 @@
-"""Evaluation of a checkpoint: validation loss, perplexity and bits per byte per source; multiple-choice tasks.
-
-    python -m cpt_jax.evaluate --checkpoint DIR [--sources name=prepared_dir,...] \\
-        [--tasks name=file.jsonl,...] [--out results.json] [--batch_size N] [--seq_len N] \\
-        [--examples_per_source N] [--tokenizer FILE] [--fewshot K] [--template T] [--bos auto|always|never] \\
-        [--dtype float32] [--log_samples]
+"""The command line of the evaluation library: validation loss, perplexity and bits per byte per
+source and multiple-choice accuracy of one checkpoint (flags: `--help` and the README).
 
 Parameters are restored sharded (FSDP) over every local device. User errors print one line,
-`error: ...`, and exit with status 2; a progress line per source and task goes to stderr. What is
-measured and how: `cpt_jax.source_eval` (sources), `cpt_jax.task_eval` (tasks); what a checkpoint
-says about its tokenizer, sources and BOS: `cpt_jax.checkpoint_model`. `--log_samples` adds, per
-question, the choices' log-likelihoods, the prediction and the gold to the --out JSON.
+`error: ...`, and exit with status 2; a progress line per source and task goes to stderr.
 """
 
 from __future__ import annotations

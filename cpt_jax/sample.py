@@ -1,16 +1,7 @@
-"""Continue prompts with a checkpoint: what does the model write?
-
-    python -m cpt_jax.sample --checkpoint DIR --prompt TEXT [--prompt TEXT ...] [--max_new_tokens N]
-        [--temperature T] [--top_p P] [--seed S] [--tokenizer FILE] [--bos auto|always|never] [--dtype float32] [--json]
-
-DIR is any checkpoint: a run's workdir, its checkpoints/ directory, one step directory, or a model
-imported with `python -m cpt_jax.hf import`. Prompts are tokenized with the checkpoint's tokenizer
-(the one its metadata or its run's config names; --tokenizer otherwise) and continued together,
-the parameters sharded over every device as `python -m cpt_jax.evaluate` shards them, with a KV
-cache and one jitted decode step per token (cpt_jax.decode). Temperature 0 (the default) is greedy
-decoding; above 0, tokens are sampled from the top_p nucleus with --seed. A row stops at the
-tokenizer's EOS. Each prompt is printed followed by its continuation (--json: one JSON object per
-prompt). Nothing is written. User errors are one line, `error: ...`, exit status 2.
+"""The command line of `decode`: continue prompts with any checkpoint and its tokenizer, the
+parameters sharded over every device as `python -m cpt_jax.evaluate` shards them (flags: `--help`
+and the README). Each prompt is printed followed by its continuation (--json: one JSON object per
+prompt); nothing is written. User errors are one line, `error: ...`, exit status 2.
 """
 
 from __future__ import annotations

@@ -1,20 +1,13 @@
 """Validation loss, perplexity and bits per byte of prepared sources.
 
-The first `examples_per_source` examples of each prepared source's `val` split (all of them when it
-holds fewer), the same examples at every evaluation so that curves are comparable. Attention is
-masked per document exactly as in training (segment ids from the EOS tokens) and every position
-counts, so the eval loss of a training source is the training loss on held-out data. Reported per
-source:
-  * loss: mean next-token negative log-likelihood in nats;
-  * perplexity: exp(loss);
-  * bits_per_byte: (summed NLL / ln 2) / bytes, where bytes = tokens evaluated * the manifest's
-    `bytes_per_token` (UTF-8 bytes of the source's text / its tokens). The byte count is an
-    estimate from the source's average, not the exact bytes of the evaluated examples; it makes
-    models with different tokenizers comparable. None when the manifest has no bytes_per_token.
-  * tokens: the number of predicted tokens.
-Every source is read once, into numpy rows, at construction (where every input error surfaces);
-all sources share one compiled program ([batch_size, seq_len]), the last batch padded with rows
-whose loss mask is 0.
+The first `examples_per_source` examples of each source's `val` split, the same at every
+evaluation so that curves are comparable, attention masked per document as in training (segment
+ids from EOS): the eval loss of a training source is the training loss on held-out data.
+bits_per_byte is (summed NLL / ln 2) / (tokens * the manifest's `bytes_per_token`): an estimate
+from the source's average, not the exact bytes of the evaluated examples, that makes models with
+different tokenizers comparable (None without bytes_per_token). Every source is read once, into
+numpy rows, at construction (where every input error surfaces); all sources share one compiled
+program, the last batch padded with rows whose loss mask is 0.
 """
 
 from __future__ import annotations
@@ -34,22 +27,13 @@ from cpt_jax.data import sources as sources_lib
 from cpt_jax.model import ModelConfig
 from cpt_jax.scoring import RowScorer, positive, round_up
 
-LN2 = math.log(2.0)
-
 
 def source_metrics(nll_sum: float, tokens: int, bytes_per_token: float | None) -> dict[str, Any]:
     """{loss, perplexity, bits_per_byte, tokens} from a summed NLL (nats) over `tokens` tokens."""
     loss = float(nll_sum) / tokens
     perplexity = math.inf if loss >= 700 else math.exp(loss)  # NaN stays NaN
-    bpb = float(nll_sum) / LN2 / (tokens * bytes_per_token) if bytes_per_token else None
+    bpb = float(nll_sum) / math.log(2.0) / (tokens * bytes_per_token) if bytes_per_token else None
     return {"loss": loss, "perplexity": perplexity, "bits_per_byte": bpb, "tokens": int(tokens)}
-
-
-def _empty_rows(rows: int, length: int) -> dict[str, np.ndarray]:
-    """Padding: token 0, segment 0, positions 0..length-1, loss mask 0."""
-    arrays = {k: np.zeros((rows, length), dt) for k, dt in pipeline_lib.BATCH_DTYPES.items()}
-    arrays["positions"][:] = np.arange(length, dtype=np.int32)
-    return arrays
 
 
 @dataclasses.dataclass
@@ -61,18 +45,11 @@ class _SourceSet:
 
 
 class SourceEvaluator:
-    """Validation loss, perplexity and bits per byte of prepared sources (see the module docstring).
-
-    Args:
-      sources: {name: prepared directory}; each needs a non-empty val split.
-      model_config: the model's architecture (vocab_size bounds the sources' token ids).
-      examples_per_source: the first this many val examples of each source are evaluated.
-      seq_len: the eval length; a source prepared with a shorter seq_len is padded (masked), a
-        longer one is an error. At most model_config.max_seq_len.
-      batch_size, mesh, rules, chunk_tokens: as for scoring.RowScorer.
-      tokenizer_fingerprint: when given, sources prepared with another tokenizer are refused.
-    Raises ConfigError for a missing or incompatible source or a bad setting.
-    """
+    """Validation loss, perplexity and bits per byte of prepared sources, {name: directory} each
+    with a val split (see the module docstring). A source prepared with a shorter seq_len than the
+    eval's is padded (masked), a longer one is an error; with `tokenizer_fingerprint`, one prepared
+    with another tokenizer is refused. The other arguments are RowScorer's. ConfigError for a
+    missing or incompatible source or a bad setting."""
 
     def __init__(self, sources: Mapping[str, str], model_config: ModelConfig, *, examples_per_source: int,
                  batch_size: int, seq_len: int, mesh: Any = None, rules: Any = None, chunk_tokens: int = 0,
@@ -107,7 +84,10 @@ class SourceEvaluator:
         n = min(self.examples_per_source, src.num_examples)
         # The first n val examples through grain with the trainer's batch fields (segments from EOS).
         fields = src.dataset[:n].batch(n).map(pipeline_lib.BatchFields(int(m["eos_id"])))[0]
-        arrays = _empty_rows(round_up(n, self.scorer.batch_size), seq_len)
+        # Padding rows: token 0, segment 0, loss mask 0.
+        rows = round_up(n, self.scorer.batch_size)
+        arrays = {k: np.zeros((rows, seq_len), dt) for k, dt in pipeline_lib.BATCH_DTYPES.items()}
+        arrays["positions"][:] = np.arange(seq_len, dtype=np.int32)
         for key, value in fields.items():
             arrays[key][:n, :length] = value
         bpt = m.get("bytes_per_token")

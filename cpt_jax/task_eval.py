@@ -2,20 +2,14 @@
 
 Each choice is scored by the summed log-likelihood of its tokens given the prompt. The prompt and
 prompt+choice are tokenized separately (as lm-eval-harness does); the tokens of prompt+choice past
-the prompt's token count are the choice's. `add_bos` puts the tokenizer's BOS first, so that
-questions begin the way the training documents did: the in-loop evaluation and the command line
-(`--bos auto`, the default) do when the run's data sources were prepared with BOS (their
-manifests' `add_bos`); a checkpoint whose config names no source found on disk (an import) follows
-the tokenizer's own convention, as `prepare --bos auto` does. An empty prompt without BOS is
-preceded by EOS, the document separator. A sequence longer than seq_len + 1 tokens loses tokens
-from the left of its context. `acc` is the fraction of questions where the highest sum is the gold
-choice; `acc_norm` the same with each sum divided by the choice's length in UTF-8 bytes. Ties go
-to the first choice. With `samples`, per question the choices' log-likelihoods, the prediction and
-the gold (what paired comparisons of two checkpoints on the same questions need).
-
-Every task is read and tokenized once, at construction (where every input error surfaces); a task
-runs at the next power of two (>= 16, <= seq_len) above its longest row, compiled once per such
-length.
+the prompt's token count are the choice's. `add_bos` puts BOS first, so that questions begin the
+way the training documents did (`checkpoint_model.checkpoint_bos` decides it for the command
+line); an empty prompt without BOS is preceded by EOS, the document separator. A sequence longer
+than seq_len + 1 tokens loses tokens from the left of its context. `acc` is the fraction of
+questions whose highest sum is the gold choice, `acc_norm` the same with each sum divided by the
+choice's length in UTF-8 bytes; ties go to the first choice. Every task is read and tokenized once,
+at construction (where every input error surfaces), and runs at the next power of two (>= 16,
+<= seq_len) above its longest row, compiled once per such length.
 """
 
 from __future__ import annotations
@@ -31,9 +25,7 @@ from cpt_jax import tasks as tasks_lib
 from cpt_jax.config import ConfigError
 from cpt_jax.data.tokenization import load_tokenizer
 from cpt_jax.model import ModelConfig
-from cpt_jax.scoring import RowScorer, round_up
-
-MIN_TASK_LENGTH = 16
+from cpt_jax.scoring import RowScorer, bucket_length, round_up
 
 
 def choice_predictions(logliks: Sequence[Sequence[float]],
@@ -59,7 +51,7 @@ def _accuracy(predictions: Sequence[int], golds: Sequence[int]) -> float:
 def _bucket(longest: int, seq_len: int, chunk_tokens: int) -> int:
     """The padded length of a task: a power of two >= longest (a multiple of the loss chunk when
     longer than it), at most seq_len."""
-    length = max(MIN_TASK_LENGTH, 1 << max(0, longest - 1).bit_length())
+    length = bucket_length(longest)
     if chunk_tokens and length > chunk_tokens:
         length = round_up(length, chunk_tokens)
     return min(length, seq_len)
@@ -97,18 +89,11 @@ class _TaskSet:
 
 
 class TaskEvaluator:
-    """Multiple-choice accuracy (`acc`, `acc_norm`) by log-likelihood; see the module docstring.
-
-    Args:
-      tasks: {name: task}, each a task file path, a spec mapping for `tasks.task_from_spec`
-        ({path, fewshot, fewshot_path, template, seed}) or a loaded `tasks.Task`.
-      tokenizer: a `Tokenizer` or the path of a tokenizer file.
-      model_config: the model's architecture.
-      seq_len: the longest scored sequence (prompt + choice, inputs); at most max_seq_len.
-      batch_size, mesh, rules, chunk_tokens: as for scoring.RowScorer (a row: one question's choice).
-      add_bos: put the tokenizer's BOS token before every prompt (models trained with one).
-    Raises ConfigError for a bad task file or setting.
-    """
+    """Multiple-choice accuracy (`acc`, `acc_norm`) of `tasks`, {name: a task file path, a spec for
+    `tasks.task_from_spec` or a `tasks.Task`}, tokenized with `tokenizer` (a Tokenizer or its file).
+    `seq_len` bounds a scored sequence (prompt + choice), `add_bos` puts BOS before every prompt;
+    the other arguments are RowScorer's (a row: one question's choice). ConfigError for a bad task
+    file or setting."""
 
     def __init__(self, tasks: Mapping[str, Any], tokenizer: Any, model_config: ModelConfig, *, seq_len: int,
                  batch_size: int, mesh: Any = None, rules: Any = None, chunk_tokens: int = 0, add_bos: bool = False):
