@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,7 +24,7 @@ import numpy as np
 from cpt_jax import model, sharding
 from cpt_jax.config import ConfigError
 from cpt_jax.model import ModelConfig, Params
-from cpt_jax.scoring import Placement, bucket_length
+from cpt_jax.scoring import Placement, bucket_length, positive, round_up
 
 Cache = dict[str, jax.Array]
 _CACHE_NAMES = ("layers", "batch", "length", "act_kv_heads", None)
@@ -161,12 +160,9 @@ def _programs(c: ModelConfig, rules: tuple, greedy: bool, nucleus: bool, vocab_l
 
 
 class Generator:
-    """Continues batches of token-id prompts with one model.
-
-    With a mesh, the batch is split over its batch axes (padded with dummy rows to a multiple of
-    that split) and the parameters are used as they are sharded (e.g. restored with the training
-    rules). `vocab_limit` (the tokenizer's vocabulary size) keeps out ids the tokenizer cannot decode.
-    """
+    """Continues batches of token-id prompts with one model: with a mesh, the batch is split over
+    its batch axes (padded with dummy rows) and the parameters are used as they are sharded.
+    `vocab_limit` (the tokenizer's vocabulary size) keeps out ids the tokenizer cannot decode."""
 
     def __init__(self, c: ModelConfig, *, mesh: jax.sharding.Mesh | None = None, rules: dict | None = None,
                  vocab_limit: int | None = None):
@@ -184,7 +180,7 @@ class Generator:
         c = self.model_config
         n = len(prompts)
         where = self.placement
-        B = math.ceil(n / where.ways) * where.ways
+        B = round_up(n, where.ways)
         P = padded_length(max(len(p) for p in prompts), max_new_tokens, c.max_seq_len)
         tokens = np.zeros((B, P), np.int32)
         lengths = np.ones(B, np.int32)  # dummy rows: one padding token
@@ -224,9 +220,8 @@ def prompt_tokens(tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int
     keys, for a prompt that tokenizes to nothing or one whose length plus max_new_tokens exceeds
     max_seq_len; with max_new_tokens None (the caller sizes it to what fits), for a prompt that
     leaves no room for a new token."""
-    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
-                                       or max_new_tokens < 1):
-        raise ConfigError(f"{tokens_key}: {max_new_tokens!r}, expected a positive integer")
+    if max_new_tokens is not None:
+        positive(tokens_key, max_new_tokens)
     if add_bos and tokenizer.bos_id is None:
         raise ConfigError(f"--add_bos: tokenizer {tokenizer.path} has no BOS token, expected one")
     out = []

@@ -46,12 +46,9 @@ def parse_pairs(values: Sequence[str] | None, flag: str) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m cpt_jax.evaluate",
-        description="Validation loss/perplexity/bits per byte per source and multiple-choice accuracy of a "
-                    "checkpoint.")
-    p.add_argument("--checkpoint", required=True,
-                   help="a run's workdir, its checkpoints/ directory, a step directory or an imported model")
+    p = argparse.ArgumentParser(prog="python -m cpt_jax.evaluate", description="Validation loss/perplexity/bits "
+                                "per byte per source and multiple-choice accuracy of a checkpoint.")
+    ckpt_model.add_checkpoint_flags(p, "question")
     p.add_argument("--sources", action="append", metavar="NAME=DIR,...",
                    help="prepared directories whose val split is evaluated (default: the run's sources found "
                         "on disk)")
@@ -66,7 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer file for --tasks (default: the checkpoint's)")
     p.add_argument("--fewshot", type=int, default=0, help="few-shot examples per prompt for every task")
     p.add_argument("--template", default=None, help="prompt template with a {context} placeholder")
-    ckpt_model.add_bos_and_dtype_flags(p, "question")
     p.add_argument("--log_samples", action="store_true",
                    help="with --out: every question's choice log-likelihoods, prediction and gold in the JSON")
     return p

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 
 from cpt_jax import checkpoint, decode, resolve
-from cpt_jax.checkpoint_model import add_bos_and_dtype_flags, checkpoint_bos, checkpoint_tokenizer, restore_params
+from cpt_jax.checkpoint_model import add_checkpoint_flags, checkpoint_bos, checkpoint_tokenizer, restore_params
 from cpt_jax.config import ConfigError
 from cpt_jax.data.tokenization import load_tokenizer
 from cpt_jax.metrics import log
@@ -26,8 +26,7 @@ DEFAULT_NEW_TOKENS = 64
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cpt_jax.sample", description="Continue prompts with a checkpoint.")
-    p.add_argument("--checkpoint", required=True,
-                   help="a run's workdir, its checkpoints/ directory, a step directory or an imported model")
+    add_checkpoint_flags(p, "prompt")
     p.add_argument("--prompt", action="append", required=True, help="text to continue (repeat for several)")
     p.add_argument("--max_new_tokens", type=int, default=None,
                    help=f"tokens to generate per prompt (default: {DEFAULT_NEW_TOKENS}, or what fits in max_seq_len)")
@@ -36,7 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "this much probability (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the checkpoint's)")
-    add_bos_and_dtype_flags(p, "prompt")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt instead of text")
     return p
 

@@ -63,11 +63,10 @@ def bucket_length(longest: int) -> int:
 
 class RowScorer:
     """Scores rows of at most `seq_len` tokens in batches of `batch_size` rows (a multiple of the
-    devices the batch is split over), with the parameters placed by `mesh` and `rules` (see
-    Placement): each batch goes to the devices split as training splits it, and one jitted program
-    per row length, shared by every scorer of the model, returns each row's summed NLL.
-    `chunk_tokens` is the cross-entropy chunk of train.loss_chunk_tokens (0: the whole sequence).
-    ConfigError for a bad setting."""
+    devices the batch is split over as training splits it), the parameters placed by `mesh` and
+    `rules` (see Placement), with one jitted program per row length shared by every scorer of the
+    model. `chunk_tokens`: train.loss_chunk_tokens (0: the whole sequence). ConfigError for a bad
+    setting."""
 
     def __init__(self, model_config: ModelConfig, *, batch_size: int, seq_len: int, mesh: Any = None,
                  rules: Any = None, chunk_tokens: int = 0):

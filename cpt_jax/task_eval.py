@@ -41,20 +41,11 @@ def choice_predictions(logliks: Sequence[Sequence[float]],
 def choice_metrics(logliks: Sequence[Sequence[float]], choice_bytes: Sequence[Sequence[int]],
                    golds: Sequence[int]) -> tuple[float, float]:
     """(acc, acc_norm) of questions given each choice's summed log-likelihood and UTF-8 length."""
-    return _accuracy(choice_predictions(logliks), golds), _accuracy(choice_predictions(logliks, choice_bytes), golds)
 
+    def accuracy(predictions):
+        return sum(p == g for p, g in zip(predictions, golds, strict=True)) / len(golds) if golds else 0.0
 
-def _accuracy(predictions: Sequence[int], golds: Sequence[int]) -> float:
-    return sum(p == g for p, g in zip(predictions, golds, strict=True)) / len(golds) if golds else 0.0
-
-
-def _bucket(longest: int, seq_len: int, chunk_tokens: int) -> int:
-    """The padded length of a task: a power of two >= longest (a multiple of the loss chunk when
-    longer than it), at most seq_len."""
-    length = bucket_length(longest)
-    if chunk_tokens and length > chunk_tokens:
-        length = round_up(length, chunk_tokens)
-    return min(length, seq_len)
+    return accuracy(choice_predictions(logliks)), accuracy(choice_predictions(logliks, choice_bytes))
 
 
 @dataclasses.dataclass
@@ -143,7 +134,10 @@ class TaskEvaluator:
 
     def _build(self, task: tasks_lib.Task) -> _TaskSet:
         seqs, starts, truncated = self._sequences(task)
-        length = _bucket(max(len(s) - 1 for s in seqs), self.scorer.seq_len, self.scorer.chunk_tokens)
+        length, chunk = bucket_length(max(len(s) - 1 for s in seqs)), self.scorer.chunk_tokens
+        if chunk and length > chunk:  # a multiple of the loss chunk, so that the loss is chunked
+            length = round_up(length, chunk)
+        length = min(length, self.scorer.seq_len)
         padded = round_up(len(seqs), self.scorer.batch_size)
         tokens = np.zeros((padded, length + 1), np.int32)
         lengths, first = np.zeros(padded, np.int64), np.zeros(padded, np.int64)
@@ -171,14 +165,13 @@ class TaskEvaluator:
         for name, s in self.sets.items():
             t0 = time.perf_counter()
             logliks = self.loglikelihoods(params, name)
-            preds = choice_predictions(logliks)
-            acc, acc_norm = _accuracy(preds, s.golds), _accuracy(choice_predictions(logliks, s.choice_bytes), s.golds)
+            acc, acc_norm = choice_metrics(logliks, s.choice_bytes, s.golds)
             results[name] = {"acc": acc, "acc_norm": acc_norm, "n": len(s.golds)}
             if samples:
                 results[name]["samples"] = [
                     {"line": ex.line, "loglikelihoods": [float(x) for x in ll], "pred": pred, "gold": ex.gold,
                      "correct": pred == ex.gold}
-                    for ex, ll, pred in zip(s.task.examples, logliks, preds, strict=True)]
+                    for ex, ll, pred in zip(s.task.examples, logliks, choice_predictions(logliks), strict=True)]
             if log is not None:
                 cut = f", {s.truncated} truncated" if s.truncated else ""
                 log(f"eval task {name}: acc {acc:.4f} acc_norm {acc_norm:.4f} ({len(s.golds)} questions, "

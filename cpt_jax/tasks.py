@@ -180,8 +180,8 @@ def load_task(path: str | os.PathLike, *, fewshot: int = 0, fewshot_path: str | 
                               f"{fewshot} are the shots and are not scored); or give a few-shot file")
         pool, scored = records[:fewshot], records[fewshot:]
     shots = random.Random(seed).sample(pool, fewshot) if fewshot else []
-    stem = os.path.splitext(os.path.basename(path))[0]
-    return Task(name or stem, path, tuple(scored), tuple(shots), template)
+    name = name or os.path.splitext(os.path.basename(path))[0]
+    return Task(name, path, tuple(scored), tuple(shots), template)
 
 
 _SPEC_KEYS = ("path", "fewshot", "fewshot_path", "template", "seed")
@@ -263,9 +263,7 @@ def convert_mmlu(inputs: Sequence[str]) -> list[dict[str, Any]]:
 def _harness_clean(text: str) -> str:
     """lm-eval-harness's HellaSwag cleanup (WikiHow's ' [title]' marks and other [..] artifacts),
     then stripped (the harness leaves a space where a leading [header] was)."""
-    text = text.strip()
-    text = text.replace(" [title]", ". ")
-    text = re.sub(r"\[.*?\]", "", text)
+    text = re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". "))
     return text.replace("  ", " ").strip()
 
 
