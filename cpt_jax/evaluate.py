@@ -23,9 +23,7 @@ from cpt_jax.config import ConfigError
 from cpt_jax.data import sources as sources_lib
 from cpt_jax.data.tokenization import load_tokenizer
 from cpt_jax.metrics import log
-from cpt_jax.scoring import round_up
-from cpt_jax.source_eval import SourceEvaluator
-from cpt_jax.task_eval import TaskEvaluator
+from cpt_jax.scoring import SourceEvaluator, TaskEvaluator, round_up
 
 
 def parse_pairs(values: Sequence[str] | None, flag: str) -> dict[str, str]:

@@ -1,7 +1,6 @@
 """A run's periodic evaluation: `from_config` builds it from the run's config (what the trainer
-calls) out of the source evaluation (`source_eval`), the tasks (`task_eval`) and the greedy
-continuations of `eval.sample_prompts` (`decode.SampleEvaluator`); `eval_record` makes its
-metrics.jsonl record."""
+calls) out of the sources and tasks (`scoring`) and the greedy continuations of
+`eval.sample_prompts` (`decode.SampleEvaluator`); `eval_record` makes its metrics.jsonl record."""
 
 from __future__ import annotations
 
@@ -14,8 +13,7 @@ from cpt_jax.config import ConfigError
 from cpt_jax.data import sources as sources_lib
 from cpt_jax.data.tokenization import load_tokenizer
 from cpt_jax.model import ModelConfig
-from cpt_jax.source_eval import SourceEvaluator
-from cpt_jax.task_eval import TaskEvaluator
+from cpt_jax.scoring import SourceEvaluator, TaskEvaluator
 
 Log = Callable[[str], None]
 

@@ -226,6 +226,8 @@ def _expand(inputs: Sequence[str], pattern: str, what: str) -> list[str]:
             paths.extend(found)
         else:
             paths.append(_check_file(item, what))
+    if not paths:
+        raise ConfigError(f"--input: missing, expected {what}")
     return paths
 
 
