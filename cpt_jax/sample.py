@@ -59,9 +59,7 @@ def run(args: argparse.Namespace, log) -> list[dict[str, Any]]:
     prompts = decode.prompt_tokens(tok, args.prompt, max_new_tokens=args.max_new_tokens, max_seq_len=mc.max_seq_len,
                                    add_bos=checkpoint_bos(meta, tok, args.bos))
     # Unless told, as many as fit, up to the default (prompt_tokens left room for at least one).
-    new_tokens = args.max_new_tokens
-    if new_tokens is None:
-        new_tokens = min(DEFAULT_NEW_TOKENS, mc.max_seq_len - max(len(p) for p in prompts))
+    new_tokens = args.max_new_tokens or min(DEFAULT_NEW_TOKENS, mc.max_seq_len - max(len(p) for p in prompts))
 
     mesh, rules, shardings = resolve.mesh_for(mc)
     # Cast to the compute dtype at once, so that the float32 copy is freed before decoding.

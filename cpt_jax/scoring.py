@@ -162,7 +162,6 @@ class SourceEvaluator:
         self.examples_per_source = positive("eval.examples_per_source", examples_per_source)
         self.scorer = RowScorer(model_config, batch_size=batch_size, seq_len=seq_len, mesh=mesh, rules=rules,
                                 chunk_tokens=chunk_tokens)
-        self.model_config = model_config
         self.sets = {str(name): self._load(str(name), directory, tokenizer_fingerprint)
                      for name, directory in sources.items()}
 
@@ -179,9 +178,10 @@ class SourceEvaluator:
             raise ConfigError(f"{path}: tokenizer_fingerprint {m['tokenizer_fingerprint'][:16]}... (from "
                               f"{m.get('tokenizer_path', '?')}), expected {fingerprint[:16]}... of the model's "
                               "tokenizer (prepare the source again with that tokenizer)")
-        if m["vocab_size"] > self.model_config.vocab_size:
+        vocab_size = self.scorer.model_config.vocab_size
+        if m["vocab_size"] > vocab_size:
             raise ConfigError(f"{path}: vocab_size {m['vocab_size']}, expected at most the model's vocab_size "
-                              f"{self.model_config.vocab_size}")
+                              f"{vocab_size}")
         length, seq_len = src.seq_len, self.scorer.seq_len
         if length > seq_len:
             raise ConfigError(f"{path}: seq_len {length}, expected at most the eval seq_len {seq_len} "
