@@ -99,9 +99,11 @@ def checkpoint_bos(meta: dict[str, Any], tok: Any, choice: str = "auto") -> bool
     return resolve_bos(choice, tok)
 
 
-def add_bos_and_dtype_flags(p: argparse.ArgumentParser, what: str) -> None:
-    """--bos (read by checkpoint_bos) and --dtype, as every command that reads a checkpoint's model
-    with its tokenizer takes them (evaluate's questions, sample's prompts)."""
+def add_checkpoint_flags(p: argparse.ArgumentParser, what: str) -> None:
+    """--checkpoint, --bos (read by checkpoint_bos) and --dtype, as every command that reads a
+    checkpoint's model with its tokenizer takes them (evaluate's questions, sample's prompts)."""
+    p.add_argument("--checkpoint", required=True,
+                   help="a run's workdir, its checkpoints/ directory, a step directory or an imported model")
     p.add_argument("--bos", default="auto", choices=BOS_CHOICES,
                    help=f"BOS before every {what}: auto (default) as the checkpoint's training sources were "
                         "prepared (their manifests' add_bos; without any on disk, the tokenizer's own convention), "

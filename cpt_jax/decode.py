@@ -1,26 +1,19 @@
 """Autoregressive decoding with a KV cache: prefill a batch of prompts, then one jitted step per token.
 
-The cache holds every layer's keys and values for every position, {"k", "v"}: [L, B, S, K, H] in
-the compute dtype, sharded like the activations (batch over the batch mesh axes, kv heads over
-tensor). Each row has its own length: the prompts are right-padded to the longest, row b's first
-new token sits at position len_b, and a query at position p attends to the cached positions <= p.
-Whatever the padding left in the cache past a row's prompt is overwritten by that row's own new
-tokens before any query can reach it. The blocks are the training model's (`model.attention_inputs`,
-`model.block_output`), so a cached decode computes what a full forward pass computes (tested at
-every position).
-
-`Generator` wires this to batches of token-id prompts: greedy decoding (temperature 0), or sampling
-with a temperature and nucleus (top-p) filtering from a seeded key; it stops a row at EOS. Programs
-are compiled per power-of-two bucket of prompt lengths and per kind of choice (greedy or sampling,
-nucleus or not), never per temperature or top_p; the weights are cast to the compute dtype once per
-generation, and each step is dispatched before the previous one's tokens are read.
+The cache, {"k", "v"}: [L, B, S, K, H] in the compute dtype, is sharded like the activations.
+Prompts are right-padded to the longest: row b's first new token sits at position len_b and a
+query at position p attends to the cached positions <= p, so whatever the padding left in the cache
+is overwritten by the row's own tokens before any query reaches it. The blocks are the training
+model's (`model.attention_inputs`, `model.block_output`), so a cached decode computes what a full
+forward pass computes (tested at every position). `Generator` compiles per power-of-two bucket of
+prompt lengths and per kind of choice (greedy or sampling, nucleus or not), never per temperature
+or top_p, and dispatches each step before reading the previous one's tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,7 +24,7 @@ import numpy as np
 from cpt_jax import model, sharding
 from cpt_jax.config import ConfigError
 from cpt_jax.model import ModelConfig, Params
-from cpt_jax.placement import Placement
+from cpt_jax.scoring import Placement, bucket_length, positive, round_up
 
 Cache = dict[str, jax.Array]
 _CACHE_NAMES = ("layers", "batch", "length", "act_kv_heads", None)
@@ -121,15 +114,10 @@ def compute_params(params: Params, c: ModelConfig) -> Params:
     return jax.tree_util.tree_map_with_path(cast, params)
 
 
-_MIN_BUCKET = 16
-
-
 def padded_length(longest: int, max_new_tokens: int, max_seq_len: int) -> int:
-    """The prompt length the programs are compiled for: the longest prompt rounded up to a power of
-    two (at least 16), so prompts of similar lengths share one compiled prefill and step; capped
+    """The prompt length the programs are compiled for: the longest prompt's bucket_length, capped
     so that it plus max_new_tokens still fits in max_seq_len."""
-    bucket = max(_MIN_BUCKET, 1 << (longest - 1).bit_length())
-    return max(longest, min(bucket, max_seq_len - max_new_tokens))
+    return max(longest, min(bucket_length(longest), max_seq_len - max_new_tokens))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,12 +160,9 @@ def _programs(c: ModelConfig, rules: tuple, greedy: bool, nucleus: bool, vocab_l
 
 
 class Generator:
-    """Continues batches of token-id prompts with one model.
-
-    With a mesh, the batch is split over its batch axes (padded with dummy rows to a multiple of
-    that split) and the parameters are used as they are sharded (e.g. restored with the training
-    rules). `vocab_limit` (the tokenizer's vocabulary size) keeps out ids the tokenizer cannot decode.
-    """
+    """Continues batches of token-id prompts with one model: with a mesh, the batch is split over
+    its batch axes (padded with dummy rows) and the parameters are used as they are sharded.
+    `vocab_limit` (the tokenizer's vocabulary size) keeps out ids the tokenizer cannot decode."""
 
     def __init__(self, c: ModelConfig, *, mesh: jax.sharding.Mesh | None = None, rules: dict | None = None,
                  vocab_limit: int | None = None):
@@ -195,7 +180,7 @@ class Generator:
         c = self.model_config
         n = len(prompts)
         where = self.placement
-        B = math.ceil(n / where.ways) * where.ways
+        B = round_up(n, where.ways)
         P = padded_length(max(len(p) for p in prompts), max_new_tokens, c.max_seq_len)
         tokens = np.zeros((B, P), np.int32)
         lengths = np.ones(B, np.int32)  # dummy rows: one padding token
@@ -235,9 +220,8 @@ def prompt_tokens(tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int
     keys, for a prompt that tokenizes to nothing or one whose length plus max_new_tokens exceeds
     max_seq_len; with max_new_tokens None (the caller sizes it to what fits), for a prompt that
     leaves no room for a new token."""
-    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
-                                       or max_new_tokens < 1):
-        raise ConfigError(f"{tokens_key}: {max_new_tokens!r}, expected a positive integer")
+    if max_new_tokens is not None:
+        positive(tokens_key, max_new_tokens)
     if add_bos and tokenizer.bos_id is None:
         raise ConfigError(f"--add_bos: tokenizer {tokenizer.path} has no BOS token, expected one")
     out = []

@@ -1,15 +1,8 @@
-"""Evaluation of a checkpoint: validation loss, perplexity and bits per byte per source; multiple-choice tasks.
-
-    python -m cpt_jax.evaluate --checkpoint DIR [--sources name=prepared_dir,...] \\
-        [--tasks name=file.jsonl,...] [--out results.json] [--batch_size N] [--seq_len N] \\
-        [--examples_per_source N] [--tokenizer FILE] [--fewshot K] [--template T] [--bos auto|always|never] \\
-        [--dtype float32] [--log_samples]
+"""The command line of the evaluation library: validation loss, perplexity and bits per byte per
+source and multiple-choice accuracy of one checkpoint (flags: `--help` and the README).
 
 Parameters are restored sharded (FSDP) over every local device. User errors print one line,
-`error: ...`, and exit with status 2; a progress line per source and task goes to stderr. What is
-measured and how: `cpt_jax.source_eval` (sources), `cpt_jax.task_eval` (tasks); what a checkpoint
-says about its tokenizer, sources and BOS: `cpt_jax.checkpoint_model`. `--log_samples` adds, per
-question, the choices' log-likelihoods, the prediction and the gold to the --out JSON.
+`error: ...`, and exit with status 2; a progress line per source and task goes to stderr.
 """
 
 from __future__ import annotations
@@ -30,9 +23,7 @@ from cpt_jax.config import ConfigError
 from cpt_jax.data import sources as sources_lib
 from cpt_jax.data.tokenization import load_tokenizer
 from cpt_jax.metrics import log
-from cpt_jax.scoring import round_up
-from cpt_jax.source_eval import SourceEvaluator
-from cpt_jax.task_eval import TaskEvaluator
+from cpt_jax.scoring import SourceEvaluator, TaskEvaluator, round_up
 
 
 def parse_pairs(values: Sequence[str] | None, flag: str) -> dict[str, str]:
@@ -53,12 +44,9 @@ def parse_pairs(values: Sequence[str] | None, flag: str) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m cpt_jax.evaluate",
-        description="Validation loss/perplexity/bits per byte per source and multiple-choice accuracy of a "
-                    "checkpoint.")
-    p.add_argument("--checkpoint", required=True,
-                   help="a run's workdir, its checkpoints/ directory, a step directory or an imported model")
+    p = argparse.ArgumentParser(prog="python -m cpt_jax.evaluate", description="Validation loss/perplexity/bits "
+                                "per byte per source and multiple-choice accuracy of a checkpoint.")
+    ckpt_model.add_checkpoint_flags(p, "question")
     p.add_argument("--sources", action="append", metavar="NAME=DIR,...",
                    help="prepared directories whose val split is evaluated (default: the run's sources found "
                         "on disk)")
@@ -73,7 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer file for --tasks (default: the checkpoint's)")
     p.add_argument("--fewshot", type=int, default=0, help="few-shot examples per prompt for every task")
     p.add_argument("--template", default=None, help="prompt template with a {context} placeholder")
-    ckpt_model.add_bos_and_dtype_flags(p, "question")
     p.add_argument("--log_samples", action="store_true",
                    help="with --out: every question's choice log-likelihoods, prediction and gold in the JSON")
     return p

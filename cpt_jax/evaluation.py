@@ -1,7 +1,6 @@
 """A run's periodic evaluation: `from_config` builds it from the run's config (what the trainer
-calls) out of the source evaluation (`source_eval`), the tasks (`task_eval`) and the greedy
-continuations of `eval.sample_prompts` (`decode.SampleEvaluator`); `eval_record` makes its
-metrics.jsonl record."""
+calls) out of the sources and tasks (`scoring`) and the greedy continuations of
+`eval.sample_prompts` (`decode.SampleEvaluator`); `eval_record` makes its metrics.jsonl record."""
 
 from __future__ import annotations
 
@@ -14,8 +13,7 @@ from cpt_jax.config import ConfigError
 from cpt_jax.data import sources as sources_lib
 from cpt_jax.data.tokenization import load_tokenizer
 from cpt_jax.model import ModelConfig
-from cpt_jax.source_eval import SourceEvaluator
-from cpt_jax.task_eval import TaskEvaluator
+from cpt_jax.scoring import SourceEvaluator, TaskEvaluator
 
 Log = Callable[[str], None]
 
@@ -66,16 +64,11 @@ class Evaluation:
 
 def from_config(cfg: Any, model_config: ModelConfig, *, mesh: Any = None, rules: Any = None,
                 log: Log | None = None) -> Evaluation | None:
-    """The run's Evaluation, or None when eval.every_steps is 0.
-
-    Sources: the val split of every data.sources entry (data.kind 'mixture'; a source prepared
-    without a val split is skipped with a note) and every eval.sources entry (eval-only, e.g. the
-    pretraining data watched for forgetting). Tasks: eval.tasks, a path or a spec dict per name,
-    tokenized with data.tokenizer, as are eval.sample_prompts. Lengths follow
-    train.seq_len, the loss chunk train.loss_chunk_tokens; batches are split over the mesh as
-    training splits them. Raises ConfigError (all input checks happen here, before anything is
-    compiled).
-    """
+    """The run's Evaluation, or None when eval.every_steps is 0: the val splits of data.sources
+    (mixture runs; one without a val split is skipped with a note) and of eval.sources (eval-only,
+    e.g. the pretraining data watched for forgetting), eval.tasks and eval.sample_prompts tokenized
+    with data.tokenizer, at train.seq_len. ConfigError for any bad input: every check happens here,
+    before anything is compiled."""
     e = cfg.eval
     every = e.every_steps
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
@@ -85,12 +78,11 @@ def from_config(cfg: Any, model_config: ModelConfig, *, mesh: Any = None, rules:
     data_sources = dict(cfg.data.sources) if cfg.data.kind == "mixture" else {}
     manifests = {name: sources_lib.read_manifest(directory) for name, directory in data_sources.items()}
     sources: dict[str, str] = {}
-    for name, directory in data_sources.items():
-        if manifests[name]["val_examples"] <= 0:
-            if log is not None:
-                log(f"note: data.sources.{name} has no val split; it is not evaluated")
-            continue
-        sources[name] = directory
+    for name, manifest in manifests.items():
+        if manifest["val_examples"] > 0:
+            sources[name] = data_sources[name]
+        elif log is not None:
+            log(f"note: data.sources.{name} has no val split; it is not evaluated")
     for name, directory in dict(e.sources).items():
         if name in data_sources:
             raise ConfigError(f"eval.sources.{name}: also a name in data.sources, expected a distinct name")

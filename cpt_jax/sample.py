@@ -1,16 +1,7 @@
-"""Continue prompts with a checkpoint: what does the model write?
-
-    python -m cpt_jax.sample --checkpoint DIR --prompt TEXT [--prompt TEXT ...] [--max_new_tokens N]
-        [--temperature T] [--top_p P] [--seed S] [--tokenizer FILE] [--bos auto|always|never] [--dtype float32] [--json]
-
-DIR is any checkpoint: a run's workdir, its checkpoints/ directory, one step directory, or a model
-imported with `python -m cpt_jax.hf import`. Prompts are tokenized with the checkpoint's tokenizer
-(the one its metadata or its run's config names; --tokenizer otherwise) and continued together,
-the parameters sharded over every device as `python -m cpt_jax.evaluate` shards them, with a KV
-cache and one jitted decode step per token (cpt_jax.decode). Temperature 0 (the default) is greedy
-decoding; above 0, tokens are sampled from the top_p nucleus with --seed. A row stops at the
-tokenizer's EOS. Each prompt is printed followed by its continuation (--json: one JSON object per
-prompt). Nothing is written. User errors are one line, `error: ...`, exit status 2.
+"""The command line of `decode`: continue prompts with any checkpoint and its tokenizer, the
+parameters sharded over every device as `python -m cpt_jax.evaluate` shards them (flags: `--help`
+and the README). Each prompt is printed followed by its continuation (--json: one JSON object per
+prompt); nothing is written. User errors are one line, `error: ...`, exit status 2.
 """
 
 from __future__ import annotations
@@ -25,7 +16,7 @@ from typing import Any
 import jax
 
 from cpt_jax import checkpoint, decode, resolve
-from cpt_jax.checkpoint_model import add_bos_and_dtype_flags, checkpoint_bos, checkpoint_tokenizer, restore_params
+from cpt_jax.checkpoint_model import add_checkpoint_flags, checkpoint_bos, checkpoint_tokenizer, restore_params
 from cpt_jax.config import ConfigError
 from cpt_jax.data.tokenization import load_tokenizer
 from cpt_jax.metrics import log
@@ -35,8 +26,7 @@ DEFAULT_NEW_TOKENS = 64
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cpt_jax.sample", description="Continue prompts with a checkpoint.")
-    p.add_argument("--checkpoint", required=True,
-                   help="a run's workdir, its checkpoints/ directory, a step directory or an imported model")
+    add_checkpoint_flags(p, "prompt")
     p.add_argument("--prompt", action="append", required=True, help="text to continue (repeat for several)")
     p.add_argument("--max_new_tokens", type=int, default=None,
                    help=f"tokens to generate per prompt (default: {DEFAULT_NEW_TOKENS}, or what fits in max_seq_len)")
@@ -45,7 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "this much probability (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the checkpoint's)")
-    add_bos_and_dtype_flags(p, "prompt")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt instead of text")
     return p
 
@@ -70,9 +59,7 @@ def run(args: argparse.Namespace, log) -> list[dict[str, Any]]:
     prompts = decode.prompt_tokens(tok, args.prompt, max_new_tokens=args.max_new_tokens, max_seq_len=mc.max_seq_len,
                                    add_bos=checkpoint_bos(meta, tok, args.bos))
     # Unless told, as many as fit, up to the default (prompt_tokens left room for at least one).
-    new_tokens = args.max_new_tokens
-    if new_tokens is None:
-        new_tokens = min(DEFAULT_NEW_TOKENS, mc.max_seq_len - max(len(p) for p in prompts))
+    new_tokens = args.max_new_tokens or min(DEFAULT_NEW_TOKENS, mc.max_seq_len - max(len(p) for p in prompts))
 
     mesh, rules, shardings = resolve.mesh_for(mc)
     # Cast to the compute dtype at once, so that the float32 copy is freed before decoding.

@@ -1,39 +1,23 @@
 """Multiple-choice tasks in the lm-eval-harness style: loading, prompt formatting, converters.
 
-A task file is JSONL, one question per line:
+A task file is JSONL, one question per line (blank lines are skipped):
 
     {"context": "The capital of France is", "choices": ["Paris", "Rome", "Oslo"], "gold": 0}
 
-`context` is a string, `choices` a list of at least two non-empty strings, `gold` the index of the
-right choice. Blank lines are skipped. `task_eval.TaskEvaluator` scores every choice by the summed
-log-likelihood of its tokens given the prompt and reports `acc` (argmax of the sum) and
-`acc_norm` (argmax of the sum divided by the choice's length in UTF-8 bytes).
+with at least two non-empty choices and `gold` the index of the right one. The prompt of a
+question (`Task.prompt`) is the template (one `{context}` placeholder, e.g.
+"Question: {context}\\nAnswer:"; default: the context as is) applied to its context, after k
+few-shot examples, each its templated context and gold choice, separated by a blank line. The shots
+are the same for every question: k records drawn with `random.Random(seed)` from a separate
+few-shot file, or, without one, the first k records of the task file in a seeded order (those are
+not scored). A choice follows its prompt after a space unless the prompt ends with whitespace or
+the choice starts with it (the converters write choices with their leading space).
 
-Prompt of a question (`Task.prompt`):
-  * the template, a string with one `{context}` placeholder (default: the context as is), e.g.
-    "Question: {context}\\nAnswer:";
-  * preceded by k few-shot examples, each the template of its context followed by its gold choice,
-    separated by a blank line ("\\n\\n"). The shots are the same for every question: k examples
-    drawn with `random.Random(seed)` from a separate few-shot file (all task records are scored),
-    or, without one, the first k records of the task file in a seeded order (those k are not
-    scored). Deterministic in (files, k, seed).
-  * A choice is appended to its prompt after a space unless the prompt ends with whitespace or the
-    choice starts with whitespace (the converters below write choices with their leading space).
-
-Converters (`python -m cpt_jax.tasks convert --format mmlu|hellaswag --input F --out task.jsonl`):
-  * mmlu: the CSV files of the MMLU distribution (data/{dev,val,test}/<subject>_<split>.csv; no
-    header; columns question, A, B, C, D, answer letter). Context
-    "question\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer:", choices [" A", " B", " C", " D"]: the
-    prompt of lm-eval-harness's mmlu tasks (without the per-subject header line). A directory
-    input converts every *.csv in it (sorted). Convert the dev split into a few-shot file.
-  * hellaswag: the JSONL files of the HellaSwag distribution (hellaswag_{train,val}.jsonl).
-    Context ctx_a + " " + ctx_b with ctx_b capitalized (as lm-eval-harness builds it; the `ctx`
-    field when ctx_a is absent), choices the `endings` with a leading space, gold `label`; text
-    cleaned of WikiHow's bracket artifacts as the harness does. The test split has no labels and
-    cannot be converted.
-
-Every problem with a file is a ConfigError of one line naming file:line, what was found and what
-is expected. This module does not import JAX: the converter starts fast.
+`python -m cpt_jax.tasks convert` writes task files from MMLU's CSVs (the prompt of
+lm-eval-harness's mmlu tasks without the per-subject header; convert the dev split into a few-shot
+file) and HellaSwag's JSONL (context and cleanup as the harness builds them; the unlabeled test
+split cannot be converted). Every problem with a file is a ConfigError of one line naming
+file:line, what was found and what is expected. No JAX here: the converter starts fast.
 """
 
 from __future__ import annotations
@@ -70,15 +54,9 @@ class Example:
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """A loaded task: the questions to score and how to turn them into prompts.
-
-    Attributes:
-      name: the task's name (the file's stem unless given).
-      path: the task file.
-      examples: the questions that are scored.
-      shots: the few-shot examples that precede every prompt (empty for zero-shot).
-      template: a string with one `{context}` placeholder.
-    """
+    """A loaded task named `name` (the file's stem unless given) from the file `path`: the
+    questions to score (`examples`) and how to turn them into prompts (the few-shot `shots`, empty
+    for zero-shot, and a `template` with one `{context}` placeholder)."""
 
     name: str
     path: str
@@ -86,22 +64,14 @@ class Task:
     shots: tuple[Example, ...] = ()
     template: str = DEFAULT_TEMPLATE
 
-    def format_context(self, example: Example) -> str:
-        """The template applied to one example's context (no few-shot prefix)."""
-        return self.template.replace("{context}", example.context)
-
-    @property
-    def fewshot_prefix(self) -> str:
-        """The shots, each with its gold answer and followed by the delimiter; '' for zero-shot."""
+    def prompt(self, example: Example) -> str:
+        """The text every choice of `example` is conditioned on: the shots (each its templated
+        context and gold choice, then a blank line), then the example's templated context."""
         prefix = ""
         for shot in self.shots:
-            context = self.format_context(shot)
+            context = self.template.replace("{context}", shot.context)
             prefix += context + continuation(context, shot.choices[shot.gold]) + FEWSHOT_DELIMITER
-        return prefix
-
-    def prompt(self, example: Example) -> str:
-        """The text every choice of `example` is conditioned on."""
-        return self.fewshot_prefix + self.format_context(example)
+        return prefix + self.template.replace("{context}", example.context)
 
     def requests(self) -> list[tuple[str, list[str]]]:
         """(prompt, [continuation of each choice]) of every scored question, in file order."""
@@ -210,8 +180,8 @@ def load_task(path: str | os.PathLike, *, fewshot: int = 0, fewshot_path: str | 
                               f"{fewshot} are the shots and are not scored); or give a few-shot file")
         pool, scored = records[:fewshot], records[fewshot:]
     shots = random.Random(seed).sample(pool, fewshot) if fewshot else []
-    stem = os.path.splitext(os.path.basename(path))[0]
-    return Task(name or stem, path, tuple(scored), tuple(shots), template)
+    name = name or os.path.splitext(os.path.basename(path))[0]
+    return Task(name, path, tuple(scored), tuple(shots), template)
 
 
 _SPEC_KEYS = ("path", "fewshot", "fewshot_path", "template", "seed")
@@ -295,14 +265,13 @@ def convert_mmlu(inputs: Sequence[str]) -> list[dict[str, Any]]:
 def _harness_clean(text: str) -> str:
     """lm-eval-harness's HellaSwag cleanup (WikiHow's ' [title]' marks and other [..] artifacts),
     then stripped (the harness leaves a space where a leading [header] was)."""
-    text = text.strip()
-    text = text.replace(" [title]", ". ")
-    text = re.sub(r"\[.*?\]", "", text)
+    text = re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". "))
     return text.replace("  ", " ").strip()
 
 
 def hellaswag_record(obj: Any, where: str) -> dict[str, Any]:
-    """One HellaSwag JSON object as a task record."""
+    """One HellaSwag JSON object as a task record: context ctx_a + " " + ctx_b capitalized (`ctx`
+    without ctx_a), choices the endings after a space, gold the label."""
     if not isinstance(obj, dict):
         raise ConfigError(f"{where}: a JSON {type(obj).__name__}, expected a HellaSwag object (ctx, endings, label)")
     if "ctx_a" in obj:

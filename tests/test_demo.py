@@ -262,11 +262,11 @@ def trained_on_the_facts(tmp_path_factory):
 @pytest.fixture(scope="module")
 def untrained(tmp_path_factory):
     """Every task of a 50 + 50 people corpus scored on freshly initialised parameters."""
-    from cpt_jax import model, task_eval
+    from cpt_jax import model, scoring
 
     _, tasks, tok_path, _ = _fact_task_files(tmp_path_factory.mktemp("chance"), 50, 12)
     mc = model.ModelConfig.from_config(dict(S.model, dtype="float32", vocab_size=S.vocab_size, max_seq_len=64))
-    evaluator = task_eval.TaskEvaluator(tasks, tok_path, mc, seq_len=64, batch_size=64)
+    evaluator = scoring.TaskEvaluator(tasks, tok_path, mc, seq_len=64, batch_size=64)
     results = evaluator.evaluate(model.init_params(mc, 0), samples=True)
     return {name: [q["correct"] for q in r["samples"]] for name, r in results.items()}
 

@@ -17,7 +17,7 @@ import optax
 import pytest
 from data_helpers import make_prepared_source
 
-from cpt_jax import checkpoint_model, config, evaluate, model, scoring, sharding, source_eval, task_eval
+from cpt_jax import checkpoint_model, config, evaluate, model, scoring, sharding
 from cpt_jax.config import ConfigError
 from cpt_jax.data import sources
 from cpt_jax.data.tokenization import load_tokenizer
@@ -57,7 +57,7 @@ def direct_nll(params, directory, n):
 
 
 def test_source_metrics_equal_a_direct_computation(data):
-    ev = source_eval.SourceEvaluator({"a": data["a"]}, C, examples_per_source=4, batch_size=2, seq_len=16)
+    ev = scoring.SourceEvaluator({"a": data["a"]}, C, examples_per_source=4, batch_size=2, seq_len=16)
     logs = []
     r = ev.evaluate(data["params"], log=logs.append)["a"]
     nll, tokens, bpt = direct_nll(data["params"], data["a"], 4)
@@ -72,20 +72,20 @@ def test_source_metrics_equal_a_direct_computation(data):
 
 def test_padding_of_the_last_batch_does_not_change_results(data):
     # 5 examples in batches of 2: the last batch holds one example and one padding row.
-    ev = source_eval.SourceEvaluator({"a": data["a"]}, C, examples_per_source=5, batch_size=2, seq_len=16)
+    ev = scoring.SourceEvaluator({"a": data["a"]}, C, examples_per_source=5, batch_size=2, seq_len=16)
     assert ev.sets["a"].arrays["inputs"].shape == (6, 16) and ev.sets["a"].arrays["loss_mask"][5].sum() == 0
     r = ev.evaluate(data["params"])["a"]
     nll, tokens, _ = direct_nll(data["params"], data["a"], 5)
     assert r["tokens"] == tokens == 5 * 16
     assert r["loss"] == pytest.approx(nll / tokens, rel=1e-5)
     # More examples asked for than the val split holds: all of them.
-    ev = source_eval.SourceEvaluator({"a": data["a"]}, C, examples_per_source=100, batch_size=2, seq_len=16)
+    ev = scoring.SourceEvaluator({"a": data["a"]}, C, examples_per_source=100, batch_size=2, seq_len=16)
     assert ev.evaluate(data["params"])["a"] == r
 
 
 def test_a_shorter_source_is_padded_to_the_eval_length(data):
     # Source b was prepared with seq_len 8; evaluated at 16, its extra columns are masked out.
-    ev = source_eval.SourceEvaluator({"b": data["b"]}, C, examples_per_source=3, batch_size=2, seq_len=16)
+    ev = scoring.SourceEvaluator({"b": data["b"]}, C, examples_per_source=3, batch_size=2, seq_len=16)
     r = ev.evaluate(data["params"])["b"]
     nll, tokens, _ = direct_nll(data["params"], data["b"], 3)
     assert r["tokens"] == tokens == 3 * 8
@@ -93,7 +93,7 @@ def test_a_shorter_source_is_padded_to_the_eval_length(data):
 
 
 def test_one_compiled_step_serves_every_source_and_evaluation(data):
-    ev = source_eval.SourceEvaluator({"a": data["a"], "b": data["b"]}, C, examples_per_source=3, batch_size=2,
+    ev = scoring.SourceEvaluator({"a": data["a"], "b": data["b"]}, C, examples_per_source=3, batch_size=2,
                                   seq_len=16)
     scoring._row_nll_step.cache_clear()
     first = ev.evaluate(data["params"])
@@ -118,17 +118,17 @@ def test_sharded_over_8_devices_equals_no_mesh(data, sp_path, tmp_path):
     srcs = {"a": data["a"], "b": data["b"]}
     # Batches of 8 rows of 64 tokens (3 and 5 padding rows, padded columns): the shape of the task
     # batches below, so one program serves both.
-    sharded = source_eval.SourceEvaluator(srcs, C, examples_per_source=5, batch_size=8, seq_len=64, mesh=mesh,
+    sharded = scoring.SourceEvaluator(srcs, C, examples_per_source=5, batch_size=8, seq_len=64, mesh=mesh,
                                           rules=rules)
-    plain = source_eval.SourceEvaluator(srcs, C, examples_per_source=5, batch_size=2, seq_len=16)
+    plain = scoring.SourceEvaluator(srcs, C, examples_per_source=5, batch_size=2, seq_len=16)
     rs, rp = sharded.evaluate(params), plain.evaluate(data["params"])
     for name in srcs:
         assert rs[name]["tokens"] == rp[name]["tokens"]
         for key in ("loss", "perplexity", "bits_per_byte"):
             assert rs[name][key] == pytest.approx(rp[name][key], rel=1e-5)
     task = write_mc_task(tmp_path / "mc.jsonl", 16)
-    t_sharded = task_eval.TaskEvaluator({"mc": task}, sp_path, C, seq_len=64, batch_size=8, mesh=mesh, rules=rules)
-    t_plain = task_eval.TaskEvaluator({"mc": task}, sp_path, C, seq_len=64, batch_size=8)
+    t_sharded = scoring.TaskEvaluator({"mc": task}, sp_path, C, seq_len=64, batch_size=8, mesh=mesh, rules=rules)
+    t_plain = scoring.TaskEvaluator({"mc": task}, sp_path, C, seq_len=64, batch_size=8)
     for x, y in zip(t_sharded.loglikelihoods(params, "mc"), t_plain.loglikelihoods(data["params"], "mc"), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5)
 
@@ -136,7 +136,7 @@ def test_sharded_over_8_devices_equals_no_mesh(data, sp_path, tmp_path):
 def test_source_errors(data, tmp_path, sp_path):
     def build(srcs, c=C, **kw):
         kw = {"examples_per_source": 2, "batch_size": 2, "seq_len": 16, **kw}
-        return source_eval.SourceEvaluator(srcs, c, **kw)
+        return scoring.SourceEvaluator(srcs, c, **kw)
 
     with pytest.raises(ConfigError, match=r"manifest.json: seq_len 16, expected at most the eval seq_len 8"):
         build({"a": data["a"]}, seq_len=8)
@@ -211,7 +211,7 @@ def mc(tmp_path_factory, sp_path):
 
 
 def test_trained_model_answers_and_untrained_is_at_chance(mc, sp_path):
-    ev = task_eval.TaskEvaluator({"mc": {"path": mc["path"], "template": TEMPLATE}}, sp_path, C, seq_len=64,
+    ev = scoring.TaskEvaluator({"mc": {"path": mc["path"], "template": TEMPLATE}}, sp_path, C, seq_len=64,
                                 batch_size=8)
     logs = []
     trained = ev.evaluate(mc["trained"], log=logs.append)["mc"]
@@ -228,7 +228,7 @@ def test_trained_model_answers_and_untrained_is_at_chance(mc, sp_path):
 def test_choice_loglikelihood_equals_a_direct_computation(mc, sp_path):
     tok = load_tokenizer(sp_path)
     for seq_len in (64, 8):  # 8: the context is truncated from the left
-        ev = task_eval.TaskEvaluator({"mc": {"path": mc["path"], "template": TEMPLATE}}, tok, C, seq_len=seq_len,
+        ev = scoring.TaskEvaluator({"mc": {"path": mc["path"], "template": TEMPLATE}}, tok, C, seq_len=seq_len,
                                     batch_size=8)
         ll = ev.loglikelihoods(mc["trained"], "mc")
         task = ev.sets["mc"].task
@@ -255,22 +255,22 @@ def test_choice_loglikelihood_equals_a_direct_computation(mc, sp_path):
 
 
 def test_acc_and_acc_norm_differ_when_choice_lengths_differ(tmp_path, sp_path):
-    assert task_eval.choice_metrics([[-5.0, -8.0]], [[2, 9]], [1]) == (0.0, 1.0)
-    assert task_eval.choice_metrics([[-5.0, -8.0]], [[2, 9]], [0]) == (1.0, 0.0)
-    assert task_eval.choice_metrics([[-1.0, -1.0]], [[3, 3]], [0]) == (1.0, 1.0)  # ties: the first choice
+    assert scoring.choice_metrics([[-5.0, -8.0]], [[2, 9]], [1]) == (0.0, 1.0)
+    assert scoring.choice_metrics([[-5.0, -8.0]], [[2, 9]], [0]) == (1.0, 0.0)
+    assert scoring.choice_metrics([[-1.0, -1.0]], [[3, 3]], [0]) == (1.0, 1.0)  # ties: the first choice
     # A near-uniform untrained model: a short choice has the higher sum, a long one the higher per byte.
     path = tmp_path / "len.jsonl"
     rows = [{"context": f"doc {i}: " + "the data " * 8, "gold": 1,
              "choices": [" x", " model reads data and learns to predict the next"]} for i in range(4)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ev = task_eval.TaskEvaluator({"len": str(path)}, sp_path, C, seq_len=64, batch_size=8)
+    ev = scoring.TaskEvaluator({"len": str(path)}, sp_path, C, seq_len=64, batch_size=8)
     r = ev.evaluate(model.init_params(C, 0))["len"]
     assert r == {"acc": 0.0, "acc_norm": 1.0, "n": 4}
 
 
 def test_fewshot_prompts_are_scored_and_task_errors(mc, sp_path, tmp_path):
     spec = {"path": mc["path"], "template": TEMPLATE, "fewshot": 3, "seed": 1}
-    ev = task_eval.TaskEvaluator({"mc": spec}, sp_path, C, seq_len=64, batch_size=8)
+    ev = scoring.TaskEvaluator({"mc": spec}, sp_path, C, seq_len=64, batch_size=8)
     assert ev.sets["mc"].task.prompt(ev.sets["mc"].task.examples[0]).count("Question:") == 4
     r = ev.evaluate(mc["trained"])["mc"]
     # 45 questions (3 went to the shots), 4 choices: chance is 0.25 (11 of 45); the trained model
@@ -278,12 +278,12 @@ def test_fewshot_prompts_are_scored_and_task_errors(mc, sp_path, tmp_path):
     assert r["n"] == 45 and r["acc"] >= 0.5 and r["acc_norm"] >= 0.5, r
     assert (r["acc"] * 45).is_integer() and (r["acc_norm"] * 45).is_integer(), r
     with pytest.raises(ConfigError, match=r"tokenizer .*: 320 tokens, expected at most the model's vocab_size 100"):
-        task_eval.TaskEvaluator({"mc": mc["path"]}, sp_path, dataclasses.replace(C, vocab_size=100), seq_len=64,
+        scoring.TaskEvaluator({"mc": mc["path"]}, sp_path, dataclasses.replace(C, vocab_size=100), seq_len=64,
                                batch_size=8)
     with pytest.raises(ConfigError, match=r"mc.jsonl: no such file"):
-        task_eval.TaskEvaluator({"mc": str(tmp_path / "mc.jsonl")}, sp_path, C, seq_len=64, batch_size=8)
+        scoring.TaskEvaluator({"mc": str(tmp_path / "mc.jsonl")}, sp_path, C, seq_len=64, batch_size=8)
     with pytest.raises(ConfigError, match=r"eval.tasks.mc: unknown key 'shots'"):
-        task_eval.TaskEvaluator({"mc": {"path": mc["path"], "shots": 2}}, sp_path, C, seq_len=64, batch_size=8)
+        scoring.TaskEvaluator({"mc": {"path": mc["path"], "shots": 2}}, sp_path, C, seq_len=64, batch_size=8)
 
 
 # ------------------------------------------------------------------------------------ records, trainer
@@ -368,7 +368,7 @@ def test_cli_end_to_end_writes_the_results(ckpt, data, mc, tmp_path, capsys):
     res = json.loads(out.read_text())
     assert res["checkpoint"] == os.path.abspath(ckpt) and res["step"] == 90
     assert set(res["sources"]) == {"a"}  # default: the run's sources found on disk ('gone' is not)
-    direct = source_eval.SourceEvaluator({"a": data["a"]}, C, examples_per_source=4, batch_size=2, seq_len=16)
+    direct = scoring.SourceEvaluator({"a": data["a"]}, C, examples_per_source=4, batch_size=2, seq_len=16)
     expected = direct.evaluate(mc["trained"])["a"]
     assert res["sources"]["a"]["tokens"] == expected["tokens"] == 4 * 16
     for key in ("loss", "perplexity", "bits_per_byte"):
@@ -397,7 +397,7 @@ def test_cli_log_samples_give_every_questions_scores(ckpt, data, mc, sp_path, tm
     assert len(samples) == res["n"] == len(records)
     # Questions start as the checkpoint's source `a` starts its documents (with BOS: --bos auto).
     assert sources.read_manifest(data["a"])["add_bos"]
-    ev = task_eval.TaskEvaluator({"mc": {"path": mc["path"], "template": TEMPLATE}}, sp_path, C, seq_len=64,
+    ev = scoring.TaskEvaluator({"mc": {"path": mc["path"], "template": TEMPLATE}}, sp_path, C, seq_len=64,
                                 batch_size=8, add_bos=True)
     direct = ev.loglikelihoods(mc["trained"], "mc")
     for i, (q, ll) in enumerate(zip(samples, direct, strict=True)):
@@ -463,7 +463,7 @@ def test_cli_poses_questions_as_the_checkpoints_sources_were_prepared(data, mc, 
     as the trainer's in-loop evaluation does, so both score a checkpoint alike; always/never override."""
     tok = load_tokenizer(sp_path)
     assert tok.bos_id is not None and tok.bos_id != tok.eos_id
-    ev = {bos: task_eval.TaskEvaluator({"mc": {"path": mc["path"], "template": TEMPLATE}}, tok, C, seq_len=64,
+    ev = {bos: scoring.TaskEvaluator({"mc": {"path": mc["path"], "template": TEMPLATE}}, tok, C, seq_len=64,
                                       batch_size=8, add_bos=bos) for bos in (False, True)}
     direct = {bos: ev[bos].loglikelihoods(mc["trained"], "mc") for bos in ev}
     assert not np.allclose(np.concatenate(direct[False]), np.concatenate(direct[True]))
