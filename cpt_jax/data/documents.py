@@ -1,14 +1,5 @@
-"""Read the documents of prepare's inputs: the `--input` specs, their files, and the text in them.
-
-Inputs (`--input`, repeatable, read in the order given):
-  jsonl:GLOB[:FIELD]                      one JSON object per line, the text in FIELD (default 'text')
-  text:GLOB                               one document per file
-  parquet:GLOB[:COLUMN]                   Parquet files (FineWeb, RedPajama, most hub datasets), the
-                                          text in string column COLUMN (default 'text')
-  arrow:DIR[:COLUMN]                      the .arrow files of a `datasets.Dataset.save_to_disk`
-                                          directory (Arrow IPC streams), read like Parquet
-  tfds:NAME[/CONFIG][:SPLIT][:FEATURE]    a TFDS dataset already prepared in array_record format
-                                          (SPLIT default 'train', FEATURE default 'text'; no download)
+"""Read the documents of prepare's inputs: the `--input` specs (SPEC_HELP; the README lists them),
+their files, and the text in them.
 
 Every spec is resolved (files found, columns and TFDS features checked) before any is read. The
 documents are then read in tasks, plain tuples that pickle cheaply to a worker process.
@@ -17,6 +8,7 @@ documents are then read in tasks, plain tuples that pickle cheaply to a worker p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -50,8 +42,8 @@ class InputSpec:
 
     spec: str
     kind: str
-    pattern: str = ""  # jsonl/text/parquet: the glob; arrow: the directory
-    field: str = "text"  # jsonl: the JSON key holding the text; parquet/arrow: the column
+    pattern: str = ""  # jsonl/text/parquet: the glob; arrow: the directory of a `Dataset.save_to_disk`
+    field: str = "text"  # jsonl: the JSON key holding the text; parquet/arrow: the string column
     tfds_name: str = ""
     tfds_config: str = ""
     split: str = "train"  # tfds: a split name, optionally sliced: train[:10%]
@@ -97,14 +89,10 @@ class TfdsInput:
     num_records: int
 
 
-def default_tfds_data_dir() -> str:
-    """Where TFDS keeps prepared datasets when --tfds_data_dir is not given."""
-    return os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
-
-
 def _resolve_tfds(spec: InputSpec, data_dir: str | None) -> TfdsInput:
     """Find a prepared array_record TFDS dataset on disk, without network or dataset code."""
-    data_dir = os.path.abspath(os.path.expanduser(data_dir or default_tfds_data_dir()))
+    data_dir = os.path.abspath(os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR")
+                                                  or "~/tensorflow_datasets"))
     label = f"tfds dataset {spec.tfds_name + ('/' + spec.tfds_config if spec.tfds_config else '')!r}"
     if not os.path.isdir(data_dir):
         raise ConfigError(f"--tfds_data_dir {data_dir}: no such directory, expected the data dir where "
@@ -177,20 +165,17 @@ def _arrow_files(spec: InputSpec) -> list[str]:
     return files
 
 
-def _arrow_schema(kind: str, path: str) -> pa.Schema:
-    try:
-        if kind == "parquet":
-            return pq.read_schema(path)
-        with pa.memory_map(path) as source:
-            return pa.ipc.open_stream(source).schema
-    except (pa.ArrowException, OSError) as e:
-        raise ConfigError(f"{path}: not a readable {kind} file ({first_line(e)})") from None
-
-
 def _check_text_column(kind: str, path: str, column: str) -> None:
     """ConfigError unless the file's schema has `column` as a string column (read from its footer or
     header only, so every file is checked before any is tokenized)."""
-    schema = _arrow_schema(kind, path)
+    try:
+        if kind == "parquet":
+            schema = pq.read_schema(path)
+        else:
+            with pa.memory_map(path) as source:
+                schema = pa.ipc.open_stream(source).schema
+    except (pa.ArrowException, OSError) as e:
+        raise ConfigError(f"{path}: not a readable {kind} file ({first_line(e)})") from None
     if column not in schema.names:
         raise ConfigError(f"{path}: no column {column!r}, expected one of {', '.join(schema.names[:12])} "
                           f"(name it as --input {kind}:PATH:COLUMN)")
@@ -215,6 +200,8 @@ def _resolve(spec: InputSpec, tfds_data_dir: str | None) -> list[str] | TfdsInpu
     for path in files if spec.kind == "parquet" else ():
         _check_text_column("parquet", path, spec.field)
     return files
+
+
 def _jsonl_tasks(path: str, field: str) -> Iterator[tuple]:
     """Blocks of whole lines (about TASK_BYTES each) with the number of their first line."""
     line = 1
@@ -264,15 +251,15 @@ def _arrow_tasks(kind: str, path: str, column: str) -> Iterator[tuple]:
     try:
         for batch in _record_batches(kind, path, column):
             values = batch.column(column)
-            texts += values.to_pylist()
+            texts += ["" if t is None else t for t in values.to_pylist()]  # a null is a document without text
             size += int(pc.sum(pc.binary_length(values)).as_py() or 0)
             if size >= TASK_BYTES:
-                yield ("texts", path, first, tuple(texts), size)
+                yield ("texts", tuple(texts), size)
                 first, texts, size = first + len(texts), [], 0
     except (pa.ArrowException, OSError) as e:
         raise ConfigError(f"{path}: unreadable at row {first + len(texts)} ({first_line(e)})") from None
     if texts:
-        yield ("texts", path, first, tuple(texts), size)
+        yield ("texts", tuple(texts), size)
 
 
 def tasks(resolved: list[tuple[InputSpec, list[str] | TfdsInput]]) -> Iterator[tuple]:
@@ -280,8 +267,7 @@ def tasks(resolved: list[tuple[InputSpec, list[str] | TfdsInput]]) -> Iterator[t
     for spec, target in resolved:
         if isinstance(target, TfdsInput):
             for start in range(0, target.num_records, TASK_TFDS_RECORDS):
-                stop = min(start + TASK_TFDS_RECORDS, target.num_records)
-                yield ("tfds", target.version_dir, target.split, target.feature, target.label, start, stop)
+                yield ("tfds", target, start, min(start + TASK_TFDS_RECORDS, target.num_records))
         elif spec.kind == "jsonl":
             for path in target:
                 yield from _jsonl_tasks(path, spec.field)
@@ -297,12 +283,8 @@ def resolve_all(inputs: Sequence[str], tfds_data_dir: str | None) -> list[tuple[
     if not inputs:
         raise ConfigError(f"--input: none given, expected at least one {SPEC_HELP}")
     # TFDS readers are not reused across runs: a dataset may have been prepared again in place.
-    _TFDS_SOURCES.clear()
-    resolved = []
-    for spec in inputs:
-        parsed = parse_input(spec)
-        resolved.append((parsed, _resolve(parsed, tfds_data_dir)))
-    return resolved
+    _tfds_source.cache_clear()
+    return [(parsed, _resolve(parsed, tfds_data_dir)) for parsed in map(parse_input, inputs)]
 
 
 def iter_documents(inputs: Sequence[str], skip_bad_records: bool = False,
@@ -313,13 +295,7 @@ def iter_documents(inputs: Sequence[str], skip_bad_records: bool = False,
     (or are skipped with `skip_bad_records`).
     """
     resolved = resolve_all(inputs, tfds_data_dir)
-
-    def documents() -> Iterator[str]:
-        for task in tasks(resolved):
-            docs, _ = read_task(task, BadRecords(skip_bad_records))
-            yield from (d for d in docs if d)
-
-    return documents()
+    return (doc for task in tasks(resolved) for doc in read_task(task, BadRecords(skip_bad_records))[0] if doc)
 
 
 class BadRecords:
@@ -403,18 +379,17 @@ def _read_text(paths: Sequence[str], bad: BadRecords) -> tuple[list[str], int]:
     return docs, size
 
 
-_TFDS_SOURCES: dict[tuple[str, str], Any] = {}
+@functools.cache
+def _tfds_source(version_dir: str, split: str) -> Any:
+    """The split's TFDS data source, opened once per process (and per `resolve_all`)."""
+    import tensorflow_datasets as tfds
+
+    return tfds.builder_from_directory(version_dir).as_data_source(split=split)
 
 
-def _read_tfds(version_dir: str, split: str, feature: str, label: str, start: int, stop: int,
-               bad: BadRecords) -> tuple[list[str], int]:
-    source = _TFDS_SOURCES.get((version_dir, split))
-    if source is None:
-        import tensorflow_datasets as tfds
-
-        source = tfds.builder_from_directory(version_dir).as_data_source(split=split)
-        _TFDS_SOURCES[(version_dir, split)] = source
-    records = source.__getitems__(list(range(start, stop)))
+def _read_tfds(target: TfdsInput, start: int, stop: int, bad: BadRecords) -> tuple[list[str], int]:
+    feature, label = target.feature, target.label
+    records = _tfds_source(target.version_dir, target.split).__getitems__(list(range(start, stop)))
     docs: list[str] = []
     size = 0
     for index, record in zip(range(start, stop), records, strict=True):
@@ -438,14 +413,6 @@ def _read_tfds(version_dir: str, split: str, feature: str, label: str, start: in
 
 def read_task(task: tuple, bad: BadRecords) -> tuple[list[str], int]:
     """(the documents of a task from `tasks`, their UTF-8 size in bytes)."""
-    kind = task[0]
-    if kind == "jsonl":
-        return _read_jsonl(*task[1:], bad=bad)
-    if kind == "text":
-        return _read_text(task[1], bad)
-    if kind == "tfds":
-        return _read_tfds(*task[1:], bad=bad)
-    if kind == "texts":  # a null is a document without text
-        return ["" if t is None else t for t in task[3]], task[4]
-    raise ValueError(f"unknown task kind {kind!r}")
-
+    if task[0] == "texts":  # read from their columnar file when the task was made
+        return list(task[1]), task[2]
+    return {"jsonl": _read_jsonl, "text": _read_text, "tfds": _read_tfds}[task[0]](*task[1:], bad=bad)
