@@ -10,12 +10,14 @@ sentencepiece model in-process for users with a new domain (`python -m cpt_jax.t
 from __future__ import annotations
 
 import abc
+import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -37,39 +39,24 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def file_sha256(path: str) -> str:
     """sha256 hex digest of a file's bytes (the tokenizer fingerprint)."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+@dataclasses.dataclass(eq=False)
 class Tokenizer(abc.ABC):
-    """Common interface of both backends.
+    """Common interface of both backends; `kind` is 'sentencepiece' or 'huggingface'."""
 
-    Attributes:
-      kind: 'sentencepiece' or 'huggingface'.
-      path: absolute path of the tokenizer file.
-      vocab_size: number of ids (largest id + 1), the rows an embedding needs at least.
-      bos_id: beginning-of-sequence id, or None when the tokenizer has none.
-      eos_id: end-of-document id; `prepare` appends it after every document.
-      pad_id: padding id; the eos id when the tokenizer defines no pad token.
-      adds_bos: whether the tokenizer itself starts every text with BOS (its models were trained
-        on documents that begin with it): what `prepare --bos auto` follows.
-      fingerprint: sha256 hex digest of the tokenizer file.
-    """
-
-    kind: str = ""
-
-    def __init__(self, path: str, fingerprint: str, vocab_size: int, bos_id: int | None, eos_id: int,
-                 pad_id: int):
-        self.path = path
-        self.fingerprint = fingerprint
-        self.vocab_size = vocab_size
-        self.bos_id = bos_id
-        self.eos_id = eos_id
-        self.pad_id = pad_id
-        self.adds_bos = False
+    kind: ClassVar[str] = ""
+    path: str  # absolute path of the tokenizer file
+    fingerprint: str  # sha256 hex digest of the tokenizer file
+    vocab_size: int  # number of ids (largest id + 1), the rows an embedding needs at least
+    bos_id: int | None  # None when the tokenizer has none
+    eos_id: int  # the end of a document: `prepare` appends it after every document
+    pad_id: int  # the eos id when the tokenizer defines no pad token
+    # Whether the tokenizer itself starts every text with BOS (its models were trained on documents
+    # that begin with it): what `prepare --bos auto` follows.
+    adds_bos: bool = False
 
     @property
     def dtype(self) -> np.dtype:
@@ -105,10 +92,6 @@ class Tokenizer(abc.ABC):
         marks = np.tile(np.asarray([self.bos_id, self.eos_id], self.dtype), len(arrays))
         return np.insert(flat, where, marks)
 
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(path={self.path!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
-                f"eos_id={self.eos_id}, pad_id={self.pad_id}, fingerprint={self.fingerprint[:12]}...)")
-
 
 def _threads(num_threads: int | None) -> int:
     return max(1, num_threads if num_threads is not None else (os.cpu_count() or 1))
@@ -134,10 +117,9 @@ class SentencePieceTokenizer(Tokenizer):
                               "(train it with eos_id >= 0)")
         bos = sp.bos_id()
         pad = sp.pad_id()
-        super().__init__(path, fingerprint, sp.vocab_size(), bos if bos >= 0 else None, eos,
-                         pad if pad >= 0 else eos)
         # Llama 2's convention: a sentencepiece model with a BOS piece starts every text with it.
-        self.adds_bos = self.bos_id is not None
+        super().__init__(path, fingerprint, sp.vocab_size(), bos if bos >= 0 else None, eos,
+                         pad if pad >= 0 else eos, adds_bos=bos >= 0)
 
     def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[np.ndarray]:
         return self._sp.encode(list(texts), num_threads=_threads(num_threads), return_type="numpy",
@@ -175,14 +157,14 @@ class HuggingFaceTokenizer(Tokenizer):
                 "eos_token in tokenizer_config.json), expected one; add a tokenizer_config.json naming eos_token")
         bos = self._special_id("bos", named, BOS_CANDIDATES, path)
         pad = self._special_id("pad", named, PAD_CANDIDATES, path)
-        super().__init__(path, fingerprint, vocab_size, bos, eos, eos if pad is None else pad)
         # tokenizer_config.json's add_bos_token when it says (transformers honours it over the
         # template), else what the post-processor's template does (Llama 3 and Mistral start with
         # BOS; Qwen2 has no BOS).
         if config_says is None:
             ids = tok.encode("a", add_special_tokens=True).ids
             config_says = bos is not None and bool(ids) and ids[0] == bos
-        self.adds_bos = bool(config_says) and bos is not None
+        super().__init__(path, fingerprint, vocab_size, bos, eos, eos if pad is None else pad,
+                         adds_bos=bool(config_says) and bos is not None)
 
     def _special_id(self, which: str, named: dict[str, str | None], candidates: Sequence[str],
                     path: str) -> int | None:
@@ -213,11 +195,12 @@ class HuggingFaceTokenizer(Tokenizer):
         return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=False)
 
 
-def _tokenizer_config(path: str) -> tuple[str, dict[str, Any]]:
-    """(path, content) of the tokenizer_config.json beside `path` ({} when there is none)."""
+def _config_tokens(path: str) -> tuple[dict[str, str | None], bool | None]:
+    """({'eos': content, ...} for the special tokens a tokenizer_config.json beside `path` names,
+    its add_bos_token or None when it does not say); ({}, None) without one."""
     config = os.path.join(os.path.dirname(path), "tokenizer_config.json")
     if not os.path.exists(config):
-        return config, {}
+        return {}, None
     try:
         with open(config, encoding="utf-8") as f:
             cfg = json.load(f)
@@ -225,13 +208,6 @@ def _tokenizer_config(path: str) -> tuple[str, dict[str, Any]]:
         raise ConfigError(f"{config}: unreadable ({first_line(e)}), expected a JSON object") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"{config}: a JSON {type(cfg).__name__}, expected a JSON object")
-    return config, cfg
-
-
-def _config_tokens(path: str) -> tuple[dict[str, str | None], bool | None]:
-    """({'eos': content, ...} for the special tokens a tokenizer_config.json beside `path` names,
-    its add_bos_token or None when it does not say)."""
-    config, cfg = _tokenizer_config(path)
     named: dict[str, str | None] = {}
     for which in ("eos", "bos", "pad"):
         key = f"{which}_token"
@@ -288,28 +264,17 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 _MAX_SENTENCE_CHARS = 4096
 
 
-class _Sentences:
-    """Lines of the documents for the sentencepiece trainer. An exception raised while reading the
-    documents (a bad record) must not cross sentencepiece's C++ frames: it ends the iteration, is
-    kept, and re-raised once the trainer returns."""
-
-    def __init__(self, documents: Iterable[str], max_sentences: int):
-        self.documents = documents
-        self.max_sentences = max_sentences
-        self.error: BaseException | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        count = 0
-        try:
-            for doc in self.documents:
-                for line in filter(str.strip, doc.splitlines()):
-                    for start in range(0, len(line), _MAX_SENTENCE_CHARS):
-                        yield line[start:start + _MAX_SENTENCE_CHARS]
-                        count += 1
-                        if count >= self.max_sentences:
-                            return
-        except Exception as e:
-            self.error = e
+def _sentences(documents: Iterable[str], max_sentences: int, errors: list[Exception]) -> Iterator[str]:
+    """The non-blank lines of the documents for the sentencepiece trainer (at least one, at most
+    `max_sentences`). An exception raised while reading the documents (a bad record) must not cross
+    sentencepiece's C++ frames: it ends the iteration and is kept in `errors`, re-raised once the
+    trainer returns."""
+    lines = (line for doc in documents for line in filter(str.strip, doc.splitlines()))
+    pieces = (line[i:i + _MAX_SENTENCE_CHARS] for line in lines for i in range(0, len(line), _MAX_SENTENCE_CHARS))
+    try:
+        yield from itertools.islice(pieces, max(1, max_sentences))
+    except Exception as e:
+        errors.append(e)
 
 
 def train_sentencepiece(documents: Iterable[str], out: str | os.PathLike, vocab_size: int, *,
@@ -335,10 +300,10 @@ def train_sentencepiece(documents: Iterable[str], out: str | os.PathLike, vocab_
     if not 0.0 < character_coverage <= 1.0:
         raise ConfigError(f"--character_coverage: {character_coverage}, expected a value in (0, 1]")
     model = io.BytesIO()
-    sentences = _Sentences(documents, max_sentences)
+    errors: list[Exception] = []
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences),
+            sentence_iterator=_sentences(documents, max_sentences, errors),
             model_writer=model,
             vocab_size=vocab_size,
             model_type=model_type,
@@ -356,13 +321,13 @@ def train_sentencepiece(documents: Iterable[str], out: str | os.PathLike, vocab_
             minloglevel=2 if quiet else 0,
         )
     except RuntimeError as e:
-        if sentences.error is not None:
-            raise sentences.error from None
+        if errors:
+            raise errors[0] from None
         # sentencepiece's own diagnostics (vocabulary too small for the characters and byte pieces,
         # too large for the corpus, empty corpus) are user errors.
         raise ConfigError(f"sentencepiece training: {first_line(e)}") from None
-    if sentences.error is not None:
-        raise sentences.error
+    if errors:
+        raise errors[0]
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = f"{out}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
