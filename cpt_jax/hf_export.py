@@ -14,6 +14,7 @@ import os
 import shutil
 from typing import Any
 
+import jax
 import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
@@ -108,8 +109,6 @@ def _plan_export(checkpoint_dir: str, out_dir: str, dtype: str | None) -> _Expor
 
 def _host_target(c: model.ModelConfig) -> Any:
     """Abstract parameters placed on the host CPU: an export never needs the accelerator's memory."""
-    import jax
-
     cpu = host_cpu()
     where = None if cpu is None else jax.sharding.SingleDeviceSharding(cpu)
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where), model.abstract_params(c))
@@ -127,8 +126,6 @@ def export_hf(checkpoint_dir: str, out_dir: str, dtype: str | None = None, *,
     "dtype_reason"}. Raises ConfigError (nothing written) for a model with no Hugging Face
     equivalent or a bad `out_dir`.
     """
-    import jax
-
     plan = _plan_export(checkpoint_dir, out_dir, dtype)
     c, np_dtype = plan.model_config, EXPORT_DTYPES[plan.dtype]
     shards: list[list[TensorSpec]] = [[]]

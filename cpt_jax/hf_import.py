@@ -1,19 +1,13 @@
 """Import a Hugging Face safetensors model directory as a cpt_jax checkpoint.
 
-Import writes a cpt_jax checkpoint with the layout of a training run's (CKPT_DIR/checkpoints/0/
-with items `params` and `metadata`; there is no optimizer state to carry over) plus the model's
-tokenizer files under CKPT_DIR/tokenizer/. Its metadata carries the model config, the parameter
-shapes and the pretraining schedule's lr_min/lr_max, so `init_from=CKPT_DIR` starts the recipe at
-the right learning rate (see configs/cpt_hf.py). Parameters are stored in float32 (the trainer's
-master-weight dtype); bf16 and fp16 values are exactly representable there, which is what makes
-import followed by export bit-identical. The dtype the weights came in is recorded
-(`source_dtype`) and export writes that dtype unless told otherwise.
-
-Tensors are read one at a time from the safetensors files into preallocated stacked arrays, so the
-host holds the output plus one tensor, never two copies of the model. Every user error (config,
-index, tensor shapes from the safetensors headers, tokenizer, output directory) is found before
-anything is written and reported as one line; the output is built in a temporary directory next
-to --out and renamed into place at the end.
+The checkpoint has a training run's layout (CKPT_DIR/checkpoints/0/ with items `params` and
+`metadata`, no optimizer state) plus the model's tokenizer files under CKPT_DIR/tokenizer/. Its
+metadata carries what `init_from` needs: the model config, the parameter shapes, the pretraining
+schedule's lr_min/lr_max and the dtype the weights came in (`source_dtype`, what export writes).
+Parameters are stored in float32, where bf16 and fp16 values are exact: import then export is
+bit-identical. Tensors are read one at a time into preallocated stacked arrays (the host holds the
+output plus one tensor). Every user error is found before anything is written; the output is built
+next to --out and renamed into place.
 """
 
 from __future__ import annotations
@@ -25,9 +19,10 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
 from safetensors import safe_open
 
@@ -40,7 +35,6 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Copied with the model on import and export; the first two are the tokenizer proper.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # safetensors dtype codes of the weights cpt_jax imports, and their numpy names.
 DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
@@ -111,36 +105,19 @@ def _read_json(path: str, what: str) -> Any:
         raise ConfigError(f"{path}: unreadable ({first_line(e)}), expected {what}") from None
 
 
-class _Shard:
-    """One safetensors file: its tensor table from the header, and reads of one tensor at a time.
-
-    The file is opened only while it is read: an open safe_open handle maps the whole file, and its
-    pages would count against the host's memory until closed.
-    """
-
-    def __init__(self, path: str):
-        self.path = path
-        try:
-            with safe_open(path, framework="np") as f:
-                slices = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-                self.tensors = {name: (s.get_dtype(), tuple(s.get_shape())) for name, s in slices.items()}
-        except Exception as e:  # safetensors raises its own SafetensorError for a bad header
-            raise ConfigError(f"{path}: not a readable safetensors file ({first_line(e)}), expected the "
-                              "weights written by save_pretrained") from None
-
-    def read(self, names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
-        """(name, array) for each of `names`, one array alive at a time."""
-        with safe_open(self.path, framework="np") as f:
-            for name in names:
-                yield name, f.get_tensor(name)
+def _tensor_table(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor name: (safetensors dtype code, shape)} from a safetensors file's header."""
+    try:
+        with safe_open(path, framework="np") as f:
+            slices = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+            return {name: (s.get_dtype(), tuple(s.get_shape())) for name, s in slices.items()}
+    except Exception as e:  # safetensors raises its own SafetensorError for a bad header
+        raise ConfigError(f"{path}: not a readable safetensors file ({first_line(e)}), expected the "
+                          "weights written by save_pretrained") from None
 
 
-def _pickle_files(model_dir: str) -> list[str]:
-    return sorted(n for n in os.listdir(model_dir) if n.endswith(PICKLE_SUFFIXES) or n.endswith(".bin.index.json"))
-
-
-def _weight_files(model_dir: str) -> tuple[dict[str, str], dict[str, _Shard]]:
-    """({tensor name: file name}, {file name: shard}) from the index or the single file; validated."""
+def _weight_files(model_dir: str) -> tuple[dict[str, str], dict[str, dict[str, tuple]]]:
+    """({tensor name: file name}, {file name: its tensor table}) from the index or the single file; validated."""
     index_path = os.path.join(model_dir, INDEX_FILE)
     if os.path.isfile(index_path):
         index = _read_json(index_path, "a safetensors index with a weight_map")
@@ -149,24 +126,25 @@ def _weight_files(model_dir: str) -> tuple[dict[str, str], dict[str, _Shard]]:
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
         ):
             raise ConfigError(f"{index_path}: no weight_map of tensor names to files, expected one")
-        shards: dict[str, _Shard] = {}
+        shards: dict[str, dict[str, tuple]] = {}
         for file in sorted(set(weight_map.values())):
             path = os.path.join(model_dir, file)
             if os.path.basename(file) != file or not os.path.isfile(path):
                 count = sum(1 for v in weight_map.values() if v == file)
                 raise ConfigError(f"{index_path}: shard {file} ({count} tensors) is missing from {model_dir}, "
                                   "expected every shard the index names")
-            shards[file] = _Shard(path)
+            shards[file] = _tensor_table(path)
         for name, file in weight_map.items():
-            if name not in shards[file].tensors:
+            if name not in shards[file]:
                 raise ConfigError(f"{index_path}: tensor {name} is mapped to {file}, which does not hold it, "
                                   "expected the index to match the shards")
         return dict(weight_map), shards
     single = os.path.join(model_dir, SINGLE_FILE)
     if os.path.isfile(single):
-        shard = _Shard(single)
-        return {name: SINGLE_FILE for name in shard.tensors}, {SINGLE_FILE: shard}
-    pickles = _pickle_files(model_dir)
+        table = _tensor_table(single)
+        return dict.fromkeys(table, SINGLE_FILE), {SINGLE_FILE: table}
+    pickles = sorted(n for n in os.listdir(model_dir)
+                     if n.endswith(checkpoint.PICKLE_SUFFIXES) or n.endswith(".bin.index.json"))
     if pickles:
         raise ConfigError(
             f"{model_dir}: only pickle-based weights ({', '.join(pickles[:3])}), which cpt_jax refuses to load "
@@ -188,7 +166,6 @@ class _ImportPlan:
     model_config: model.ModelConfig
     specs: list[TensorSpec]
     weight_map: dict[str, str]
-    shards: dict[str, _Shard]
     source_dtype: str
     tokenizer: Tokenizer | None
     tokenizer_files: list[str]
@@ -253,7 +230,7 @@ def _plan_import(model_dir: str, out_dir: str, lr_min: float | None, lr_max: flo
         if file is None:
             raise ConfigError(f"{model_dir}: tensor {spec.hf_name} is missing, expected it in the weights of "
                               f"{architecture} as config.json describes it")
-        code, shape = shards[file].tensors[spec.hf_name]
+        code, shape = shards[file][spec.hf_name]
         if shape != spec.hf_shape:
             raise ConfigError(f"{os.path.join(model_dir, file)}: tensor {spec.hf_name} has shape {shape}, "
                               f"config.json implies {spec.hf_shape}")
@@ -281,36 +258,30 @@ def _plan_import(model_dir: str, out_dir: str, lr_min: float | None, lr_max: flo
     return _ImportPlan(
         model_dir=model_dir, out_dir=out, architecture=architecture, hf_config=hf_config,
         generation_config=generation if isinstance(generation, dict) else None, model_config=mc, specs=specs,
-        weight_map=weight_map, shards=shards, source_dtype="+".join(sorted(dtypes)), tokenizer=tokenizer,
+        weight_map=weight_map, source_dtype="+".join(sorted(dtypes)), tokenizer=tokenizer,
         tokenizer_files=tokenizer_files, schedule=_schedule(hf_config, architecture, lr_min, lr_max),
     )
 
 
 def _read_params(plan: _ImportPlan) -> dict[str, Any]:
-    """The parameter pytree (float32 numpy), filled one tensor at a time, one shard open at a time."""
-    import jax
-
+    """The parameter pytree (float32 numpy), filled one tensor at a time, one shard open at a time:
+    an open safe_open handle maps its whole file, whose pages count against the host's memory."""
     params = jax.tree.map(lambda a: np.empty(a.shape, np.float32), model.abstract_params(plan.model_config))
     by_file: dict[str, list[TensorSpec]] = {}
     for spec in plan.specs:
         by_file.setdefault(plan.weight_map[spec.hf_name], []).append(spec)
     for file, specs in by_file.items():
-        by_name = {spec.hf_name: spec for spec in specs}
-        for name, array in plan.shards[file].read(list(by_name)):
-            spec = by_name[name]
-            dest = spec.leaf(params)
-            if spec.layer is None:
-                dest[...] = spec.to_cpt(array, dest.shape)
-            else:
-                dest[spec.layer] = spec.to_cpt(array, dest.shape[1:])
+        with safe_open(os.path.join(plan.model_dir, file), framework="np") as f:
+            for spec in specs:
+                dest = spec.leaf(params)
+                index = () if spec.layer is None else spec.layer  # one layer's slice of a stacked parameter
+                dest[index] = spec.to_cpt(f.get_tensor(spec.hf_name), dest[index].shape)
     return params
 
 
 def _to_host_arrays(params: dict[str, Any]) -> None:
     """Replace the numpy leaves by jax arrays on the host CPU, in place, one leaf at a time (measured:
     orbax then saves a 600 MB model with ~230 MB less peak memory than from numpy leaves)."""
-    import jax
-
     cpu = host_cpu()
     if cpu is None:  # orbax saves the numpy leaves
         return
@@ -323,8 +294,6 @@ def _to_host_arrays(params: dict[str, Any]) -> None:
 def host_cpu() -> Any:
     """The host's CPU device, where import and export keep the weights; None when JAX_PLATFORMS names
     only accelerators."""
-    import jax
-
     try:
         return jax.devices("cpu")[0]
     except RuntimeError:
