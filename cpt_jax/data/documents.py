@@ -98,15 +98,11 @@ def _resolve_tfds(spec: InputSpec, data_dir: str | None) -> TfdsInput:
         raise ConfigError(f"--tfds_data_dir {data_dir}: no such directory, expected the data dir where "
                           f"{label} was prepared")
     dataset_dir = os.path.join(data_dir, spec.tfds_name, *([spec.tfds_config] if spec.tfds_config else []))
-    versions = []
-    subdirs = []
-    if os.path.isdir(dataset_dir):
-        for entry in sorted(os.listdir(dataset_dir)):
-            if re.fullmatch(r"\d+\.\d+\.\d+", entry):
-                if os.path.isfile(os.path.join(dataset_dir, entry, "dataset_info.json")):
-                    versions.append(entry)
-            elif os.path.isdir(os.path.join(dataset_dir, entry)) and not entry.startswith("incomplete"):
-                subdirs.append(entry)
+    entries = sorted(os.listdir(dataset_dir)) if os.path.isdir(dataset_dir) else []
+    versions = [e for e in entries if re.fullmatch(r"\d+\.\d+\.\d+", e)]
+    subdirs = [e for e in entries if e not in versions and not e.startswith("incomplete")
+               and os.path.isdir(os.path.join(dataset_dir, e))]
+    versions = [v for v in versions if os.path.isfile(os.path.join(dataset_dir, v, "dataset_info.json"))]
     if not versions:
         if subdirs and not spec.tfds_config:
             raise ConfigError(f"{label} in {data_dir}: has configs {', '.join(subdirs)}, expected one named "

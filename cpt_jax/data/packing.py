@@ -1,20 +1,13 @@
 """Tokenize documents into packed fixed-length examples: the on-disk format every source of a run uses.
 
-The documents of the inputs (cpt_jax.data.documents: jsonl, text, Parquet, Arrow, TFDS) are
-tokenized in worker processes (batch encoding), each preceded by BOS when the tokenizer itself
-starts texts with it (`bos`: 'auto'; 'always' or 'never' override) and followed by EOS,
-concatenated and cut into examples of seq_len + 1 tokens (inputs and shifted targets); the
-trailing partial example is dropped. Because every document ends with EOS, document boundaries
-(segment ids) follow from the EOS positions; a document's BOS is its first token. The last
-`val_examples` examples form the validation split, so train and val never share an example.
-
-Output directory:
+The documents (cpt_jax.data.documents) are tokenized in worker processes, each preceded by BOS as
+`bos` says and followed by EOS, concatenated and cut into examples of seq_len + 1 tokens (inputs
+and shifted targets), the trailing partial example dropped. Document boundaries (segment ids)
+follow from the EOS positions. The last `val_examples` examples are the validation split, so train
+and val never share an example. Output, built in a hidden directory beside DIR and renamed to DIR:
   train-XXXXX-of-YYYYY.array_record   one record per example: the raw little-endian tokens
   val.array_record                    the held-out examples, same record format
   manifest.json                       what `sources.load_source` and the trainer check
-
-The output is written to a hidden directory beside DIR and renamed to DIR at the end, so an
-interrupted prepare never leaves a half-made DIR; DIR must be new or empty.
 """
 
 from __future__ import annotations
@@ -236,15 +229,13 @@ def prepare(inputs: list[str], tokenizer_path: str, seq_len: int, out_dir: str,
       seq_len: tokens a training sequence has; examples hold seq_len + 1 (inputs and targets).
       out_dir: must not exist or be empty.
       val_examples: examples held out (the last ones) for the val split; fewer than the total.
-        Default 64, what an in-loop evaluation reads of a source by default.
       workers: tokenizer processes; 1 tokenizes in this process.
       name: the source's name (default: the basename of out_dir).
       skip_bad_records: skip and count bad JSONL lines, non-UTF-8 records, instead of failing.
       tfds_data_dir: where tfds: inputs are prepared (default $TFDS_DATA_DIR or ~/tensorflow_datasets).
       examples_per_shard: train examples per shard (default: shards of about 256 MiB).
-      bos: 'auto' (BOS before every document when the tokenizer itself adds one: sentencepiece
-        models with a BOS piece, as Llama 2; tokenizer.json whose tokenizer_config.json says
-        add_bos_token or whose template starts with BOS, as Llama 3 and Mistral), 'always', 'never'.
+      bos: 'auto' (BOS before every document when the tokenizer itself adds one, `Tokenizer.adds_bos`),
+        'always' or 'never'.
 
     Raises ConfigError (one line, nothing written) for every user error. With workers > 1 the
     workers are started with 'spawn' (safe in a process that runs JAX), which re-imports the

@@ -178,11 +178,7 @@ class HuggingFaceTokenizer(Tokenizer):
                 raise ConfigError(f"{config}: {which}_token {content!r} is not in the vocabulary of {path}, "
                                   "expected a token of the tokenizer")
             return token_id
-        for content in candidates:
-            token_id = self._tok.token_to_id(content)
-            if token_id is not None:
-                return token_id
-        return None
+        return next((i for i in map(self._tok.token_to_id, candidates) if i is not None), None)
 
     def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[np.ndarray]:
         # `tokenizers` parallelises over its own Rust thread pool (RAYON_NUM_THREADS) and has no
