@@ -1,11 +1,6 @@
-"""python -m cpt_jax.tokenizer: train a sentencepiece tokenizer, or describe one.
-
-  python -m cpt_jax.tokenizer train --input jsonl:data/*.jsonl --vocab_size 32000 --out tok.model
-  python -m cpt_jax.tokenizer info tok.model
-
-`--input` takes the same specs as `python -m cpt_jax.prepare` and is repeatable. User errors print
-one line, `error: ...`, on stderr and exit with status 2.
-"""
+"""python -m cpt_jax.tokenizer train|info: train a sentencepiece tokenizer on `--input` specs (those of
+`python -m cpt_jax.prepare`), or describe one. User errors print one line, `error: ...`, on stderr
+and exit with status 2."""
 
 from __future__ import annotations
 

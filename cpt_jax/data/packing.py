@@ -184,11 +184,9 @@ class _Progress:
         self.start = time.monotonic()
         self.last = 0.0
 
-    def update(self, documents: int, tokens: int, examples: int, final: bool = False) -> None:
-        if not self.enabled:
-            return
+    def update(self, documents: int, tokens: int, examples: int) -> None:
         now = time.monotonic()
-        if not final and now - self.last < 0.2:
+        if not self.enabled or now - self.last < 0.2:
             return
         self.last = now
         dt = max(now - self.start, 1e-9)
@@ -282,7 +280,6 @@ def prepare(inputs: list[str], tokenizer_path: str, seq_len: int, out_dir: str,
                 writer.add(buf[: full * length].reshape(full, length))
                 carry = buf[full * length:].copy()
                 progress.update(documents, document_tokens, writer.total)
-        progress.update(documents, document_tokens, writer.total, final=True)
         progress.close()
         total = writer.total
         if total == 0:
