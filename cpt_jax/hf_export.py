@@ -49,11 +49,9 @@ def _export_tokenizer(chain: list[dict[str, Any]], fingerprint: str | None,
                               f"{fingerprint[:16]}..., expected the tokenizer the model was trained with")
         tok = load_tokenizer(path)
         main_name = "tokenizer.json" if tok.kind == "huggingface" else "tokenizer.model"
-        files = [(path, main_name)]
         folder = os.path.dirname(path)
-        for name in TOKENIZER_FILES[2:]:
-            if os.path.isfile(os.path.join(folder, name)):
-                files.append((os.path.join(folder, name), name))
+        files = [(path, main_name)] + [(os.path.join(folder, name), name) for name in TOKENIZER_FILES[2:]
+                                       if os.path.isfile(os.path.join(folder, name))]
         if meta.get("source") is None and os.path.basename(path) not in TOKENIZER_FILES:
             files = files[:1]  # siblings of an arbitrarily named tokenizer file may belong to another
         return tok, files
@@ -100,10 +98,8 @@ def _plan_export(checkpoint_dir: str, out_dir: str, dtype: str | None) -> _Expor
     config = hf_config_for(c, architecture, dtype, base, tokenizer)
     generation = source.get("generation_config") if base is not None else None
     if not isinstance(generation, dict):
-        generation = {"_from_model_config": True}
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if config.get(key) is not None:
-                generation[key] = config[key]
+        ids = ("bos_token_id", "eos_token_id", "pad_token_id")
+        generation = {"_from_model_config": True, **{k: config[k] for k in ids if config.get(k) is not None}}
     return _ExportPlan(step_dir, out, c, architecture, dtype, reason, config, generation, tokenizer_files)
 
 

@@ -68,11 +68,9 @@ _LLAMA2 = "Touvron et al. 2023, Llama 2: Open Foundation and Fine-Tuned Chat Mod
 _LLAMA3 = "Llama Team 2024, The Llama 3 Herd of Models, Sec. 3.4.1"
 _TINYLLAMA = "Zhang et al. 2024, TinyLlama: An Open-Source Small Language Model, Sec. 2.3"
 
-# Only schedules a paper states. LLaMA 1 and Llama 2 decay a cosine to 10% of the peak (3.0e-4 at
-# 7B/13B, 1.5e-4 at 33B/65B/70B); LLaMA 1 and Llama 2 7B/13B share their shapes and their numbers.
-# Llama 3.1 405B: peak 8e-5, cosine to 8e-7 (the paper then anneals linearly to 0 over the last
-# 40M tokens; the recipe restarts from the cosine floor, the schedule's own final LR). TinyLlama:
-# cosine from 4.0e-4 to 4.0e-5. Not listed: Llama 3/3.1 8B and 70B, Mistral and Qwen2, whose
+# Only schedules a paper states (LLaMA 1 and Llama 2 7B/13B share their shapes and their numbers).
+# Llama 3.1 405B anneals linearly to 0 after its cosine's 8e-7 floor; the recipe restarts from that
+# floor, the schedule's own final LR. Not listed: Llama 3/3.1 8B and 70B, Mistral and Qwen2, whose
 # reports give no pretraining learning rates; pass --lr_min for those.
 PUBLISHED_SCHEDULES: tuple[PublishedSchedule, ...] = (
     PublishedSchedule("LLaMA 1 / Llama 2 7B", 3.0e-4, 3.0e-5, f"{_LLAMA1}; {_LLAMA2}",

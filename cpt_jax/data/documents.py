@@ -201,22 +201,10 @@ def _resolve(spec: InputSpec, tfds_data_dir: str | None) -> list[str] | TfdsInpu
 def _jsonl_tasks(path: str, field: str) -> Iterator[tuple]:
     """Blocks of whole lines (about TASK_BYTES each) with the number of their first line."""
     line = 1
-    rest = b""
     with open(path, "rb") as f:
-        while True:
-            block = f.read(TASK_BYTES)
-            if not block:
-                break
-            data = rest + block if rest else block
-            cut = data.rfind(b"\n") + 1
-            if cut == 0:  # one line longer than a block: keep reading
-                rest = data
-                continue
-            chunk, rest = data[:cut], data[cut:]
-            yield ("jsonl", path, line, chunk, field)
-            line += chunk.count(b"\n")
-    if rest:
-        yield ("jsonl", path, line, rest, field)
+        while lines := f.readlines(TASK_BYTES):
+            yield ("jsonl", path, line, b"".join(lines), field)
+            line += len(lines)
 
 
 def _text_tasks(files: list[str]) -> Iterator[tuple]:
