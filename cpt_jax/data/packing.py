@@ -16,6 +16,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import multiprocessing
 import os
@@ -58,22 +59,18 @@ class _Chunk:
     skipped: int
 
 
-_TOKENIZER: dict[str, Tokenizer] = {}
-
-
+@functools.cache
 def _tokenizer(path: str, fingerprint: str) -> Tokenizer:
-    tok = _TOKENIZER.get(fingerprint)
-    if tok is None:
-        tok = load_tokenizer(path)
-        if tok.fingerprint != fingerprint:
-            raise ConfigError(f"tokenizer {path}: changed while prepare was running (sha256 {tok.fingerprint[:16]}, "
-                              f"expected {fingerprint[:16]})")
-        _TOKENIZER[fingerprint] = tok
+    """The tokenizer prepare started with, loaded once per process."""
+    tok = load_tokenizer(path)
+    if tok.fingerprint != fingerprint:
+        raise ConfigError(f"tokenizer {path}: changed while prepare was running (sha256 {tok.fingerprint[:16]}, "
+                          f"expected {fingerprint[:16]})")
     return tok
 
 
 def _process_task(task: tuple, tokenizer_path: str, fingerprint: str, skip_bad_records: bool,
-                  add_bos: bool = False) -> _Chunk:
+                  add_bos: bool) -> _Chunk:
     """Read one task's documents and tokenize them (runs in a worker process)."""
     bad = BadRecords(skip_bad_records)
     docs, text_bytes = read_task(task, bad)
@@ -134,12 +131,9 @@ class _ExampleWriter:
 
     def add(self, rows: np.ndarray) -> None:
         for row in rows:
-            if self.val_examples:
-                self.held.append(row)
-                if len(self.held) <= self.val_examples:
-                    continue
-                row = self.held.popleft()
-            self._write_train(row)
+            self.held.append(row)
+            if len(self.held) > self.val_examples:
+                self._write_train(self.held.popleft())
 
     def _write_train(self, row: np.ndarray) -> None:
         if self.writer is None:
@@ -256,8 +250,6 @@ def prepare(inputs: list[str], tokenizer_path: str, seq_len: int, out_dir: str,
     if examples_per_shard is None:
         examples_per_shard = max(1, SHARD_BYTES // (length * dtype.itemsize))
     examples_per_shard = _positive("examples_per_shard", examples_per_shard, 1)
-    # The main process already has the tokenizer; the in-process path reuses it.
-    _TOKENIZER[tok.fingerprint] = tok
 
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)

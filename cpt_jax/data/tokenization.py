@@ -30,6 +30,7 @@ EOS_CANDIDATES = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<|eos|>"
 BOS_CANDIDATES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>", "<|bos|>")
 PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
 BOS_CHOICES = ("auto", "always", "never")
+SENTENCEPIECE_MODEL_TYPES = ("unigram", "bpe", "char", "word")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -291,7 +292,7 @@ def train_sentencepiece(documents: Iterable[str], out: str | os.PathLike, vocab_
         raise ConfigError(f"--out {out}: already exists, expected a new path (delete it or choose another)")
     if vocab_size < 8:
         raise ConfigError(f"--vocab_size: {vocab_size}, expected at least 8")
-    if model_type not in ("unigram", "bpe", "char", "word"):
+    if model_type not in SENTENCEPIECE_MODEL_TYPES:
         raise ConfigError(f"--model_type: {model_type!r}, expected unigram, bpe, char or word")
     if not 0.0 < character_coverage <= 1.0:
         raise ConfigError(f"--character_coverage: {character_coverage}, expected a value in (0, 1]")
