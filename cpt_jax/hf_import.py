@@ -158,16 +158,13 @@ class _ImportPlan:
 
     model_dir: str
     out_dir: str
-    architecture: str
-    hf_config: dict[str, Any]
-    generation_config: dict[str, Any] | None
     model_config: model.ModelConfig
     specs: list[TensorSpec]
     weight_map: dict[str, str]
-    source_dtype: str
     tokenizer: Tokenizer | None
     tokenizer_files: list[str]
     schedule: dict[str, Any]
+    source: dict[str, Any]  # the metadata's record of where the weights came from
 
 
 def check_out_dir(out_dir: str, flag: str = "--out") -> str:
@@ -253,12 +250,11 @@ def _plan_import(model_dir: str, out_dir: str, lr_min: float | None, lr_max: flo
 
     generation_path = os.path.join(model_dir, "generation_config.json")
     generation = _read_json(generation_path, "a JSON object") if os.path.isfile(generation_path) else None
-    return _ImportPlan(
-        model_dir=model_dir, out_dir=out, architecture=architecture, hf_config=hf_config,
-        generation_config=generation if isinstance(generation, dict) else None, model_config=mc, specs=specs,
-        weight_map=weight_map, source_dtype="+".join(sorted(dtypes)), tokenizer=tokenizer,
-        tokenizer_files=tokenizer_files, schedule=_schedule(hf_config, architecture, lr_min, lr_max),
-    )
+    source = {"format": "huggingface", "architecture": architecture, "model_dir": model_dir,
+              "dtype": "+".join(sorted(dtypes)), "config": hf_config,
+              "generation_config": generation if isinstance(generation, dict) else None}
+    return _ImportPlan(model_dir, out, mc, specs, weight_map, tokenizer, tokenizer_files,
+                       _schedule(hf_config, architecture, lr_min, lr_max), source)
 
 
 def _read_params(plan: _ImportPlan) -> dict[str, Any]:
@@ -299,12 +295,9 @@ def host_cpu() -> Any:
 
 
 def write_checkpoint(directory: str, params: Any, metadata: dict[str, Any]) -> None:
-    """Save `params` and `metadata` as step `metadata['step']` of DIRECTORY/checkpoints (a run's layout).
-
-    There is no optimizer state: an imported model has none, and `init_from` restores parameters
-    only. orbax holds a transient copy of `params` while it writes them (with numpy or jax leaves
-    alike, whatever its concurrency limits say).
-    """
+    """Save `params` and `metadata` as step `metadata['step']` of DIRECTORY/checkpoints (a run's layout),
+    without optimizer state (`init_from` restores parameters only). orbax holds a transient copy of
+    `params` while it writes them (with numpy or jax leaves alike, whatever its concurrency limits say)."""
     checkpoint.write(os.path.join(directory, "checkpoints"), int(metadata["step"]), {"params": params}, metadata)
 
 
@@ -322,15 +315,8 @@ def _import_metadata(plan: _ImportPlan) -> dict[str, Any]:
         "tokenizer": os.path.join(plan.out_dir, "tokenizer", os.path.basename(tok.path)) if tok else None,
         "tokenizer_fingerprint": tok.fingerprint if tok else None,
         "tokenizer_vocab_size": tok.vocab_size if tok else None,
-        "source_dtype": checkpoint.widest_dtype(plan.source_dtype),
-        "source": {
-            "format": "huggingface",
-            "architecture": plan.architecture,
-            "model_dir": plan.model_dir,
-            "dtype": plan.source_dtype,
-            "config": plan.hf_config,
-            "generation_config": plan.generation_config,
-        },
+        "source_dtype": checkpoint.widest_dtype(plan.source["dtype"]),
+        "source": plan.source,
         "init_from": None,
     }
 
