@@ -1,8 +1,7 @@
-"""Export a cpt_jax checkpoint as a Hugging Face model directory that transformers loads.
+"""Export a cpt_jax checkpoint as a Hugging Face model directory that transformers loads (`export_hf`).
 
-The architecture is the family whose options the model has (hf_arch.architecture_for), config.json
-keeps what the imported model's own said and cpt_jax does not model, and the weights are written
-with the safetensors library one shard at a time: the host holds the parameters plus one shard.
+config.json keeps what the imported model's own said and cpt_jax does not model; the weights are
+written one shard at a time, so the host holds the parameters plus one shard.
 """
 
 from __future__ import annotations
@@ -112,16 +111,11 @@ def _host_target(c: model.ModelConfig) -> Any:
 
 def export_hf(checkpoint_dir: str, out_dir: str, dtype: str | None = None, *,
               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict[str, str]:
-    """Write a cpt_jax checkpoint as a Hugging Face model directory loadable by transformers.
-
-    The architecture is the family whose options the model has (hf_arch.architecture_for; the one
-    it was imported from when it fits). Weights are cast to `dtype`, by default the dtype the model
-    was imported in (`source_dtype` of its metadata or of the checkpoint it continues), float32 for
-    a model cpt_jax trained from scratch, and split into shards of at most `max_shard_bytes` (with
-    model.safetensors.index.json when there are several). Returns {"architecture", "dtype",
-    "dtype_reason"}. Raises ConfigError (nothing written) for a model with no Hugging Face
-    equivalent or a bad `out_dir`.
-    """
+    """Write a cpt_jax checkpoint as a Hugging Face model directory, as the family whose options the
+    model has (hf_arch.architecture_for), in `dtype` (default: the dtype it was imported in, float32
+    for a model cpt_jax trained from scratch), in shards of at most `max_shard_bytes`. Returns
+    {"architecture", "dtype", "dtype_reason"}; ConfigError (nothing written) for a model with no
+    Hugging Face equivalent or a bad `out_dir`."""
     plan = _plan_export(checkpoint_dir, out_dir, dtype)
     c, np_dtype = plan.model_config, EXPORT_DTYPES[plan.dtype]
     shards: list[list[TensorSpec]] = [[]]

@@ -89,10 +89,7 @@ def published_schedule(hf_config: dict[str, Any]) -> PublishedSchedule | None:
     """The published schedule of the model a config.json describes, or None when none is known."""
     fields = dict(hf_config)
     fields.setdefault("num_key_value_heads", fields.get("num_attention_heads"))
-    for entry in PUBLISHED_SCHEDULES:
-        if all(fields.get(key) == value for key, value in entry.match):
-            return entry
-    return None
+    return next((e for e in PUBLISHED_SCHEDULES if all(fields.get(k) == v for k, v in e.match)), None)
 
 
 def _read_json(path: str, what: str) -> Any:
@@ -340,9 +337,8 @@ def in_temp_dir(out_dir: str, write: Callable[[str], None]) -> None:
 def import_hf(model_dir: str, out_dir: str, lr_min: float | None = None, lr_max: float | None = None) -> dict:
     """Convert a Hugging Face safetensors checkpoint into a cpt_jax checkpoint; returns its metadata.
 
-    `lr_min`/`lr_max` are the final and peak learning rates of the model's pretraining; when not
-    given they come from PUBLISHED_SCHEDULES, and a model found there is not required to pass them.
-    Raises ConfigError (nothing written) for any problem with the inputs or `out_dir`.
+    `lr_min`/`lr_max`: the final and peak learning rates of the model's pretraining (default: from
+    PUBLISHED_SCHEDULES). ConfigError (nothing written) for any problem with the inputs or `out_dir`.
     """
     plan = _plan_import(model_dir, out_dir, lr_min, lr_max)
     metadata = _import_metadata(plan)

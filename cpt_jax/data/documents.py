@@ -274,10 +274,8 @@ def resolve_all(inputs: Sequence[str], tfds_data_dir: str | None) -> list[tuple[
 def iter_documents(inputs: Sequence[str], skip_bad_records: bool = False,
                    tfds_data_dir: str | None = None) -> Iterator[str]:
     """The non-empty documents of `inputs` in order, as prepare reads them (for tokenizer training).
-
-    The specs are checked before this returns; bad records raise ConfigError while iterating
-    (or are skipped with `skip_bad_records`).
-    """
+    The specs are checked before this returns; bad records raise ConfigError while iterating (or are
+    skipped with `skip_bad_records`)."""
     resolved = resolve_all(inputs, tfds_data_dir)
     return (doc for task in tasks(resolved) for doc in read_task(task, BadRecords(skip_bad_records))[0] if doc)
 

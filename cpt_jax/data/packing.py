@@ -215,19 +215,10 @@ def prepare(inputs: list[str], tokenizer_path: str, seq_len: int, out_dir: str,
             examples_per_shard: int | None = None, bos: str = "auto") -> dict:
     """Tokenize and pack `inputs` into `out_dir`; returns the manifest (also in out_dir/manifest.json).
 
-    Args:
-      inputs: specs (see cpt_jax.data.documents), read in this order.
-      tokenizer_path: sentencepiece .model or tokenizer.json (or a directory holding one).
-      seq_len: tokens a training sequence has; examples hold seq_len + 1 (inputs and targets).
-      out_dir: must not exist or be empty.
-      val_examples: examples held out (the last ones) for the val split; fewer than the total.
-      workers: tokenizer processes; 1 tokenizes in this process.
-      name: the source's name (default: the basename of out_dir).
-      skip_bad_records: skip and count bad JSONL lines, non-UTF-8 records, instead of failing.
-      tfds_data_dir: where tfds: inputs are prepared (default $TFDS_DATA_DIR or ~/tensorflow_datasets).
-      examples_per_shard: train examples per shard (default: shards of about 256 MiB).
-      bos: 'auto' (BOS before every document when the tokenizer itself adds one, `Tokenizer.adds_bos`),
-        'always' or 'never'.
+    The arguments are `python -m cpt_jax.prepare`'s flags, plus `examples_per_shard` (default: shards
+    of about 256 MiB). `out_dir` must not exist or be empty; `val_examples` are the last examples,
+    fewer than the total; `workers` 1 tokenizes in this process; `bos` 'auto' follows
+    `Tokenizer.adds_bos`.
 
     Raises ConfigError (one line, nothing written) for every user error. With workers > 1 the
     workers are started with 'spawn' (safe in a process that runs JAX), which re-imports the

@@ -75,11 +75,8 @@ class Tokenizer(abc.ABC):
     def encode_documents(self, texts: Sequence[str], num_threads: int | None = None,
                          add_bos: bool = False) -> np.ndarray:
         """All texts encoded and concatenated, each followed by eos (and preceded by bos with
-        `add_bos`), as one array of `self.dtype`.
-
-        This is what `prepare` packs; one concatenation and one vectorised insert instead of a
-        Python-level append per document.
-        """
+        `add_bos`), as one array of `self.dtype`: what `prepare` packs, made by one concatenation and
+        one vectorised insert instead of a Python-level append per document."""
         if not texts:
             return np.empty(0, self.dtype)
         arrays = self.encode_batch(texts, num_threads=num_threads)
@@ -238,12 +235,9 @@ def resolve_tokenizer_path(path: str | os.PathLike) -> str:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load a sentencepiece model or a Hugging Face tokenizer.json (or a directory holding one).
-
-    The backend follows the content (JSON is a Hugging Face tokenizer, anything else is tried as a
-    sentencepiece model proto). Raises ConfigError when the file is missing, is not a tokenizer or
-    defines no end-of-text token.
-    """
+    """Load a sentencepiece model or a Hugging Face tokenizer.json (or a directory holding one), by
+    content: JSON is a Hugging Face tokenizer, anything else is tried as a sentencepiece model proto.
+    ConfigError when the file is missing, is not a tokenizer or defines no end-of-text token."""
     path = resolve_tokenizer_path(path)
     try:
         with open(path, "rb") as f:
