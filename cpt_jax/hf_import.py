@@ -321,9 +321,8 @@ def _import_metadata(plan: _ImportPlan) -> dict[str, Any]:
 def in_temp_dir(out_dir: str, write: Callable[[str], None]) -> None:
     """Run write(tmp) in a fresh directory next to out_dir, then rename it to out_dir; on any failure
     remove it, so a failed run leaves nothing behind."""
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=os.path.dirname(out_dir))
     try:
         write(tmp)
         if os.path.isdir(out_dir):

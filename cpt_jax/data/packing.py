@@ -115,11 +115,8 @@ def shard_name(index: int, count: int) -> str:
 
 
 class _ExampleWriter:
-    """Writes examples to train shards, holding back the last `val_examples` for the val split.
-
-    The total is unknown until the input ends, so the newest `val_examples` examples wait in a
-    queue and an example is written to train only once that many newer ones exist.
-    """
+    """Writes examples to train shards, holding back the last `val_examples` for the val split: the
+    total is unknown until the input ends, so an example goes to train once that many newer ones exist."""
 
     def __init__(self, directory: str, examples_per_shard: int, val_examples: int):
         self.directory = directory
@@ -184,14 +181,12 @@ class _Progress:
             return
         self.last = now
         dt = max(now - self.start, 1e-9)
-        sys.stderr.write(f"\rprepare {self.name}: {documents:,} docs ({documents / dt:,.0f}/s), "
-                         f"{tokens:,} tokens ({tokens / dt:,.0f}/s), {examples:,} examples\033[K")
-        sys.stderr.flush()
+        print(f"\rprepare {self.name}: {documents:,} docs ({documents / dt:,.0f}/s), {tokens:,} tokens "
+              f"({tokens / dt:,.0f}/s), {examples:,} examples\033[K", end="", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.enabled:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
 
 
 def _check_out_dir(out_dir: str) -> None:
@@ -242,9 +237,8 @@ def prepare(inputs: list[str], tokenizer_path: str, seq_len: int, out_dir: str,
         examples_per_shard = max(1, SHARD_BYTES // (length * dtype.itemsize))
     examples_per_shard = _positive("examples_per_shard", examples_per_shard, 1)
 
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.incomplete-", dir=parent)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.incomplete-", dir=os.path.dirname(out_dir))
     writer = _ExampleWriter(tmp, examples_per_shard, val_examples)
     progress = _Progress(name)
     documents = empty_documents = text_bytes = skipped = document_tokens = 0

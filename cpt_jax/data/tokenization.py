@@ -182,8 +182,7 @@ class HuggingFaceTokenizer(Tokenizer):
         # `tokenizers` parallelises over its own Rust thread pool (RAYON_NUM_THREADS) and has no
         # per-call thread count, so num_threads is not used here.
         del num_threads
-        encodings = self._tok.encode_batch_fast(list(texts), add_special_tokens=False)
-        return [np.asarray(e.ids, np.int32) for e in encodings]
+        return [np.asarray(e.ids, np.int32) for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:
         return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=False)
