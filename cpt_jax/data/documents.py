@@ -333,12 +333,11 @@ def _read_jsonl(path: str, first_line: int, data: bytes, field: str, bad: BadRec
             continue
         try:
             size += len(value.encode("utf-8"))
+            docs.append(value)
         except UnicodeEncodeError as e:
             # A JSON escape such as \ud800 decodes to a lone surrogate, which no tokenizer accepts.
             bad(f"{loc}: field {field!r} is not valid UTF-8 text (lone surrogate at character {e.start}), "
                 "expected UTF-8 text (--skip_bad_records skips such lines)")
-            continue
-        docs.append(value)
     return docs, size
 
 
@@ -353,11 +352,10 @@ def _read_text(paths: Sequence[str], bad: BadRecords) -> tuple[list[str], int]:
             raise ConfigError(f"{path}: unreadable ({e.strerror}), expected a readable text file") from None
         try:
             docs.append(data.decode("utf-8"))
+            size += len(data)
         except UnicodeDecodeError as e:
             bad(f"{path}: not valid UTF-8 (byte offset {e.start}), expected UTF-8 text "
                 "(--skip_bad_records skips such files)")
-            continue
-        size += len(data)
     return docs, size
 
 
@@ -385,11 +383,10 @@ def _read_tfds(target: TfdsInput, start: int, stop: int, bad: BadRecords) -> tup
                               "expected text")
         try:
             docs.append(value.decode("utf-8"))
+            size += len(value)
         except UnicodeDecodeError as e:
             bad(f"{label} record {index}: feature {feature!r} is not valid UTF-8 (byte {e.start}), expected "
                 "UTF-8 text (--skip_bad_records skips such records)")
-            continue
-        size += len(value)
     return docs, size
 
 
@@ -397,4 +394,7 @@ def read_task(task: tuple, bad: BadRecords) -> tuple[list[str], int]:
     """(the documents of a task from `tasks`, their UTF-8 size in bytes)."""
     if task[0] == "texts":  # read from their columnar file when the task was made
         return list(task[1]), task[2]
-    return {"jsonl": _read_jsonl, "text": _read_text, "tfds": _read_tfds}[task[0]](*task[1:], bad=bad)
+    reader = {"jsonl": _read_jsonl, "text": _read_text, "tfds": _read_tfds}.get(task[0])
+    if reader is None:
+        raise ValueError(f"unknown task kind {task[0]!r}")
+    return reader(*task[1:], bad=bad)
