@@ -4,8 +4,7 @@
     python -m cpt_jax.hf export --checkpoint DIR --out HF_DIR [--dtype float32|bfloat16|float16]
     python -m cpt_jax.hf check  --model_dir HF_DIR --checkpoint DIR [--atol 1e-4]
 
-The families are hf_arch.py's; hf_import.py, hf_export.py and hf_check.py do the work (only `check`
-imports transformers and torch).
+hf_import.py, hf_export.py and hf_check.py (the only one that imports transformers and torch) do the work.
 """
 
 from __future__ import annotations

@@ -1,21 +1,8 @@
 """Hugging Face architectures as cpt_jax model configs: config.json <-> ModelConfig, tensor names.
 
-Supported (the computation of each, as transformers 5.x's modeling code does it):
-  LlamaForCausalLM, MistralForCausalLM  RMSNorm before the sublayers, SwiGLU, GQA, RoPE
-                                        (linear or Llama-3 scaling), tied or untied.
-  Qwen2ForCausalLM                      + bias on q, k and v.
-  Qwen3ForCausalLM                      + RMSNorm on each head of q and k (one [head_dim] scale per
-                                        layer), no qkv bias; head_dim defaults to 128.
-  Olmo2ForCausalLM                      RMSNorm over the whole q and k projections ([N*H] and
-                                        [K*H] scales: with GQA the key norm spans the K kv heads),
-                                        and norms after attention and MLP, before the residual
-                                        add, instead of before them (no input norms).
-  NemotronForCausalLM                   LayerNorm with a 1 + w scale and a bias ("layernorm1p",
-                                        eps `norm_eps`), squared-ReLU MLP without gate, RoPE on
-                                        the first `partial_rotary_factor` of each head (default
-                                        0.5), no biases, untied.
-
-What a config.json asks for that cpt_jax does not compute is refused with one line naming it:
+FAMILIES holds what sets each supported architecture apart (the README's table: Llama, Mistral,
+Qwen2, Qwen3, OLMo 2, Nemotron), computed as transformers 5.x's modeling code does it. What a
+config.json asks for that cpt_jax does not compute is refused with one line naming it:
 sliding-window layers (Qwen3), mixture-of-experts layers, rope types other than default, linear
 and llama3, biases on o_proj or the MLP, another activation.
 """

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from cpt_jax import model
@@ -20,8 +22,6 @@ def check_logits(model_dir: str, checkpoint_dir: str, *, batch_size: int = 2, se
     Returns max_abs_diff, max_rel_diff (max |diff| / max |logit| of transformers), max_abs_logit and
     shape [B, T, V]. T is seq_len capped at the model's max_seq_len.
     """
-    import jax
-    import jax.numpy as jnp
     import torch
     from transformers import AutoModelForCausalLM
 

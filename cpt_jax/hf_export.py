@@ -1,8 +1,7 @@
-"""Export a cpt_jax checkpoint as a Hugging Face model directory that transformers loads.
+"""Export a cpt_jax checkpoint as a Hugging Face model directory that transformers loads (`export_hf`).
 
-The architecture is the family whose options the model has (hf_arch.architecture_for), config.json
-keeps what the imported model's own said and cpt_jax does not model, and the weights are written
-with the safetensors library one shard at a time: the host holds the parameters plus one shard.
+config.json keeps what the imported model's own said and cpt_jax does not model; the weights are
+written one shard at a time, so the host holds the parameters plus one shard.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ import os
 import shutil
 from typing import Any
 
+import jax
 import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
@@ -48,11 +48,9 @@ def _export_tokenizer(chain: list[dict[str, Any]], fingerprint: str | None,
                               f"{fingerprint[:16]}..., expected the tokenizer the model was trained with")
         tok = load_tokenizer(path)
         main_name = "tokenizer.json" if tok.kind == "huggingface" else "tokenizer.model"
-        files = [(path, main_name)]
         folder = os.path.dirname(path)
-        for name in TOKENIZER_FILES[2:]:
-            if os.path.isfile(os.path.join(folder, name)):
-                files.append((os.path.join(folder, name), name))
+        files = [(path, main_name)] + [(os.path.join(folder, name), name) for name in TOKENIZER_FILES[2:]
+                                       if os.path.isfile(os.path.join(folder, name))]
         if meta.get("source") is None and os.path.basename(path) not in TOKENIZER_FILES:
             files = files[:1]  # siblings of an arbitrarily named tokenizer file may belong to another
         return tok, files
@@ -99,17 +97,13 @@ def _plan_export(checkpoint_dir: str, out_dir: str, dtype: str | None) -> _Expor
     config = hf_config_for(c, architecture, dtype, base, tokenizer)
     generation = source.get("generation_config") if base is not None else None
     if not isinstance(generation, dict):
-        generation = {"_from_model_config": True}
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if config.get(key) is not None:
-                generation[key] = config[key]
+        ids = ("bos_token_id", "eos_token_id", "pad_token_id")
+        generation = {"_from_model_config": True, **{k: config[k] for k in ids if config.get(k) is not None}}
     return _ExportPlan(step_dir, out, c, architecture, dtype, reason, config, generation, tokenizer_files)
 
 
 def _host_target(c: model.ModelConfig) -> Any:
     """Abstract parameters placed on the host CPU: an export never needs the accelerator's memory."""
-    import jax
-
     cpu = host_cpu()
     where = None if cpu is None else jax.sharding.SingleDeviceSharding(cpu)
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where), model.abstract_params(c))
@@ -117,18 +111,11 @@ def _host_target(c: model.ModelConfig) -> Any:
 
 def export_hf(checkpoint_dir: str, out_dir: str, dtype: str | None = None, *,
               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict[str, str]:
-    """Write a cpt_jax checkpoint as a Hugging Face model directory loadable by transformers.
-
-    The architecture is the family whose options the model has (hf_arch.architecture_for; the one
-    it was imported from when it fits). Weights are cast to `dtype`, by default the dtype the model
-    was imported in (`source_dtype` of its metadata or of the checkpoint it continues), float32 for
-    a model cpt_jax trained from scratch, and split into shards of at most `max_shard_bytes` (with
-    model.safetensors.index.json when there are several). Returns {"architecture", "dtype",
-    "dtype_reason"}. Raises ConfigError (nothing written) for a model with no Hugging Face
-    equivalent or a bad `out_dir`.
-    """
-    import jax
-
+    """Write a cpt_jax checkpoint as a Hugging Face model directory, as the family whose options the
+    model has (hf_arch.architecture_for), in `dtype` (default: the dtype it was imported in, float32
+    for a model cpt_jax trained from scratch), in shards of at most `max_shard_bytes`. Returns
+    {"architecture", "dtype", "dtype_reason"}; ConfigError (nothing written) for a model with no
+    Hugging Face equivalent or a bad `out_dir`."""
     plan = _plan_export(checkpoint_dir, out_dir, dtype)
     c, np_dtype = plan.model_config, EXPORT_DTYPES[plan.dtype]
     shards: list[list[TensorSpec]] = [[]]

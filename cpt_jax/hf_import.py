@@ -1,19 +1,13 @@
 """Import a Hugging Face safetensors model directory as a cpt_jax checkpoint.
 
-Import writes a cpt_jax checkpoint with the layout of a training run's (CKPT_DIR/checkpoints/0/
-with items `params` and `metadata`; there is no optimizer state to carry over) plus the model's
-tokenizer files under CKPT_DIR/tokenizer/. Its metadata carries the model config, the parameter
-shapes and the pretraining schedule's lr_min/lr_max, so `init_from=CKPT_DIR` starts the recipe at
-the right learning rate (see configs/cpt_hf.py). Parameters are stored in float32 (the trainer's
-master-weight dtype); bf16 and fp16 values are exactly representable there, which is what makes
-import followed by export bit-identical. The dtype the weights came in is recorded
-(`source_dtype`) and export writes that dtype unless told otherwise.
-
-Tensors are read one at a time from the safetensors files into preallocated stacked arrays, so the
-host holds the output plus one tensor, never two copies of the model. Every user error (config,
-index, tensor shapes from the safetensors headers, tokenizer, output directory) is found before
-anything is written and reported as one line; the output is built in a temporary directory next
-to --out and renamed into place at the end.
+The checkpoint has a training run's layout (CKPT_DIR/checkpoints/0/ with items `params` and
+`metadata`, no optimizer state) plus the model's tokenizer files under CKPT_DIR/tokenizer/. Its
+metadata carries what `init_from` needs: the model config, the parameter shapes, the pretraining
+schedule's lr_min/lr_max and the dtype the weights came in (`source_dtype`, what export writes).
+Parameters are stored in float32, where bf16 and fp16 values are exact: import then export is
+bit-identical. Tensors are read one at a time into preallocated stacked arrays (the host holds the
+output plus one tensor). Every user error is found before anything is written; the output is built
+next to --out and renamed into place.
 """
 
 from __future__ import annotations
@@ -25,9 +19,10 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
 from safetensors import safe_open
 
@@ -40,7 +35,6 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Copied with the model on import and export; the first two are the tokenizer proper.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # safetensors dtype codes of the weights cpt_jax imports, and their numpy names.
 DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
@@ -74,11 +68,9 @@ _LLAMA2 = "Touvron et al. 2023, Llama 2: Open Foundation and Fine-Tuned Chat Mod
 _LLAMA3 = "Llama Team 2024, The Llama 3 Herd of Models, Sec. 3.4.1"
 _TINYLLAMA = "Zhang et al. 2024, TinyLlama: An Open-Source Small Language Model, Sec. 2.3"
 
-# Only schedules a paper states. LLaMA 1 and Llama 2 decay a cosine to 10% of the peak (3.0e-4 at
-# 7B/13B, 1.5e-4 at 33B/65B/70B); LLaMA 1 and Llama 2 7B/13B share their shapes and their numbers.
-# Llama 3.1 405B: peak 8e-5, cosine to 8e-7 (the paper then anneals linearly to 0 over the last
-# 40M tokens; the recipe restarts from the cosine floor, the schedule's own final LR). TinyLlama:
-# cosine from 4.0e-4 to 4.0e-5. Not listed: Llama 3/3.1 8B and 70B, Mistral and Qwen2, whose
+# Only schedules a paper states (LLaMA 1 and Llama 2 7B/13B share their shapes and their numbers).
+# Llama 3.1 405B anneals linearly to 0 after its cosine's 8e-7 floor; the recipe restarts from that
+# floor, the schedule's own final LR. Not listed: Llama 3/3.1 8B and 70B, Mistral and Qwen2, whose
 # reports give no pretraining learning rates; pass --lr_min for those.
 PUBLISHED_SCHEDULES: tuple[PublishedSchedule, ...] = (
     PublishedSchedule("LLaMA 1 / Llama 2 7B", 3.0e-4, 3.0e-5, f"{_LLAMA1}; {_LLAMA2}",
@@ -97,10 +89,7 @@ def published_schedule(hf_config: dict[str, Any]) -> PublishedSchedule | None:
     """The published schedule of the model a config.json describes, or None when none is known."""
     fields = dict(hf_config)
     fields.setdefault("num_key_value_heads", fields.get("num_attention_heads"))
-    for entry in PUBLISHED_SCHEDULES:
-        if all(fields.get(key) == value for key, value in entry.match):
-            return entry
-    return None
+    return next((e for e in PUBLISHED_SCHEDULES if all(fields.get(k) == v for k, v in e.match)), None)
 
 
 def _read_json(path: str, what: str) -> Any:
@@ -111,36 +100,19 @@ def _read_json(path: str, what: str) -> Any:
         raise ConfigError(f"{path}: unreadable ({first_line(e)}), expected {what}") from None
 
 
-class _Shard:
-    """One safetensors file: its tensor table from the header, and reads of one tensor at a time.
-
-    The file is opened only while it is read: an open safe_open handle maps the whole file, and its
-    pages would count against the host's memory until closed.
-    """
-
-    def __init__(self, path: str):
-        self.path = path
-        try:
-            with safe_open(path, framework="np") as f:
-                slices = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-                self.tensors = {name: (s.get_dtype(), tuple(s.get_shape())) for name, s in slices.items()}
-        except Exception as e:  # safetensors raises its own SafetensorError for a bad header
-            raise ConfigError(f"{path}: not a readable safetensors file ({first_line(e)}), expected the "
-                              "weights written by save_pretrained") from None
-
-    def read(self, names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
-        """(name, array) for each of `names`, one array alive at a time."""
-        with safe_open(self.path, framework="np") as f:
-            for name in names:
-                yield name, f.get_tensor(name)
+def _tensor_table(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor name: (safetensors dtype code, shape)} from a safetensors file's header."""
+    try:
+        with safe_open(path, framework="np") as f:
+            slices = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+            return {name: (s.get_dtype(), tuple(s.get_shape())) for name, s in slices.items()}
+    except Exception as e:  # safetensors raises its own SafetensorError for a bad header
+        raise ConfigError(f"{path}: not a readable safetensors file ({first_line(e)}), expected the "
+                          "weights written by save_pretrained") from None
 
 
-def _pickle_files(model_dir: str) -> list[str]:
-    return sorted(n for n in os.listdir(model_dir) if n.endswith(PICKLE_SUFFIXES) or n.endswith(".bin.index.json"))
-
-
-def _weight_files(model_dir: str) -> tuple[dict[str, str], dict[str, _Shard]]:
-    """({tensor name: file name}, {file name: shard}) from the index or the single file; validated."""
+def _weight_files(model_dir: str) -> tuple[dict[str, str], dict[str, dict[str, tuple]]]:
+    """({tensor name: file name}, {file name: its tensor table}) from the index or the single file; validated."""
     index_path = os.path.join(model_dir, INDEX_FILE)
     if os.path.isfile(index_path):
         index = _read_json(index_path, "a safetensors index with a weight_map")
@@ -149,24 +121,25 @@ def _weight_files(model_dir: str) -> tuple[dict[str, str], dict[str, _Shard]]:
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
         ):
             raise ConfigError(f"{index_path}: no weight_map of tensor names to files, expected one")
-        shards: dict[str, _Shard] = {}
+        shards: dict[str, dict[str, tuple]] = {}
         for file in sorted(set(weight_map.values())):
             path = os.path.join(model_dir, file)
             if os.path.basename(file) != file or not os.path.isfile(path):
                 count = sum(1 for v in weight_map.values() if v == file)
                 raise ConfigError(f"{index_path}: shard {file} ({count} tensors) is missing from {model_dir}, "
                                   "expected every shard the index names")
-            shards[file] = _Shard(path)
+            shards[file] = _tensor_table(path)
         for name, file in weight_map.items():
-            if name not in shards[file].tensors:
+            if name not in shards[file]:
                 raise ConfigError(f"{index_path}: tensor {name} is mapped to {file}, which does not hold it, "
                                   "expected the index to match the shards")
         return dict(weight_map), shards
     single = os.path.join(model_dir, SINGLE_FILE)
     if os.path.isfile(single):
-        shard = _Shard(single)
-        return {name: SINGLE_FILE for name in shard.tensors}, {SINGLE_FILE: shard}
-    pickles = _pickle_files(model_dir)
+        table = _tensor_table(single)
+        return dict.fromkeys(table, SINGLE_FILE), {SINGLE_FILE: table}
+    pickles = sorted(n for n in os.listdir(model_dir)
+                     if n.endswith(checkpoint.PICKLE_SUFFIXES) or n.endswith(".bin.index.json"))
     if pickles:
         raise ConfigError(
             f"{model_dir}: only pickle-based weights ({', '.join(pickles[:3])}), which cpt_jax refuses to load "
@@ -182,17 +155,13 @@ class _ImportPlan:
 
     model_dir: str
     out_dir: str
-    architecture: str
-    hf_config: dict[str, Any]
-    generation_config: dict[str, Any] | None
     model_config: model.ModelConfig
     specs: list[TensorSpec]
     weight_map: dict[str, str]
-    shards: dict[str, _Shard]
-    source_dtype: str
     tokenizer: Tokenizer | None
     tokenizer_files: list[str]
     schedule: dict[str, Any]
+    source: dict[str, Any]  # the metadata's record of where the weights came from
 
 
 def check_out_dir(out_dir: str, flag: str = "--out") -> str:
@@ -253,7 +222,7 @@ def _plan_import(model_dir: str, out_dir: str, lr_min: float | None, lr_max: flo
         if file is None:
             raise ConfigError(f"{model_dir}: tensor {spec.hf_name} is missing, expected it in the weights of "
                               f"{architecture} as config.json describes it")
-        code, shape = shards[file].tensors[spec.hf_name]
+        code, shape = shards[file][spec.hf_name]
         if shape != spec.hf_shape:
             raise ConfigError(f"{os.path.join(model_dir, file)}: tensor {spec.hf_name} has shape {shape}, "
                               f"config.json implies {spec.hf_shape}")
@@ -278,39 +247,32 @@ def _plan_import(model_dir: str, out_dir: str, lr_min: float | None, lr_max: flo
 
     generation_path = os.path.join(model_dir, "generation_config.json")
     generation = _read_json(generation_path, "a JSON object") if os.path.isfile(generation_path) else None
-    return _ImportPlan(
-        model_dir=model_dir, out_dir=out, architecture=architecture, hf_config=hf_config,
-        generation_config=generation if isinstance(generation, dict) else None, model_config=mc, specs=specs,
-        weight_map=weight_map, shards=shards, source_dtype="+".join(sorted(dtypes)), tokenizer=tokenizer,
-        tokenizer_files=tokenizer_files, schedule=_schedule(hf_config, architecture, lr_min, lr_max),
-    )
+    source = {"format": "huggingface", "architecture": architecture, "model_dir": model_dir,
+              "dtype": "+".join(sorted(dtypes)), "config": hf_config,
+              "generation_config": generation if isinstance(generation, dict) else None}
+    return _ImportPlan(model_dir, out, mc, specs, weight_map, tokenizer, tokenizer_files,
+                       _schedule(hf_config, architecture, lr_min, lr_max), source)
 
 
 def _read_params(plan: _ImportPlan) -> dict[str, Any]:
-    """The parameter pytree (float32 numpy), filled one tensor at a time, one shard open at a time."""
-    import jax
-
+    """The parameter pytree (float32 numpy), filled one tensor at a time, one shard open at a time:
+    an open safe_open handle maps its whole file, whose pages count against the host's memory."""
     params = jax.tree.map(lambda a: np.empty(a.shape, np.float32), model.abstract_params(plan.model_config))
     by_file: dict[str, list[TensorSpec]] = {}
     for spec in plan.specs:
         by_file.setdefault(plan.weight_map[spec.hf_name], []).append(spec)
     for file, specs in by_file.items():
-        by_name = {spec.hf_name: spec for spec in specs}
-        for name, array in plan.shards[file].read(list(by_name)):
-            spec = by_name[name]
-            dest = spec.leaf(params)
-            if spec.layer is None:
-                dest[...] = spec.to_cpt(array, dest.shape)
-            else:
-                dest[spec.layer] = spec.to_cpt(array, dest.shape[1:])
+        with safe_open(os.path.join(plan.model_dir, file), framework="np") as f:
+            for spec in specs:
+                dest = spec.leaf(params)
+                index = () if spec.layer is None else spec.layer  # one layer's slice of a stacked parameter
+                dest[index] = spec.to_cpt(f.get_tensor(spec.hf_name), dest[index].shape)
     return params
 
 
 def _to_host_arrays(params: dict[str, Any]) -> None:
     """Replace the numpy leaves by jax arrays on the host CPU, in place, one leaf at a time (measured:
     orbax then saves a 600 MB model with ~230 MB less peak memory than from numpy leaves)."""
-    import jax
-
     cpu = host_cpu()
     if cpu is None:  # orbax saves the numpy leaves
         return
@@ -323,8 +285,6 @@ def _to_host_arrays(params: dict[str, Any]) -> None:
 def host_cpu() -> Any:
     """The host's CPU device, where import and export keep the weights; None when JAX_PLATFORMS names
     only accelerators."""
-    import jax
-
     try:
         return jax.devices("cpu")[0]
     except RuntimeError:
@@ -332,12 +292,9 @@ def host_cpu() -> Any:
 
 
 def write_checkpoint(directory: str, params: Any, metadata: dict[str, Any]) -> None:
-    """Save `params` and `metadata` as step `metadata['step']` of DIRECTORY/checkpoints (a run's layout).
-
-    There is no optimizer state: an imported model has none, and `init_from` restores parameters
-    only. orbax holds a transient copy of `params` while it writes them (with numpy or jax leaves
-    alike, whatever its concurrency limits say).
-    """
+    """Save `params` and `metadata` as step `metadata['step']` of DIRECTORY/checkpoints (a run's layout),
+    without optimizer state (`init_from` restores parameters only). orbax holds a transient copy of
+    `params` while it writes them (with numpy or jax leaves alike, whatever its concurrency limits say)."""
     checkpoint.write(os.path.join(directory, "checkpoints"), int(metadata["step"]), {"params": params}, metadata)
 
 
@@ -355,15 +312,8 @@ def _import_metadata(plan: _ImportPlan) -> dict[str, Any]:
         "tokenizer": os.path.join(plan.out_dir, "tokenizer", os.path.basename(tok.path)) if tok else None,
         "tokenizer_fingerprint": tok.fingerprint if tok else None,
         "tokenizer_vocab_size": tok.vocab_size if tok else None,
-        "source_dtype": checkpoint.widest_dtype(plan.source_dtype),
-        "source": {
-            "format": "huggingface",
-            "architecture": plan.architecture,
-            "model_dir": plan.model_dir,
-            "dtype": plan.source_dtype,
-            "config": plan.hf_config,
-            "generation_config": plan.generation_config,
-        },
+        "source_dtype": checkpoint.widest_dtype(plan.source["dtype"]),
+        "source": plan.source,
         "init_from": None,
     }
 
@@ -371,9 +321,8 @@ def _import_metadata(plan: _ImportPlan) -> dict[str, Any]:
 def in_temp_dir(out_dir: str, write: Callable[[str], None]) -> None:
     """Run write(tmp) in a fresh directory next to out_dir, then rename it to out_dir; on any failure
     remove it, so a failed run leaves nothing behind."""
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=os.path.dirname(out_dir))
     try:
         write(tmp)
         if os.path.isdir(out_dir):
@@ -387,9 +336,8 @@ def in_temp_dir(out_dir: str, write: Callable[[str], None]) -> None:
 def import_hf(model_dir: str, out_dir: str, lr_min: float | None = None, lr_max: float | None = None) -> dict:
     """Convert a Hugging Face safetensors checkpoint into a cpt_jax checkpoint; returns its metadata.
 
-    `lr_min`/`lr_max` are the final and peak learning rates of the model's pretraining; when not
-    given they come from PUBLISHED_SCHEDULES, and a model found there is not required to pass them.
-    Raises ConfigError (nothing written) for any problem with the inputs or `out_dir`.
+    `lr_min`/`lr_max`: the final and peak learning rates of the model's pretraining (default: from
+    PUBLISHED_SCHEDULES). ConfigError (nothing written) for any problem with the inputs or `out_dir`.
     """
     plan = _plan_import(model_dir, out_dir, lr_min, lr_max)
     metadata = _import_metadata(plan)

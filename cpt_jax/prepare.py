@@ -1,10 +1,6 @@
-"""python -m cpt_jax.prepare: tokenize jsonl / text / Parquet / Arrow / TFDS inputs into a prepared source.
-
-  python -m cpt_jax.prepare --input jsonl:data/*.jsonl --input 'parquet:fineweb/*.parquet' \\
-      --tokenizer tok.model --seq_len 2048 --out prepared/web [--val_examples 64] [--bos auto] --workers 8
-
-User errors print one line, `error: ...`, on stderr and exit with status 2 (nothing is written).
-"""
+"""python -m cpt_jax.prepare: tokenize jsonl / text / Parquet / Arrow / TFDS inputs into a prepared source
+(cpt_jax.data.packing). User errors print one line, `error: ...`, on stderr and exit with status 2
+(nothing is written)."""
 
 from __future__ import annotations
 

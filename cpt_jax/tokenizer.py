@@ -1,11 +1,6 @@
-"""python -m cpt_jax.tokenizer: train a sentencepiece tokenizer, or describe one.
-
-  python -m cpt_jax.tokenizer train --input jsonl:data/*.jsonl --vocab_size 32000 --out tok.model
-  python -m cpt_jax.tokenizer info tok.model
-
-`--input` takes the same specs as `python -m cpt_jax.prepare` and is repeatable. User errors print
-one line, `error: ...`, on stderr and exit with status 2.
-"""
+"""python -m cpt_jax.tokenizer train|info: train a sentencepiece tokenizer on `--input` specs (those of
+`python -m cpt_jax.prepare`), or describe one. User errors print one line, `error: ...`, on stderr
+and exit with status 2."""
 
 from __future__ import annotations
 
@@ -16,7 +11,7 @@ from collections.abc import Iterator
 
 from cpt_jax.config import ConfigError
 from cpt_jax.data.documents import SPEC_HELP, iter_documents
-from cpt_jax.data.tokenization import describe, load_tokenizer, train_sentencepiece
+from cpt_jax.data.tokenization import SENTENCEPIECE_MODEL_TYPES, describe, load_tokenizer, train_sentencepiece
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"{SPEC_HELP}; repeatable")
     t.add_argument("--vocab_size", type=int, required=True, help="number of pieces")
     t.add_argument("--out", required=True, help="path of the .model file to write (must not exist)")
-    t.add_argument("--model_type", default="unigram", choices=("unigram", "bpe", "char", "word"))
+    t.add_argument("--model_type", default="unigram", choices=SENTENCEPIECE_MODEL_TYPES)
     t.add_argument("--character_coverage", type=float, default=0.9995,
                    help="fraction of characters covered by pieces; the rest fall back to bytes (default 0.9995)")
     t.add_argument("--byte_fallback", action=argparse.BooleanOptionalAction, default=True,

@@ -1,14 +1,5 @@
-"""Read the documents of prepare's inputs: the `--input` specs, their files, and the text in them.
-
-Inputs (`--input`, repeatable, read in the order given):
-  jsonl:GLOB[:FIELD]                      one JSON object per line, the text in FIELD (default 'text')
-  text:GLOB                               one document per file
-  parquet:GLOB[:COLUMN]                   Parquet files (FineWeb, RedPajama, most hub datasets), the
-                                          text in string column COLUMN (default 'text')
-  arrow:DIR[:COLUMN]                      the .arrow files of a `datasets.Dataset.save_to_disk`
-                                          directory (Arrow IPC streams), read like Parquet
-  tfds:NAME[/CONFIG][:SPLIT][:FEATURE]    a TFDS dataset already prepared in array_record format
-                                          (SPLIT default 'train', FEATURE default 'text'; no download)
+"""Read the documents of prepare's inputs: the `--input` specs (SPEC_HELP; the README lists them),
+their files, and the text in them.
 
 Every spec is resolved (files found, columns and TFDS features checked) before any is read. The
 documents are then read in tasks, plain tuples that pickle cheaply to a worker process.
@@ -17,6 +8,7 @@ documents are then read in tasks, plain tuples that pickle cheaply to a worker p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -50,8 +42,8 @@ class InputSpec:
 
     spec: str
     kind: str
-    pattern: str = ""  # jsonl/text/parquet: the glob; arrow: the directory
-    field: str = "text"  # jsonl: the JSON key holding the text; parquet/arrow: the column
+    pattern: str = ""  # jsonl/text/parquet: the glob; arrow: the directory of a `Dataset.save_to_disk`
+    field: str = "text"  # jsonl: the JSON key holding the text; parquet/arrow: the string column
     tfds_name: str = ""
     tfds_config: str = ""
     split: str = "train"  # tfds: a split name, optionally sliced: train[:10%]
@@ -97,28 +89,20 @@ class TfdsInput:
     num_records: int
 
 
-def default_tfds_data_dir() -> str:
-    """Where TFDS keeps prepared datasets when --tfds_data_dir is not given."""
-    return os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
-
-
 def _resolve_tfds(spec: InputSpec, data_dir: str | None) -> TfdsInput:
     """Find a prepared array_record TFDS dataset on disk, without network or dataset code."""
-    data_dir = os.path.abspath(os.path.expanduser(data_dir or default_tfds_data_dir()))
+    data_dir = os.path.abspath(os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR")
+                                                  or "~/tensorflow_datasets"))
     label = f"tfds dataset {spec.tfds_name + ('/' + spec.tfds_config if spec.tfds_config else '')!r}"
     if not os.path.isdir(data_dir):
         raise ConfigError(f"--tfds_data_dir {data_dir}: no such directory, expected the data dir where "
                           f"{label} was prepared")
     dataset_dir = os.path.join(data_dir, spec.tfds_name, *([spec.tfds_config] if spec.tfds_config else []))
-    versions = []
-    subdirs = []
-    if os.path.isdir(dataset_dir):
-        for entry in sorted(os.listdir(dataset_dir)):
-            if re.fullmatch(r"\d+\.\d+\.\d+", entry):
-                if os.path.isfile(os.path.join(dataset_dir, entry, "dataset_info.json")):
-                    versions.append(entry)
-            elif os.path.isdir(os.path.join(dataset_dir, entry)) and not entry.startswith("incomplete"):
-                subdirs.append(entry)
+    entries = sorted(os.listdir(dataset_dir)) if os.path.isdir(dataset_dir) else []
+    versions = [e for e in entries if re.fullmatch(r"\d+\.\d+\.\d+", e)]
+    subdirs = [e for e in entries if e not in versions and not e.startswith("incomplete")
+               and os.path.isdir(os.path.join(dataset_dir, e))]
+    versions = [v for v in versions if os.path.isfile(os.path.join(dataset_dir, v, "dataset_info.json"))]
     if not versions:
         if subdirs and not spec.tfds_config:
             raise ConfigError(f"{label} in {data_dir}: has configs {', '.join(subdirs)}, expected one named "
@@ -177,20 +161,17 @@ def _arrow_files(spec: InputSpec) -> list[str]:
     return files
 
 
-def _arrow_schema(kind: str, path: str) -> pa.Schema:
-    try:
-        if kind == "parquet":
-            return pq.read_schema(path)
-        with pa.memory_map(path) as source:
-            return pa.ipc.open_stream(source).schema
-    except (pa.ArrowException, OSError) as e:
-        raise ConfigError(f"{path}: not a readable {kind} file ({first_line(e)})") from None
-
-
 def _check_text_column(kind: str, path: str, column: str) -> None:
     """ConfigError unless the file's schema has `column` as a string column (read from its footer or
     header only, so every file is checked before any is tokenized)."""
-    schema = _arrow_schema(kind, path)
+    try:
+        if kind == "parquet":
+            schema = pq.read_schema(path)
+        else:
+            with pa.memory_map(path) as source:
+                schema = pa.ipc.open_stream(source).schema
+    except (pa.ArrowException, OSError) as e:
+        raise ConfigError(f"{path}: not a readable {kind} file ({first_line(e)})") from None
     if column not in schema.names:
         raise ConfigError(f"{path}: no column {column!r}, expected one of {', '.join(schema.names[:12])} "
                           f"(name it as --input {kind}:PATH:COLUMN)")
@@ -215,25 +196,15 @@ def _resolve(spec: InputSpec, tfds_data_dir: str | None) -> list[str] | TfdsInpu
     for path in files if spec.kind == "parquet" else ():
         _check_text_column("parquet", path, spec.field)
     return files
+
+
 def _jsonl_tasks(path: str, field: str) -> Iterator[tuple]:
     """Blocks of whole lines (about TASK_BYTES each) with the number of their first line."""
     line = 1
-    rest = b""
     with open(path, "rb") as f:
-        while True:
-            block = f.read(TASK_BYTES)
-            if not block:
-                break
-            data = rest + block if rest else block
-            cut = data.rfind(b"\n") + 1
-            if cut == 0:  # one line longer than a block: keep reading
-                rest = data
-                continue
-            chunk, rest = data[:cut], data[cut:]
-            yield ("jsonl", path, line, chunk, field)
-            line += chunk.count(b"\n")
-    if rest:
-        yield ("jsonl", path, line, rest, field)
+        while lines := f.readlines(TASK_BYTES):
+            yield ("jsonl", path, line, b"".join(lines), field)
+            line += len(lines)
 
 
 def _text_tasks(files: list[str]) -> Iterator[tuple]:
@@ -264,15 +235,15 @@ def _arrow_tasks(kind: str, path: str, column: str) -> Iterator[tuple]:
     try:
         for batch in _record_batches(kind, path, column):
             values = batch.column(column)
-            texts += values.to_pylist()
+            texts += ["" if t is None else t for t in values.to_pylist()]  # a null is a document without text
             size += int(pc.sum(pc.binary_length(values)).as_py() or 0)
             if size >= TASK_BYTES:
-                yield ("texts", path, first, tuple(texts), size)
+                yield ("texts", tuple(texts), size)
                 first, texts, size = first + len(texts), [], 0
     except (pa.ArrowException, OSError) as e:
         raise ConfigError(f"{path}: unreadable at row {first + len(texts)} ({first_line(e)})") from None
     if texts:
-        yield ("texts", path, first, tuple(texts), size)
+        yield ("texts", tuple(texts), size)
 
 
 def tasks(resolved: list[tuple[InputSpec, list[str] | TfdsInput]]) -> Iterator[tuple]:
@@ -280,8 +251,7 @@ def tasks(resolved: list[tuple[InputSpec, list[str] | TfdsInput]]) -> Iterator[t
     for spec, target in resolved:
         if isinstance(target, TfdsInput):
             for start in range(0, target.num_records, TASK_TFDS_RECORDS):
-                stop = min(start + TASK_TFDS_RECORDS, target.num_records)
-                yield ("tfds", target.version_dir, target.split, target.feature, target.label, start, stop)
+                yield ("tfds", target, start, min(start + TASK_TFDS_RECORDS, target.num_records))
         elif spec.kind == "jsonl":
             for path in target:
                 yield from _jsonl_tasks(path, spec.field)
@@ -297,29 +267,17 @@ def resolve_all(inputs: Sequence[str], tfds_data_dir: str | None) -> list[tuple[
     if not inputs:
         raise ConfigError(f"--input: none given, expected at least one {SPEC_HELP}")
     # TFDS readers are not reused across runs: a dataset may have been prepared again in place.
-    _TFDS_SOURCES.clear()
-    resolved = []
-    for spec in inputs:
-        parsed = parse_input(spec)
-        resolved.append((parsed, _resolve(parsed, tfds_data_dir)))
-    return resolved
+    _tfds_source.cache_clear()
+    return [(parsed, _resolve(parsed, tfds_data_dir)) for parsed in map(parse_input, inputs)]
 
 
 def iter_documents(inputs: Sequence[str], skip_bad_records: bool = False,
                    tfds_data_dir: str | None = None) -> Iterator[str]:
     """The non-empty documents of `inputs` in order, as prepare reads them (for tokenizer training).
-
-    The specs are checked before this returns; bad records raise ConfigError while iterating
-    (or are skipped with `skip_bad_records`).
-    """
+    The specs are checked before this returns; bad records raise ConfigError while iterating (or are
+    skipped with `skip_bad_records`)."""
     resolved = resolve_all(inputs, tfds_data_dir)
-
-    def documents() -> Iterator[str]:
-        for task in tasks(resolved):
-            docs, _ = read_task(task, BadRecords(skip_bad_records))
-            yield from (d for d in docs if d)
-
-    return documents()
+    return (doc for task in tasks(resolved) for doc in read_task(task, BadRecords(skip_bad_records))[0] if doc)
 
 
 class BadRecords:
@@ -375,12 +333,11 @@ def _read_jsonl(path: str, first_line: int, data: bytes, field: str, bad: BadRec
             continue
         try:
             size += len(value.encode("utf-8"))
+            docs.append(value)
         except UnicodeEncodeError as e:
             # A JSON escape such as \ud800 decodes to a lone surrogate, which no tokenizer accepts.
             bad(f"{loc}: field {field!r} is not valid UTF-8 text (lone surrogate at character {e.start}), "
                 "expected UTF-8 text (--skip_bad_records skips such lines)")
-            continue
-        docs.append(value)
     return docs, size
 
 
@@ -395,26 +352,24 @@ def _read_text(paths: Sequence[str], bad: BadRecords) -> tuple[list[str], int]:
             raise ConfigError(f"{path}: unreadable ({e.strerror}), expected a readable text file") from None
         try:
             docs.append(data.decode("utf-8"))
+            size += len(data)
         except UnicodeDecodeError as e:
             bad(f"{path}: not valid UTF-8 (byte offset {e.start}), expected UTF-8 text "
                 "(--skip_bad_records skips such files)")
-            continue
-        size += len(data)
     return docs, size
 
 
-_TFDS_SOURCES: dict[tuple[str, str], Any] = {}
+@functools.cache
+def _tfds_source(version_dir: str, split: str) -> Any:
+    """The split's TFDS data source, opened once per process (and per `resolve_all`)."""
+    import tensorflow_datasets as tfds
+
+    return tfds.builder_from_directory(version_dir).as_data_source(split=split)
 
 
-def _read_tfds(version_dir: str, split: str, feature: str, label: str, start: int, stop: int,
-               bad: BadRecords) -> tuple[list[str], int]:
-    source = _TFDS_SOURCES.get((version_dir, split))
-    if source is None:
-        import tensorflow_datasets as tfds
-
-        source = tfds.builder_from_directory(version_dir).as_data_source(split=split)
-        _TFDS_SOURCES[(version_dir, split)] = source
-    records = source.__getitems__(list(range(start, stop)))
+def _read_tfds(target: TfdsInput, start: int, stop: int, bad: BadRecords) -> tuple[list[str], int]:
+    feature, label = target.feature, target.label
+    records = _tfds_source(target.version_dir, target.split).__getitems__(list(range(start, stop)))
     docs: list[str] = []
     size = 0
     for index, record in zip(range(start, stop), records, strict=True):
@@ -428,24 +383,18 @@ def _read_tfds(version_dir: str, split: str, feature: str, label: str, start: in
                               "expected text")
         try:
             docs.append(value.decode("utf-8"))
+            size += len(value)
         except UnicodeDecodeError as e:
             bad(f"{label} record {index}: feature {feature!r} is not valid UTF-8 (byte {e.start}), expected "
                 "UTF-8 text (--skip_bad_records skips such records)")
-            continue
-        size += len(value)
     return docs, size
 
 
 def read_task(task: tuple, bad: BadRecords) -> tuple[list[str], int]:
     """(the documents of a task from `tasks`, their UTF-8 size in bytes)."""
-    kind = task[0]
-    if kind == "jsonl":
-        return _read_jsonl(*task[1:], bad=bad)
-    if kind == "text":
-        return _read_text(task[1], bad)
-    if kind == "tfds":
-        return _read_tfds(*task[1:], bad=bad)
-    if kind == "texts":  # a null is a document without text
-        return ["" if t is None else t for t in task[3]], task[4]
-    raise ValueError(f"unknown task kind {kind!r}")
-
+    if task[0] == "texts":  # read from their columnar file when the task was made
+        return list(task[1]), task[2]
+    reader = {"jsonl": _read_jsonl, "text": _read_text, "tfds": _read_tfds}.get(task[0])
+    if reader is None:
+        raise ValueError(f"unknown task kind {task[0]!r}")
+    return reader(*task[1:], bad=bad)

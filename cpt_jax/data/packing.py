@@ -1,20 +1,13 @@
 """Tokenize documents into packed fixed-length examples: the on-disk format every source of a run uses.
 
-The documents of the inputs (cpt_jax.data.documents: jsonl, text, Parquet, Arrow, TFDS) are
-tokenized in worker processes (batch encoding), each preceded by BOS when the tokenizer itself
-starts texts with it (`bos`: 'auto'; 'always' or 'never' override) and followed by EOS,
-concatenated and cut into examples of seq_len + 1 tokens (inputs and shifted targets); the
-trailing partial example is dropped. Because every document ends with EOS, document boundaries
-(segment ids) follow from the EOS positions; a document's BOS is its first token. The last
-`val_examples` examples form the validation split, so train and val never share an example.
-
-Output directory:
+The documents (cpt_jax.data.documents) are tokenized in worker processes, each preceded by BOS as
+`bos` says and followed by EOS, concatenated and cut into examples of seq_len + 1 tokens (inputs
+and shifted targets), the trailing partial example dropped. Document boundaries (segment ids)
+follow from the EOS positions. The last `val_examples` examples are the validation split, so train
+and val never share an example. Output, built in a hidden directory beside DIR and renamed to DIR:
   train-XXXXX-of-YYYYY.array_record   one record per example: the raw little-endian tokens
   val.array_record                    the held-out examples, same record format
   manifest.json                       what `sources.load_source` and the trainer check
-
-The output is written to a hidden directory beside DIR and renamed to DIR at the end, so an
-interrupted prepare never leaves a half-made DIR; DIR must be new or empty.
 """
 
 from __future__ import annotations
@@ -23,6 +16,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import multiprocessing
 import os
@@ -65,22 +59,18 @@ class _Chunk:
     skipped: int
 
 
-_TOKENIZER: dict[str, Tokenizer] = {}
-
-
+@functools.cache
 def _tokenizer(path: str, fingerprint: str) -> Tokenizer:
-    tok = _TOKENIZER.get(fingerprint)
-    if tok is None:
-        tok = load_tokenizer(path)
-        if tok.fingerprint != fingerprint:
-            raise ConfigError(f"tokenizer {path}: changed while prepare was running (sha256 {tok.fingerprint[:16]}, "
-                              f"expected {fingerprint[:16]})")
-        _TOKENIZER[fingerprint] = tok
+    """The tokenizer prepare started with, loaded once per process."""
+    tok = load_tokenizer(path)
+    if tok.fingerprint != fingerprint:
+        raise ConfigError(f"tokenizer {path}: changed while prepare was running (sha256 {tok.fingerprint[:16]}, "
+                          f"expected {fingerprint[:16]})")
     return tok
 
 
 def _process_task(task: tuple, tokenizer_path: str, fingerprint: str, skip_bad_records: bool,
-                  add_bos: bool = False) -> _Chunk:
+                  add_bos: bool) -> _Chunk:
     """Read one task's documents and tokenize them (runs in a worker process)."""
     bad = BadRecords(skip_bad_records)
     docs, text_bytes = read_task(task, bad)
@@ -125,11 +115,8 @@ def shard_name(index: int, count: int) -> str:
 
 
 class _ExampleWriter:
-    """Writes examples to train shards, holding back the last `val_examples` for the val split.
-
-    The total is unknown until the input ends, so the newest `val_examples` examples wait in a
-    queue and an example is written to train only once that many newer ones exist.
-    """
+    """Writes examples to train shards, holding back the last `val_examples` for the val split: the
+    total is unknown until the input ends, so an example goes to train once that many newer ones exist."""
 
     def __init__(self, directory: str, examples_per_shard: int, val_examples: int):
         self.directory = directory
@@ -141,12 +128,9 @@ class _ExampleWriter:
 
     def add(self, rows: np.ndarray) -> None:
         for row in rows:
-            if self.val_examples:
-                self.held.append(row)
-                if len(self.held) <= self.val_examples:
-                    continue
-                row = self.held.popleft()
-            self._write_train(row)
+            self.held.append(row)
+            if len(self.held) > self.val_examples:
+                self._write_train(self.held.popleft())
 
     def _write_train(self, row: np.ndarray) -> None:
         if self.writer is None:
@@ -191,22 +175,18 @@ class _Progress:
         self.start = time.monotonic()
         self.last = 0.0
 
-    def update(self, documents: int, tokens: int, examples: int, final: bool = False) -> None:
-        if not self.enabled:
-            return
+    def update(self, documents: int, tokens: int, examples: int) -> None:
         now = time.monotonic()
-        if not final and now - self.last < 0.2:
+        if not self.enabled or now - self.last < 0.2:
             return
         self.last = now
         dt = max(now - self.start, 1e-9)
-        sys.stderr.write(f"\rprepare {self.name}: {documents:,} docs ({documents / dt:,.0f}/s), "
-                         f"{tokens:,} tokens ({tokens / dt:,.0f}/s), {examples:,} examples\033[K")
-        sys.stderr.flush()
+        print(f"\rprepare {self.name}: {documents:,} docs ({documents / dt:,.0f}/s), {tokens:,} tokens "
+              f"({tokens / dt:,.0f}/s), {examples:,} examples\033[K", end="", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.enabled:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
 
 
 def _check_out_dir(out_dir: str) -> None:
@@ -230,21 +210,10 @@ def prepare(inputs: list[str], tokenizer_path: str, seq_len: int, out_dir: str,
             examples_per_shard: int | None = None, bos: str = "auto") -> dict:
     """Tokenize and pack `inputs` into `out_dir`; returns the manifest (also in out_dir/manifest.json).
 
-    Args:
-      inputs: specs (see cpt_jax.data.documents), read in this order.
-      tokenizer_path: sentencepiece .model or tokenizer.json (or a directory holding one).
-      seq_len: tokens a training sequence has; examples hold seq_len + 1 (inputs and targets).
-      out_dir: must not exist or be empty.
-      val_examples: examples held out (the last ones) for the val split; fewer than the total.
-        Default 64, what an in-loop evaluation reads of a source by default.
-      workers: tokenizer processes; 1 tokenizes in this process.
-      name: the source's name (default: the basename of out_dir).
-      skip_bad_records: skip and count bad JSONL lines, non-UTF-8 records, instead of failing.
-      tfds_data_dir: where tfds: inputs are prepared (default $TFDS_DATA_DIR or ~/tensorflow_datasets).
-      examples_per_shard: train examples per shard (default: shards of about 256 MiB).
-      bos: 'auto' (BOS before every document when the tokenizer itself adds one: sentencepiece
-        models with a BOS piece, as Llama 2; tokenizer.json whose tokenizer_config.json says
-        add_bos_token or whose template starts with BOS, as Llama 3 and Mistral), 'always', 'never'.
+    The arguments are `python -m cpt_jax.prepare`'s flags, plus `examples_per_shard` (default: shards
+    of about 256 MiB). `out_dir` must not exist or be empty; `val_examples` are the last examples,
+    fewer than the total; `workers` 1 tokenizes in this process; `bos` 'auto' follows
+    `Tokenizer.adds_bos`.
 
     Raises ConfigError (one line, nothing written) for every user error. With workers > 1 the
     workers are started with 'spawn' (safe in a process that runs JAX), which re-imports the
@@ -267,12 +236,9 @@ def prepare(inputs: list[str], tokenizer_path: str, seq_len: int, out_dir: str,
     if examples_per_shard is None:
         examples_per_shard = max(1, SHARD_BYTES // (length * dtype.itemsize))
     examples_per_shard = _positive("examples_per_shard", examples_per_shard, 1)
-    # The main process already has the tokenizer; the in-process path reuses it.
-    _TOKENIZER[tok.fingerprint] = tok
 
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.incomplete-", dir=parent)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.incomplete-", dir=os.path.dirname(out_dir))
     writer = _ExampleWriter(tmp, examples_per_shard, val_examples)
     progress = _Progress(name)
     documents = empty_documents = text_bytes = skipped = document_tokens = 0
@@ -291,7 +257,6 @@ def prepare(inputs: list[str], tokenizer_path: str, seq_len: int, out_dir: str,
                 writer.add(buf[: full * length].reshape(full, length))
                 carry = buf[full * length:].copy()
                 progress.update(documents, document_tokens, writer.total)
-        progress.update(documents, document_tokens, writer.total, final=True)
         progress.close()
         total = writer.total
         if total == 0:

@@ -10,12 +10,14 @@ sentencepiece model in-process for users with a new domain (`python -m cpt_jax.t
 from __future__ import annotations
 
 import abc
+import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -28,6 +30,7 @@ EOS_CANDIDATES = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<|eos|>"
 BOS_CANDIDATES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>", "<|bos|>")
 PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
 BOS_CHOICES = ("auto", "always", "never")
+SENTENCEPIECE_MODEL_TYPES = ("unigram", "bpe", "char", "word")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -37,39 +40,24 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def file_sha256(path: str) -> str:
     """sha256 hex digest of a file's bytes (the tokenizer fingerprint)."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+@dataclasses.dataclass(eq=False)
 class Tokenizer(abc.ABC):
-    """Common interface of both backends.
+    """Common interface of both backends; `kind` is 'sentencepiece' or 'huggingface'."""
 
-    Attributes:
-      kind: 'sentencepiece' or 'huggingface'.
-      path: absolute path of the tokenizer file.
-      vocab_size: number of ids (largest id + 1), the rows an embedding needs at least.
-      bos_id: beginning-of-sequence id, or None when the tokenizer has none.
-      eos_id: end-of-document id; `prepare` appends it after every document.
-      pad_id: padding id; the eos id when the tokenizer defines no pad token.
-      adds_bos: whether the tokenizer itself starts every text with BOS (its models were trained
-        on documents that begin with it): what `prepare --bos auto` follows.
-      fingerprint: sha256 hex digest of the tokenizer file.
-    """
-
-    kind: str = ""
-
-    def __init__(self, path: str, fingerprint: str, vocab_size: int, bos_id: int | None, eos_id: int,
-                 pad_id: int):
-        self.path = path
-        self.fingerprint = fingerprint
-        self.vocab_size = vocab_size
-        self.bos_id = bos_id
-        self.eos_id = eos_id
-        self.pad_id = pad_id
-        self.adds_bos = False
+    kind: ClassVar[str] = ""
+    path: str  # absolute path of the tokenizer file
+    fingerprint: str  # sha256 hex digest of the tokenizer file
+    vocab_size: int  # number of ids (largest id + 1), the rows an embedding needs at least
+    bos_id: int | None  # None when the tokenizer has none
+    eos_id: int  # the end of a document: `prepare` appends it after every document
+    pad_id: int  # the eos id when the tokenizer defines no pad token
+    # Whether the tokenizer itself starts every text with BOS (its models were trained on documents
+    # that begin with it): what `prepare --bos auto` follows.
+    adds_bos: bool = False
 
     @property
     def dtype(self) -> np.dtype:
@@ -87,11 +75,8 @@ class Tokenizer(abc.ABC):
     def encode_documents(self, texts: Sequence[str], num_threads: int | None = None,
                          add_bos: bool = False) -> np.ndarray:
         """All texts encoded and concatenated, each followed by eos (and preceded by bos with
-        `add_bos`), as one array of `self.dtype`.
-
-        This is what `prepare` packs; one concatenation and one vectorised insert instead of a
-        Python-level append per document.
-        """
+        `add_bos`), as one array of `self.dtype`: what `prepare` packs, made by one concatenation and
+        one vectorised insert instead of a Python-level append per document."""
         if not texts:
             return np.empty(0, self.dtype)
         arrays = self.encode_batch(texts, num_threads=num_threads)
@@ -104,10 +89,6 @@ class Tokenizer(abc.ABC):
         where = np.stack([ends - lengths, ends], axis=1).reshape(-1)
         marks = np.tile(np.asarray([self.bos_id, self.eos_id], self.dtype), len(arrays))
         return np.insert(flat, where, marks)
-
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(path={self.path!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
-                f"eos_id={self.eos_id}, pad_id={self.pad_id}, fingerprint={self.fingerprint[:12]}...)")
 
 
 def _threads(num_threads: int | None) -> int:
@@ -134,10 +115,9 @@ class SentencePieceTokenizer(Tokenizer):
                               "(train it with eos_id >= 0)")
         bos = sp.bos_id()
         pad = sp.pad_id()
-        super().__init__(path, fingerprint, sp.vocab_size(), bos if bos >= 0 else None, eos,
-                         pad if pad >= 0 else eos)
         # Llama 2's convention: a sentencepiece model with a BOS piece starts every text with it.
-        self.adds_bos = self.bos_id is not None
+        super().__init__(path, fingerprint, sp.vocab_size(), bos if bos >= 0 else None, eos,
+                         pad if pad >= 0 else eos, adds_bos=bos >= 0)
 
     def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[np.ndarray]:
         return self._sp.encode(list(texts), num_threads=_threads(num_threads), return_type="numpy",
@@ -175,14 +155,14 @@ class HuggingFaceTokenizer(Tokenizer):
                 "eos_token in tokenizer_config.json), expected one; add a tokenizer_config.json naming eos_token")
         bos = self._special_id("bos", named, BOS_CANDIDATES, path)
         pad = self._special_id("pad", named, PAD_CANDIDATES, path)
-        super().__init__(path, fingerprint, vocab_size, bos, eos, eos if pad is None else pad)
         # tokenizer_config.json's add_bos_token when it says (transformers honours it over the
         # template), else what the post-processor's template does (Llama 3 and Mistral start with
         # BOS; Qwen2 has no BOS).
         if config_says is None:
             ids = tok.encode("a", add_special_tokens=True).ids
             config_says = bos is not None and bool(ids) and ids[0] == bos
-        self.adds_bos = bool(config_says) and bos is not None
+        super().__init__(path, fingerprint, vocab_size, bos, eos, eos if pad is None else pad,
+                         adds_bos=bool(config_says) and bos is not None)
 
     def _special_id(self, which: str, named: dict[str, str | None], candidates: Sequence[str],
                     path: str) -> int | None:
@@ -196,28 +176,24 @@ class HuggingFaceTokenizer(Tokenizer):
                 raise ConfigError(f"{config}: {which}_token {content!r} is not in the vocabulary of {path}, "
                                   "expected a token of the tokenizer")
             return token_id
-        for content in candidates:
-            token_id = self._tok.token_to_id(content)
-            if token_id is not None:
-                return token_id
-        return None
+        return next((i for i in map(self._tok.token_to_id, candidates) if i is not None), None)
 
     def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[np.ndarray]:
         # `tokenizers` parallelises over its own Rust thread pool (RAYON_NUM_THREADS) and has no
         # per-call thread count, so num_threads is not used here.
         del num_threads
-        encodings = self._tok.encode_batch_fast(list(texts), add_special_tokens=False)
-        return [np.asarray(e.ids, np.int32) for e in encodings]
+        return [np.asarray(e.ids, np.int32) for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:
         return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=False)
 
 
-def _tokenizer_config(path: str) -> tuple[str, dict[str, Any]]:
-    """(path, content) of the tokenizer_config.json beside `path` ({} when there is none)."""
+def _config_tokens(path: str) -> tuple[dict[str, str | None], bool | None]:
+    """({'eos': content, ...} for the special tokens a tokenizer_config.json beside `path` names,
+    its add_bos_token or None when it does not say); ({}, None) without one."""
     config = os.path.join(os.path.dirname(path), "tokenizer_config.json")
     if not os.path.exists(config):
-        return config, {}
+        return {}, None
     try:
         with open(config, encoding="utf-8") as f:
             cfg = json.load(f)
@@ -225,13 +201,6 @@ def _tokenizer_config(path: str) -> tuple[str, dict[str, Any]]:
         raise ConfigError(f"{config}: unreadable ({first_line(e)}), expected a JSON object") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"{config}: a JSON {type(cfg).__name__}, expected a JSON object")
-    return config, cfg
-
-
-def _config_tokens(path: str) -> tuple[dict[str, str | None], bool | None]:
-    """({'eos': content, ...} for the special tokens a tokenizer_config.json beside `path` names,
-    its add_bos_token or None when it does not say)."""
-    config, cfg = _tokenizer_config(path)
     named: dict[str, str | None] = {}
     for which in ("eos", "bos", "pad"):
         key = f"{which}_token"
@@ -265,12 +234,9 @@ def resolve_tokenizer_path(path: str | os.PathLike) -> str:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load a sentencepiece model or a Hugging Face tokenizer.json (or a directory holding one).
-
-    The backend follows the content (JSON is a Hugging Face tokenizer, anything else is tried as a
-    sentencepiece model proto). Raises ConfigError when the file is missing, is not a tokenizer or
-    defines no end-of-text token.
-    """
+    """Load a sentencepiece model or a Hugging Face tokenizer.json (or a directory holding one), by
+    content: JSON is a Hugging Face tokenizer, anything else is tried as a sentencepiece model proto.
+    ConfigError when the file is missing, is not a tokenizer or defines no end-of-text token."""
     path = resolve_tokenizer_path(path)
     try:
         with open(path, "rb") as f:
@@ -288,28 +254,17 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 _MAX_SENTENCE_CHARS = 4096
 
 
-class _Sentences:
-    """Lines of the documents for the sentencepiece trainer. An exception raised while reading the
-    documents (a bad record) must not cross sentencepiece's C++ frames: it ends the iteration, is
-    kept, and re-raised once the trainer returns."""
-
-    def __init__(self, documents: Iterable[str], max_sentences: int):
-        self.documents = documents
-        self.max_sentences = max_sentences
-        self.error: BaseException | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        count = 0
-        try:
-            for doc in self.documents:
-                for line in filter(str.strip, doc.splitlines()):
-                    for start in range(0, len(line), _MAX_SENTENCE_CHARS):
-                        yield line[start:start + _MAX_SENTENCE_CHARS]
-                        count += 1
-                        if count >= self.max_sentences:
-                            return
-        except Exception as e:
-            self.error = e
+def _sentences(documents: Iterable[str], max_sentences: int, errors: list[Exception]) -> Iterator[str]:
+    """The non-blank lines of the documents for the sentencepiece trainer (at least one, at most
+    `max_sentences`). An exception raised while reading the documents (a bad record) must not cross
+    sentencepiece's C++ frames: it ends the iteration and is kept in `errors`, re-raised once the
+    trainer returns."""
+    lines = (line for doc in documents for line in filter(str.strip, doc.splitlines()))
+    pieces = (line[i:i + _MAX_SENTENCE_CHARS] for line in lines for i in range(0, len(line), _MAX_SENTENCE_CHARS))
+    try:
+        yield from itertools.islice(pieces, max(1, max_sentences))
+    except Exception as e:
+        errors.append(e)
 
 
 def train_sentencepiece(documents: Iterable[str], out: str | os.PathLike, vocab_size: int, *,
@@ -330,15 +285,15 @@ def train_sentencepiece(documents: Iterable[str], out: str | os.PathLike, vocab_
         raise ConfigError(f"--out {out}: already exists, expected a new path (delete it or choose another)")
     if vocab_size < 8:
         raise ConfigError(f"--vocab_size: {vocab_size}, expected at least 8")
-    if model_type not in ("unigram", "bpe", "char", "word"):
+    if model_type not in SENTENCEPIECE_MODEL_TYPES:
         raise ConfigError(f"--model_type: {model_type!r}, expected unigram, bpe, char or word")
     if not 0.0 < character_coverage <= 1.0:
         raise ConfigError(f"--character_coverage: {character_coverage}, expected a value in (0, 1]")
     model = io.BytesIO()
-    sentences = _Sentences(documents, max_sentences)
+    errors: list[Exception] = []
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences),
+            sentence_iterator=_sentences(documents, max_sentences, errors),
             model_writer=model,
             vocab_size=vocab_size,
             model_type=model_type,
@@ -356,13 +311,13 @@ def train_sentencepiece(documents: Iterable[str], out: str | os.PathLike, vocab_
             minloglevel=2 if quiet else 0,
         )
     except RuntimeError as e:
-        if sentences.error is not None:
-            raise sentences.error from None
+        if errors:
+            raise errors[0] from None
         # sentencepiece's own diagnostics (vocabulary too small for the characters and byte pieces,
         # too large for the corpus, empty corpus) are user errors.
         raise ConfigError(f"sentencepiece training: {first_line(e)}") from None
-    if sentences.error is not None:
-        raise sentences.error
+    if errors:
+        raise errors[0]
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = f"{out}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
