@@ -1,4 +1,4 @@
-"""A checkpoint's model as `evaluate` and `sample` read it: its parameters restored for
+"""A checkpoint's model as `evaluate`, `sample` and `hf check` read it: its parameters restored for
 evaluation, what its metadata and its run's config say about its tokenizer, data sources and BOS,
 and the flags (--bos, --dtype) every such command takes."""
 
@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+from flax import nnx
 
 from cpt_jax import checkpoint, model
 from cpt_jax.config import ConfigError
@@ -110,3 +111,26 @@ def add_checkpoint_flags(p: argparse.ArgumentParser, what: str) -> None:
                         "always, never")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="compute dtype (default: the checkpoint's model.dtype)")
+
+
+def load(checkpoint_dir: str, dtype: str | None = None) -> tuple[model.Decoder, ModelConfig]:
+    """(model, config) of a cpt_jax checkpoint: `model(tokens)` gives logits [B, T, V] in fp32.
+
+    `checkpoint_dir` is a checkpoint directory (a run's workdir or an imported model), its
+    checkpoints/ directory or one step directory (the latest step is taken). The architecture comes
+    from the checkpoint's metadata; `dtype` (e.g. "float32") replaces its compute dtype. Parameters
+    are restored onto the default device. Raises ConfigError for a missing or mismatched checkpoint.
+    """
+    meta, c = checkpoint.read_model_config(checkpoint_dir, key="checkpoint", dtype=dtype)
+    abstract = model.abstract_params(c)
+    if "param_shapes" in meta:
+        checkpoint.check_param_shapes(meta["param_shapes"], abstract, f"checkpoint {checkpoint_dir}")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+    params = checkpoint.restore_from(checkpoint_dir, params=target)["params"]
+    # Build the module without allocating a fresh init, then put the restored arrays in its place.
+    decoder = nnx.eval_shape(lambda: model.Decoder(c, rngs=nnx.Rngs(params=0)))
+    state = nnx.state(decoder, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(decoder, state)
+    return decoder, c

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cpt_jax import model
+from cpt_jax import checkpoint_model
 from cpt_jax.config import ConfigError, first_line
 
 
@@ -25,7 +25,7 @@ def check_logits(model_dir: str, checkpoint_dir: str, *, batch_size: int = 2, se
     import torch
     from transformers import AutoModelForCausalLM
 
-    decoder, c = model.load(checkpoint_dir, dtype="float32")
+    decoder, c = checkpoint_model.load(checkpoint_dir, dtype="float32")
     try:
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     except (OSError, ValueError) as e:

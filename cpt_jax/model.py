@@ -397,29 +397,3 @@ def apply(params: Params, tokens_BT, c: ModelConfig, segment_ids_BT=None, positi
     """Logits [B, T, V] (fp32) from a parameter pytree: the functional form of Decoder.__call__."""
     hidden = forward(params, tokens_BT, c, segment_ids_BT, positions_BT, rules)
     return logits_from_hidden(params, hidden, c)
-
-
-def load(checkpoint_dir: str, dtype: str | None = None) -> tuple[Decoder, ModelConfig]:
-    """(model, config) of a cpt_jax checkpoint: `model(tokens)` gives logits [B, T, V] in fp32.
-
-    `checkpoint_dir` is a checkpoint directory (a run's workdir or an imported model), its
-    checkpoints/ directory or one step directory (the latest step is taken). The architecture comes
-    from the checkpoint's metadata; `dtype` (e.g. "float32") replaces its compute dtype. Parameters
-    are restored onto the default device. Raises ConfigError for a missing or mismatched checkpoint.
-    """
-    # Imported here: checkpoint.py pulls in orbax, which the model's computation does not need.
-    from cpt_jax import checkpoint
-
-    meta, c = checkpoint.read_model_config(checkpoint_dir, key="checkpoint", dtype=dtype)
-    abstract = abstract_params(c)
-    if "param_shapes" in meta:
-        checkpoint.check_param_shapes(meta["param_shapes"], abstract, f"checkpoint {checkpoint_dir}")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-    params = checkpoint.restore_from(checkpoint_dir, params=target)["params"]
-    # Build the module without allocating a fresh init, then put the restored arrays in its place.
-    decoder = nnx.eval_shape(lambda: Decoder(c, rngs=nnx.Rngs(params=0)))
-    state = nnx.state(decoder, nnx.Param)
-    nnx.replace_by_pure_dict(state, params)
-    nnx.update(decoder, state)
-    return decoder, c

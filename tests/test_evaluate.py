@@ -222,7 +222,7 @@ def test_trained_model_answers_and_untrained_is_at_chance(mc, sp_path):
         assert abs(untrained["acc"] - 0.25) <= 0.2, untrained
     # One length bucket for the whole task: the longest row rounded up to a power of two.
     longest = int(ev.sets["mc"].lengths.max()) - 1  # positions scored: the row's tokens but the last
-    assert ev.sets["mc"].length == max(evaluate.MIN_TASK_LENGTH, 1 << (longest - 1).bit_length()) >= longest
+    assert ev.sets["mc"].length == max(16, 1 << (longest - 1).bit_length()) >= longest  # 16: the shortest bucket
 
 
 def test_choice_loglikelihood_equals_a_direct_computation(mc, sp_path):

@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
-from cpt_jax import checkpoint, hf, hf_check, hf_export, hf_import, model, train
+from cpt_jax import checkpoint, checkpoint_model, hf, hf_check, hf_export, hf_import, model, train
 from cpt_jax.config import ConfigError
 from cpt_jax.data.tokenization import file_sha256
 
@@ -80,7 +80,7 @@ def test_import_metadata(zoo, family):
 
 
 def test_bf16_weights_are_imported_exactly(zoo):
-    decoder, c = model.load(zoo.ckpt("qwen2"), dtype="float32")
+    decoder, c = checkpoint_model.load(zoo.ckpt("qwen2"), dtype="float32")
     assert c.dtype == "float32"
     original = safetensors_of(zoo.hf("qwen2"))
     embed = original["model.embed_tokens.weight"]
@@ -89,7 +89,7 @@ def test_bf16_weights_are_imported_exactly(zoo):
     bq = original["model.layers.1.self_attn.q_proj.bias"].float().numpy().reshape(4, 16)
     np.testing.assert_array_equal(np.asarray(decoder.layers.bq[...])[1], bq)
     # Without a dtype the model computes in the checkpoint's configured compute dtype.
-    _, c = model.load(zoo.ckpt("qwen2"))
+    _, c = checkpoint_model.load(zoo.ckpt("qwen2"))
     assert c.dtype == "bfloat16"
 
 
@@ -240,7 +240,7 @@ def test_continued_run_starts_at_the_imported_lr_min_and_exports(zoo, tmp_path):
                                                                                           "tokenizer.model"))
     loaded, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    decoder, _ = model.load(wd, dtype="float32")
+    decoder, _ = checkpoint_model.load(wd, dtype="float32")
     np.testing.assert_array_equal(loaded.model.embed_tokens.weight.detach().numpy(), np.asarray(decoder.embed[...]))
 
 

@@ -5,8 +5,6 @@ import ast
 import collections
 import os
 
-import pytest
-
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cpt_jax")
 MAX_LINES = 550
 
@@ -119,17 +117,11 @@ def test_the_import_graph_sees_every_kind_of_import(tmp_path):
     assert "cpt_jax.config" in import_graph()["cpt_jax.train"]
 
 
-# At c856d45: cpt_jax.checkpoint -> cpt_jax.model -> cpt_jax.checkpoint (model.load imports checkpoint
-# in the function) and cpt_jax.demo -> cpt_jax.demo.cli -> cpt_jax.demo (cli.build_parser reads the
-# package docstring); both are in files the refactor branches own.
-@pytest.mark.xfail(strict=True, reason="issue 17: fixed by the refactor branches (checkpoint<->model, "
-                                       "demo<->demo.cli at c856d45)")
 def test_no_import_cycles():
     cycles = find_cycles(import_graph())
     assert cycles == [], " ; ".join(" -> ".join([*c, c[0]]) for c in cycles)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17: fixed by the refactor branches")
 def test_no_two_modules_share_a_file_name():
     names = collections.defaultdict(list)
     for path in _modules().values():
@@ -138,7 +130,6 @@ def test_no_two_modules_share_a_file_name():
     assert {n: p for n, p in names.items() if len(p) > 1} == {}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17: fixed by the refactor branches")
 def test_no_module_is_over_550_lines():
     lengths = {os.path.relpath(p, os.path.dirname(PACKAGE)): sum(1 for _ in open(p)) for p in _modules().values()}
     assert {p: n for p, n in lengths.items() if n > MAX_LINES} == {}
