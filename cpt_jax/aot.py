@@ -1,30 +1,12 @@
-"""Compile the train step for a target before booking it: per-device memory and FLOPs.
+"""Compile the train step for a target before booking it: per-device memory and FLOPs
+(`--compile_only [--topology v5p-256|cpu:N]`; the README lists the targets).
 
-    python -m cpt_jax.train --config ... --workdir DIR --compile_only [--topology v5p-256|cpu:N]
-
-Builds the same jitted step as the trainer (`train_step.jit_train_step` over the state of
-`train_step.abstract_state` and the batch of `data_pipeline.batch_specs`) for the run of
-`resolve.for_compile`, on abstract arrays only, lowers and compiles it for the target's devices,
-and reports what XLA's compiled program says: argument, output, temporary and total bytes per
-device (`memory_analysis`) and FLOPs (`cost_analysis`), and whether that fits the device's memory.
-Nothing is written to the workdir, no data or checkpoint is read (the learning-rate values, which
-need a checkpoint's metadata, do not change the program).
-
-Whether it fits: the TPU compiler itself refuses a program whose buffers exceed the chip's HBM
-(RESOURCE_EXHAUSTED, with what it needs and what the chip has), so a TPU target either compiles
-(fits) or reports that refusal (does not fit). On this process's own GPUs or TPUs the total is
-compared with the allocator's limit. CPU devices have no memory of their own to fit (None).
-
-Targets:
-  (none)       this process's devices (CPU, GPU or TPU, whatever JAX sees).
-  cpu:N        N CPU devices of this process (start it with
-               XLA_FLAGS=--xla_force_host_platform_device_count=N when N > the devices it has).
-  v5p-256 ...  a TPU slice through `jax.experimental.topologies.get_topology_desc`: needs libtpu
-               (`pip install 'cpt_jax[tpu]'`), not TPU hardware. Names follow Cloud TPU's
-               (v4-N, v5p-N: N TensorCores; v5e-N / v5litepod-N, v6e-N: N chips) or give the chip
-               grid as FAMILY:AxBxC (v5p:4x4x12).
-  GPU targets  cannot be compiled from a host without those GPUs: JAX has no compile-only GPU
-               topology. Run --compile_only on one host of the target type instead.
+The same jitted step as the trainer's, for the run of `resolve.for_compile`, on abstract arrays
+only: nothing is written, no data or checkpoint is read. Whether it fits: the TPU compiler itself
+refuses a program that exceeds the chip's HBM (RESOURCE_EXHAUSTED), so a TPU slice either compiles
+or reports that refusal; this process's own GPUs or TPUs are compared with the allocator's limit;
+CPU devices have no memory of their own (None). JAX has no compile-only GPU topology, so a GPU
+target is checked on one host of its type.
 """
 
 from __future__ import annotations
@@ -38,27 +20,22 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 
 from cpt_jax import flops, optim, resolve, sharding, train_step
 from cpt_jax.config import ConfigError
 from cpt_jax.data import pipeline as data_pipeline
 
 _TPU_FAMILIES = {
-    # family: (libtpu topology prefix, TensorCores per chip as Cloud TPU names count them, grid rank, chip config)
-    "v4": ("v4", 2, 3, "megacore"),
-    "v5p": ("v5", 2, 3, "megacore"),
-    "v5e": ("v5e", 1, 2, "default"),
-    "v5litepod": ("v5e", 1, 2, "default"),
-    "v6e": ("v6e", 1, 2, "default"),
+    # family: (libtpu topology prefix, TensorCores per chip as Cloud TPU names count them, grid rank,
+    # chip config, HBM GiB of one chip as Cloud TPU's pages give it: printed next to a program that
+    # compiled, since the TPU compiler checks the real limit itself)
+    "v4": ("v4", 2, 3, "megacore", 32),
+    "v5p": ("v5", 2, 3, "megacore", 95),
+    "v5e": ("v5e", 1, 2, "default", 16),
+    "v5litepod": ("v5e", 1, 2, "default", 16),
+    "v6e": ("v6e", 1, 2, "default", 32),
 }
-# HBM of one chip (one JAX device: megacore chips are one device), as Cloud TPU's pages give it.
-# Only printed next to a program that compiled: the TPU compiler checks the real limit itself.
-_TPU_HBM_GIB = {"v4": 32, "v5p": 95, "v5e": 16, "v5litepod": 16, "v6e": 32}
 _GPU_WORDS = ("gpu", "cuda", "rocm", "a100", "h100", "h200", "b200", "gb200", "l4", "a3", "a4")
-
-
-# ----------------------------------------------------------------------------- targets
 
 
 @dataclasses.dataclass
@@ -84,7 +61,7 @@ def tpu_grid(name: str) -> tuple[str, tuple[int, ...]] | None:
     if not m:
         return None
     family, sep, rest = m.groups()
-    _, cores_per_chip, rank, _ = _TPU_FAMILIES[family]
+    _, cores_per_chip, rank, _, _ = _TPU_FAMILIES[family]
     if sep == ":":
         dims = tuple(int(d) for d in rest.split("x")) if re.fullmatch(r"\d+(x\d+)*", rest) else ()
         if len(dims) != rank or min(dims) < 1:
@@ -147,7 +124,7 @@ def _tpu_target(name: str, family: str, dims: tuple[int, ...]) -> Target:
     """Compile-only TPU devices for a slice (the chip grid, host bounds and wraparound as Cloud TPU has them)."""
     from jax.experimental import topologies
 
-    prefix, _, rank, chip_config = _TPU_FAMILIES[family]
+    prefix, _, rank, chip_config, _ = _TPU_FAMILIES[family]
     grid = "x".join(map(str, dims))
     if jax.default_backend() != "tpu":
         # No TPU here: libtpu would look for this host's place in a slice and log two screens of
@@ -176,9 +153,6 @@ def _tpu_target(name: str, family: str, dims: tuple[int, ...]) -> Target:
         reason = " ".join(str(e).split())[:200]
         raise ConfigError(f"--topology {name}: libtpu cannot describe {prefix}:{grid} ({reason})") from None
     return Target(name, "tpu", list(desc.devices), dims, family)
-
-
-# ----------------------------------------------------------------------------- compiling
 
 
 def compile_only(run: Any, topology: str | None) -> dict[str, Any]:
@@ -219,7 +193,7 @@ def _device_memory_limit(tgt: Target) -> int | None:
     """Bytes one device of the target can hold: the allocator's limit on real accelerators, the
     documented HBM of a compile-only TPU chip, None for CPU devices."""
     if tgt.tpu_family:
-        return _TPU_HBM_GIB[tgt.tpu_family] * 2**30
+        return _TPU_FAMILIES[tgt.tpu_family][4] * 2**30
     if tgt.platform == "cpu":
         return None
     stats = tgt.devices[0].memory_stats() or {}
@@ -271,7 +245,7 @@ def _report(tgt: Target, mesh, compiled, refusal: str | None, seconds: float, B:
         # XLA's count of the compiled per-device program. It counts a loop body once, so with
         # model.scan_layers it covers one layer of the stack: compare with the model FLOPs.
         "flops_per_device": xla_flops,
-        "flops_per_step": xla_flops * n if np.isfinite(xla_flops) else xla_flops,
+        "flops_per_step": xla_flops * n,
         "scan_layers": bool(mc.scan_layers),
         # 6 x matmul weights + attention, per token (cpt_jax.flops: what MFU is computed from).
         "model_flops_per_step": float(model_flops),

@@ -1,26 +1,13 @@
 """Multi-process runs through `jax.distributed`: who the processes are, and that they agree.
 
-Where the settings come from, first match wins:
-
-1. Explicit: the `--coordinator_address`, `--num_processes`, `--process_id` flags of
-   `python -m cpt_jax.train`, or the environment variables CPT_COORDINATOR_ADDRESS,
-   CPT_NUM_PROCESSES, CPT_PROCESS_ID (a flag overrides its variable). `launch/local.sh` sets the
-   variables. `--num_processes=1` forces a single process even inside a cluster.
-2. A cluster JAX knows how to read (TPU pod slices, SLURM, Open MPI, Kubernetes with the `kubernetes`
-   package): `jax.distributed.initialize()` with no arguments. The check reads only the
-   environment (and, on a Cloud TPU VM, its metadata server); a laptop run never tries to connect.
-3. Otherwise one process: nothing to initialize.
-
-`initialize` must run before anything else touches JAX's backends (before the mesh is built). On
-CPU it uses gloo collectives, so several processes on one machine form one run (tests, `local.sh`).
-Every problem is a `ConfigError` naming the setting: an out-of-range process id before any
-connection is tried, an unreachable coordinator after `--distributed_timeout` seconds. One case is
-JAX's alone: when the coordinator is up but some process never joins, JAX's client ends the waiting
-processes itself (a fatal log line) once the same timeout has passed.
-
-After initialization `check_same_config` compares a hash of every process's resolved config; when
-they differ, every process reports the first key that differs and the values on both processes.
-`Preemption` turns SIGTERM into a step at which every process saves and stops.
+The settings come from, first match wins: the `--coordinator_address/--num_processes/--process_id`
+flags or their CPT_* variables (a flag overrides its variable; `--num_processes=1` forces one
+process even inside a cluster); a cluster JAX detects from the environment alone (TPU pod slices,
+SLURM, Open MPI, Kubernetes); otherwise one process, which never tries to connect. On CPU the
+collectives are gloo's, so several processes on one machine form one run (tests, launch/local.sh).
+Every problem is a `ConfigError` naming the setting. One case is JAX's alone: when the coordinator
+is up but some process never joins, JAX's client ends the waiting processes itself once
+`--distributed_timeout` has passed.
 """
 
 from __future__ import annotations
@@ -158,9 +145,6 @@ def settings_from_flags(fv) -> Settings:
     return resolve(fv.coordinator_address, fv.num_processes, fv.process_id, fv.distributed_timeout)
 
 
-# ----------------------------------------------------------------------------- cluster detection
-
-
 def detect_cluster() -> str | None:
     """Name of the multi-process cluster JAX would auto-detect here, or None; connects to nothing.
 
@@ -189,23 +173,18 @@ def detect_cluster() -> str | None:
     return None
 
 
-# ----------------------------------------------------------------------------- initialization
-
-
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split())
     return text if len(text) <= 300 else text[:297] + "..."
 
 
 def initialize(settings: Settings) -> None:
-    """Joins the run described by `settings` (nothing for one process); ConfigError if it cannot.
-
-    Must come before any JAX computation. On CPU the cross-process collectives are gloo's (TCP),
-    so processes on one machine, or CPU hosts, form one run.
+    """Joins the run described by `settings` (nothing for one process) before any JAX computation;
+    ConfigError if it cannot.
 
     JAX's client ends the whole process (a fatal log and a stack trace) when it cannot reach the
     coordinator, so that case is checked first, with a plain TCP connection retried until
-    `settings.timeout_secs`: one clear line instead, and nothing else is waited for.
+    `settings.timeout_secs`: one clear line instead.
     """
     if not settings.multi_process:
         return
@@ -320,9 +299,6 @@ def _attempted_address() -> str | None:
         return None
 
 
-# ----------------------------------------------------------------------------- agreement
-
-
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     """{'train.steps': 10, ...}: the leaves of nested dicts under dotted keys (lists are leaves)."""
     if not isinstance(tree, dict) or (not tree and prefix):
@@ -376,9 +352,6 @@ def check_same_config(tree: dict) -> None:
         raise ConfigError(f"config differs between processes 0 and {other} (same keys and values, other bytes)")
     key, v0, v1 = diff
     raise ConfigError(f"config differs between processes: {key} is {v0} on process 0 and {v1} on process {other}")
-
-
-# ----------------------------------------------------------------------------- preemption
 
 
 class Preemption:

@@ -109,9 +109,6 @@ def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-# ----------------------------------------------------------------------------- the trainer's records
-
-
 def plan_record(step: int, schedule_metadata: dict[str, Any], phases: list, model_config: ModelConfig) -> dict:
     """What a run (or a resumed part of it) sets out to do: the schedule, the phases, the model size."""
     return {"kind": "plan", "step": step, "schedule": schedule_metadata,

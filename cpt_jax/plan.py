@@ -93,9 +93,6 @@ def make_plan(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     }
 
 
-# ----------------------------------------------------------------------------- text
-
-
 def human(n: float) -> str:
     """Token counts the way people say them: 213.4B, 1.2M, 950."""
     for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -150,9 +147,6 @@ def format_plan(plan: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- picture
-
-
 def write_png(plan: dict[str, Any], path: str) -> None:
     """LR over tokens with the phases shaded (top) and the mixture weights as stacked areas (bottom)."""
     import matplotlib
@@ -189,9 +183,6 @@ def write_png(plan: dict[str, Any], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-# ----------------------------------------------------------------------------- command line
 
 
 def _one_line(text: str) -> str:

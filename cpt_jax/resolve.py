@@ -65,9 +65,6 @@ class RunFinished(Exception):
     """The workdir's latest checkpoint is the run's last step: there is nothing to do."""
 
 
-# ----------------------------------------------------------------------------- the starting LR
-
-
 def start_lr(cfg: ml_collections.ConfigDict, own: tuple[int, dict] | None = None, init_meta: dict | None = None,
              *, compile_only: bool = False) -> tuple[float | None, str]:
     """(the LR the schedule starts at, where it came from): this run's own checkpoint `own` (step,
@@ -110,9 +107,6 @@ def _schedule(cfg: ml_collections.ConfigDict, own=None, init_meta=None, *, compi
               ) -> tuple[schedules.Schedule, str]:
     lr, where = start_lr(cfg, own, init_meta, compile_only=compile_only)
     return schedules.build(cfg.schedule, cfg.train.steps, lr), where
-
-
-# ----------------------------------------------------------------------------- the stages
 
 
 def for_plan(cfg: ml_collections.ConfigDict) -> Run:
@@ -197,9 +191,6 @@ def for_training(cfg: ml_collections.ConfigDict, workdir_path: str) -> Run:
                source_dtype=checkpoint.source_dtype(lineage))
 
 
-# ----------------------------------------------------------------------------- the state
-
-
 def initial_state(run: Run, tx) -> tuple[dict, dict]:
     """The state to start from, and its shardings: own checkpoint (its data state checked against
     it), init_from, or fresh. Incomplete checkpoint steps are set aside first."""
@@ -264,9 +255,6 @@ def checkpoint_metadata(run: Run) -> Callable[[int], dict[str, Any]]:
         }
 
     return at
-
-
-# ----------------------------------------------------------------------------- evaluating a checkpoint
 
 
 def mesh_for(mc: model.ModelConfig) -> tuple[Any, dict, Any]:

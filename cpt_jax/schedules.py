@@ -1,23 +1,9 @@
 """Learning-rate schedules: pure, jit-friendly functions of the optimizer step, built with optax.
 
-`build(config.schedule, steps, start_lr)` returns a `Schedule`: the optax-style function (step ->
-float32 lr) plus what the rest of the trainer needs to know about it without evaluating it (the lr at
-step 0, its largest value and where that is first reached, its floor at the last step, the resolved
-parameters written to metadata) and `crossing_step`, the first step after the peak at which the lr
-has decayed to a threshold; the data mixture switches blends there (the recipe switches at start/5).
-
-Schedules (`schedule.name`):
-
-- `recipe` ("Reuse, Don't Retrain", Parmar et al. 2024): cosine from `start_lr` to
-  `start_lr * final_ratio` over the run, no warmup.
-- `warmup_cosine`: linear warmup 0 -> `peak_lr`, cosine to `min_lr` at the last step.
-- `rewarm` (Gupta et al. 2023): linear warmup `start_lr` (or 0) -> `peak_lr`, cosine to `min_lr`.
-- `wsd`: warmup 0 -> `peak_lr`, constant, then a `decay_shape` decay to `min_lr` over the last
-  `decay_steps` (0: 10% of the run).
-- `constant`: `start_lr` throughout.
-- `infinite` (Ibrahim et al. 2024 §7; Singh et al. 2025): warmup 0 -> `peak_lr`, cosine cooldown to
-  `const_lr` over `cooldown_steps`, constant, then an exponential anneal to `min_lr` over the last
-  `anneal_steps` (0: no anneal, the run ends at `const_lr`).
+`build(config.schedule, steps, start_lr)` returns a `Schedule`: the function (step -> float32 lr)
+plus what the trainer needs to know without evaluating it, and `crossing_step`, the first step
+after the peak at which the lr has decayed to a threshold (where the mixture switches blends; the
+recipe switches at start/5). The schedules and their keys are in the README's table.
 
 A run of `steps` optimizer steps uses steps 0..steps-1; every schedule reaches its floor `lr_min` at
 step `steps` and stays there for any later step.
@@ -124,21 +110,12 @@ class Schedule:
                 "lr_max": float(self.lr_max), "lr_min": float(self.lr_min), **self.params}
 
 
-# ----------------------------------------------------------------------------- building
-
-
 def build(cfg: Any, steps: int, start_lr: float | None) -> Schedule:
-    """The schedule described by the `config.schedule` section for a run of `steps` steps.
+    """The schedule of the `config.schedule` section `cfg` for a run of `steps` (> 0) steps.
 
-    Args:
-      cfg: the `schedule` config section (attributes name, final_ratio, peak_lr, min_lr, warmup_steps,
-        decay_steps, decay_shape, cooldown_steps, const_lr, anneal_steps; `cfg.start_lr` is not read).
-      steps: optimizer steps of the run (> 0).
-      start_lr: the resolved starting lr (`resolve.start_lr`): read by READS_START_LR, required by
-        NEEDS_START_LR, ignored by the others.
-
-    Raises:
-      ConfigError: one line naming the offending key, the value found and what is expected.
+    `start_lr` is the resolved starting lr (`resolve.start_lr`; `cfg.start_lr` is not read): read by
+    READS_START_LR, required by NEEDS_START_LR, ignored by the others. A bad value is a ConfigError
+    naming its key.
     """
     name = cfg.name
     if name not in NAMES:
@@ -314,9 +291,6 @@ def _nonempty(*segments: Segment) -> tuple[Segment, ...]:
     return tuple(s for s in segments if s.length > 0)
 
 
-# ----------------------------------------------------------------------------- validation
-
-
 def _is_real(x: Any) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
@@ -351,9 +325,6 @@ def _count(cfg: Any, key: str) -> int:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
         raise ConfigError(f"schedule.{key}: {value!r}, expected a non-negative integer number of steps")
     return int(value)
-
-
-# ----------------------------------------------------------------------------- evaluation
 
 
 def values(schedule: Schedule) -> np.ndarray:
