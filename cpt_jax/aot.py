@@ -23,7 +23,6 @@ import jax
 
 from cpt_jax import flops, optim, resolve, sharding, train_step
 from cpt_jax.config import ConfigError
-from cpt_jax.data import pipeline as data_pipeline
 
 _TPU_FAMILIES = {
     # family: (libtpu topology prefix, TensorCores per chip as Cloud TPU names count them, grid rank,
@@ -57,7 +56,7 @@ def libtpu_available() -> bool:
 
 def tpu_grid(name: str) -> tuple[str, tuple[int, ...]] | None:
     """('v5p', (4, 4, 8)) for 'v5p-256' or 'v5p:4x4x8'; None when `name` is not a TPU name."""
-    m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)([-:])(\S+)", name.strip().lower())
+    m = re.fullmatch(rf"({'|'.join(_TPU_FAMILIES)})([-:])(\S+)", name.strip().lower())
     if not m:
         return None
     family, sep, rest = m.groups()
@@ -162,7 +161,6 @@ def compile_only(run: Any, topology: str | None) -> dict[str, Any]:
     target this machine cannot compile for, or a config that does not fit the target's devices.
     """
     cfg, mc = run.cfg, run.model_config
-    B, T = int(cfg.train.batch_size), int(cfg.train.seq_len)
     tgt = target(topology)
     mesh = sharding.make_mesh(cfg.mesh, tgt.devices)
     param_shardings = resolve.devices(cfg, mc, mesh, run.rules, tgt.platform, of=f" of {tgt.name}")
@@ -170,9 +168,8 @@ def compile_only(run: Any, topology: str | None) -> dict[str, Any]:
     state, shardings = train_step.abstract_state(mc, param_shardings, mesh, tx)
     with jax.set_mesh(mesh):
         batch_sharding = sharding.batch_sharding(mesh, run.rules)
-        jitted = train_step.jit_train_step(cfg.train, mc, tx, run.schedule, run.rules, shardings, batch_sharding)
         t0 = time.perf_counter()
-        lowered = jitted.lower(state, data_pipeline.batch_specs(B, T, batch_sharding))
+        lowered = train_step.lower(cfg.train, mc, tx, run.schedule, run.rules, state, shardings, batch_sharding)
         # A compile-only TPU executable cannot be loaded back from JAX's persistent compilation
         # cache (there is no TPU client to load it into): keep it out of the cache.
         cached = jax.config.jax_enable_compilation_cache
@@ -186,7 +183,7 @@ def compile_only(run: Any, topology: str | None) -> dict[str, Any]:
         finally:
             jax.config.update("jax_enable_compilation_cache", cached)
         seconds = time.perf_counter() - t0
-    return _report(tgt, mesh, compiled, refusal, seconds, B, T, mc)
+    return _report(tgt, mesh, compiled, refusal, seconds, int(cfg.train.batch_size), int(cfg.train.seq_len), mc)
 
 
 def _device_memory_limit(tgt: Target) -> int | None:
@@ -196,8 +193,7 @@ def _device_memory_limit(tgt: Target) -> int | None:
         return _TPU_FAMILIES[tgt.tpu_family][4] * 2**30
     if tgt.platform == "cpu":
         return None
-    stats = tgt.devices[0].memory_stats() or {}
-    return int(stats["bytes_limit"]) if "bytes_limit" in stats else None
+    return (tgt.devices[0].memory_stats() or {}).get("bytes_limit")
 
 
 def _report(tgt: Target, mesh, compiled, refusal: str | None, seconds: float, B: int, T: int, mc) -> dict[str, Any]:
@@ -206,14 +202,10 @@ def _report(tgt: Target, mesh, compiled, refusal: str | None, seconds: float, B:
     if mem is not None:
         memory = {f"{k}_bytes": int(getattr(mem, f"{k}_size_in_bytes"))
                   for k in ("argument", "output", "alias", "temp", "generated_code")}
-        # Donated state is aliased: its buffers are counted once, as arguments.
-        memory["total_bytes"] = (
-            memory["argument_bytes"] + memory["output_bytes"] - memory["alias_bytes"] + memory["temp_bytes"]
-            + memory["generated_code_bytes"]
-        )
-        peak = getattr(mem, "peak_memory_in_bytes", 0)
-        if peak:
-            memory["peak_bytes"] = int(peak)
+        # Donated state is aliased: its buffers are counted once, as arguments, not again as outputs.
+        memory["total_bytes"] = sum(v for k, v in memory.items() if k != "alias_bytes") - memory["alias_bytes"]
+        if getattr(mem, "peak_memory_in_bytes", 0):
+            memory["peak_bytes"] = int(mem.peak_memory_in_bytes)
     limit = _device_memory_limit(tgt)
     if refusal is not None:
         fits = False
@@ -278,15 +270,15 @@ def format_report(report: dict[str, Any], workdir: str) -> str:
     elif report["refusal"] is None:
         lines.append("memory per device: not reported by this backend")
     limit = report["device_memory_bytes"]
+    used = _size(m.get("peak_bytes", m["total_bytes"])) if m else None
     if report["fits"] is False and report["refusal"]:
         lines.append(f"fits: NO: the TPU compiler refused the step ({report['refusal']})")
     elif report["fits"] is False:
-        lines.append(f"fits: NO: {_size(m.get('peak_bytes', m['total_bytes']))} per device, the device holds "
-                     f"{_size(limit)}")
+        lines.append(f"fits: NO: {used} per device, the device holds {_size(limit)}")
     elif report["fits"] and report["tpu_grid"]:
         lines.append(f"fits: yes: the TPU compiler placed every buffer in the chip's HBM (about {_size(limit)})")
     elif report["fits"]:
-        lines.append(f"fits: yes: {_size(m.get('peak_bytes', m['total_bytes']))} of the device's {_size(limit)}")
+        lines.append(f"fits: yes: {used} of the device's {_size(limit)}")
     else:
         lines.append("fits: not checked: CPU devices have no memory of their own")
     if report["refusal"] is None:

@@ -21,7 +21,6 @@ from absl import flags, logging
 
 from cpt_jax import aot, checkpoint, cli, config, distributed, metrics, optim, resolve, train_step, workdir
 from cpt_jax.config import ConfigError
-from cpt_jax.data import pipeline as data_pipeline
 from cpt_jax.metrics import MetricsWriter, log
 from cpt_jax.progress import Progress
 
@@ -85,11 +84,9 @@ def _train(run: resolve.Run) -> int:
     writer.write(metrics.plan_record(start, run.schedule.metadata(), pipeline.phases, run.model_config))
 
     # ---------------------------------------------------------------- compile
-    jitted = train_step.jit_train_step(cfg.train, run.model_config, tx, run.schedule, run.rules, shardings,
-                                       pipeline.batch_sharding)
     t0 = time.time()
-    compiled = jitted.lower(state, data_pipeline.batch_specs(pipeline.batch_size, pipeline.seq_len,
-                                                              pipeline.batch_sharding)).compile()
+    compiled = train_step.lower(cfg.train, run.model_config, tx, run.schedule, run.rules, state, shardings,
+                                pipeline.batch_sharding).compile()
     log(f"compiled the train step in {time.time() - t0:.1f}s; steps {start} -> {end} of {steps}; "
         f"start LR {run.schedule.start_lr:.4g} from {run.start_lr_from}")
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from cpt_jax import losses, model, sharding
-from cpt_jax.data.pipeline import BATCH_KEYS
+from cpt_jax.data.pipeline import BATCH_KEYS, batch_specs
 from cpt_jax.model import ModelConfig
 from cpt_jax.schedules import Schedule
 
@@ -86,7 +86,7 @@ def _grads(loss_sum, params, batch: Batch, micro_batches: int):
 def make_train_step(c: ModelConfig, tx: optax.GradientTransformation, schedule: Schedule, rules: tuple = (),
                     micro_batches: int = 1, chunk_tokens: int = 0, nan_steps: tuple[int, ...] = ()
                     ) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
-    """The pure step function (`jit_train_step` jits it with a run's shardings).
+    """The pure step function (`lower` jits it with a run's shardings).
 
     nan_steps poisons those steps' gradients with NaN: a test hook for the non-finite guard.
     """
@@ -114,12 +114,13 @@ def make_train_step(c: ModelConfig, tx: optax.GradientTransformation, schedule: 
     return step_fn
 
 
-def jit_train_step(train_cfg: Any, c: ModelConfig, tx: optax.GradientTransformation, schedule: Schedule, rules: dict,
-                   state_shardings: State, batch_sharding: jax.sharding.NamedSharding) -> Callable:
-    """The step of a run (its `train` config section) jitted for its shardings: the state in and out
-    sharded as `state_shardings`, every batch field as `batch_sharding`, the metrics replicated, and
-    the incoming state donated (its buffers become the new state's)."""
+def lower(train_cfg: Any, c: ModelConfig, tx: optax.GradientTransformation, schedule: Schedule, rules: dict,
+          state: State, state_shardings: State, batch_sharding: jax.sharding.NamedSharding) -> jax.stages.Lowered:
+    """The step of a run (its `train` config section) lowered for `state` and a batch of the run's
+    shape: the state in and out sharded as `state_shardings`, every batch field as `batch_sharding`,
+    the metrics replicated, and the incoming state donated (its buffers become the new state's)."""
     step_fn = make_train_step(c, tx, schedule, sharding.rules_tuple(rules), train_cfg.micro_batches,
                               train_cfg.loss_chunk_tokens, tuple(train_cfg.inject_nan_steps))
-    return jax.jit(step_fn, in_shardings=(state_shardings, {k: batch_sharding for k in BATCH_KEYS}),
-                   out_shardings=(state_shardings, sharding.replicated(batch_sharding.mesh)), donate_argnums=(0,))
+    jitted = jax.jit(step_fn, in_shardings=(state_shardings, {k: batch_sharding for k in BATCH_KEYS}),
+                     out_shardings=(state_shardings, sharding.replicated(batch_sharding.mesh)), donate_argnums=(0,))
+    return jitted.lower(state, batch_specs(train_cfg.batch_size, train_cfg.seq_len, batch_sharding))
