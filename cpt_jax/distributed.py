@@ -85,13 +85,8 @@ def _check_address(address: str, where: str) -> None:
         raise ConfigError(f"{where}: {address!r}, expected host:port of process 0 (e.g. 10.0.0.2:8476)")
 
 
-def resolve(
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-    timeout_secs: int = DEFAULT_TIMEOUT_SECS,
-    environ: Mapping[str, str] | None = None,
-) -> Settings:
+def resolve(coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+            timeout_secs: int = DEFAULT_TIMEOUT_SECS, environ: Mapping[str, str] | None = None) -> Settings:
     """Settings from explicit values (flags, then CPT_* variables), a detected cluster, or one process.
 
     Validates everything that can be checked without connecting: a missing or malformed
@@ -329,8 +324,8 @@ def _digest(data: bytes) -> np.ndarray:
 def check_same_config(tree: dict) -> None:
     """ConfigError on every process unless all processes hold the same `tree` (the resolved config).
 
-    The processes exchange a hash (one small all-gather); only if the hashes differ do process 0
-    and the first differing process share their JSON, so the message can name the first key.
+    The processes exchange a hash (one small all-gather); only if the hashes differ do they share
+    their JSON, so the message can name the first key that differs.
     """
     if jax.process_count() == 1:
         return
@@ -340,14 +335,11 @@ def check_same_config(tree: dict) -> None:
     if not differing:
         return
     other = differing[0]
-    width = int(digests[:, 0].max())
-    padded = np.zeros(width, np.uint8)
+    padded = np.zeros(int(digests[:, 0].max()), np.uint8)
     padded[: len(data)] = np.frombuffer(data, np.uint8)
-    texts = {}
-    for source in (0, other):
-        shared = multihost_utils.broadcast_one_to_all(padded, is_source=jax.process_index() == source)
-        texts[source] = bytes(np.asarray(shared, np.uint8)[: int(digests[source, 0])]).decode()
-    diff = first_difference(json.loads(texts[0]), json.loads(texts[other]))
+    texts = np.asarray(multihost_utils.process_allgather(padded))
+    configs = [json.loads(bytes(texts[p][: int(digests[p, 0])]).decode()) for p in (0, other)]
+    diff = first_difference(*configs)
     if diff is None:  # equal content, different bytes: cannot happen with sorted keys, but say so
         raise ConfigError(f"config differs between processes 0 and {other} (same keys and values, other bytes)")
     key, v0, v1 = diff

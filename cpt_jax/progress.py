@@ -74,18 +74,9 @@ class Progress:
     `clock` is injectable for tests; `window` is the span (seconds) of the rate behind the ETA.
     """
 
-    def __init__(
-        self,
-        total: int,
-        *,
-        desc: str = "",
-        start: int = 0,
-        stream: TextIO | None = None,
-        enabled: bool | None = None,
-        min_interval: float = 0.5,
-        window: float = 30.0,
-        clock: Callable[[], float] = time.monotonic,
-    ):
+    def __init__(self, total: int, *, desc: str = "", start: int = 0, stream: TextIO | None = None,
+                 enabled: bool | None = None, min_interval: float = 0.5, window: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic):
         self.total = int(total)
         self.desc = desc
         self.n = int(start)
@@ -97,9 +88,8 @@ class Progress:
         self.window = float(window)
         self.fields: dict[str, Any] = {}
         self._clock = clock
-        self._t0 = clock()
         # (time, n) samples for the recent rate; the construction counts as the first.
-        self._samples: collections.deque[tuple[float, int]] = collections.deque([(self._t0, self.n)])
+        self._samples: collections.deque[tuple[float, int]] = collections.deque([(clock(), self.n)])
         self._last_draw = -math.inf
         self._last_len = 0
         self._closed = False

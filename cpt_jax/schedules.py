@@ -61,10 +61,8 @@ class Segment:
         elif self.kind == "cosine":
             x = 2.0 * (c - self.b) / (self.a - self.b) - 1.0
             frac = math.acos(min(1.0, max(-1.0, x))) / math.pi
-        elif self.kind == "exponential":
+        else:  # exponential (a constant segment, a == b, has returned above)
             frac = math.log(c / self.a) / math.log(self.b / self.a)
-        else:  # constant with a > c handled above; nothing else can get here
-            frac = 0.0
         return frac * self.length
 
 
@@ -73,29 +71,17 @@ class Segment:
 # identity anyway).
 @dataclasses.dataclass(frozen=True, eq=False)
 class Schedule:
-    """A learning-rate schedule over a run of `steps` optimizer steps (see the module docstring).
+    """A learning-rate schedule over a run of `steps` optimizer steps (see the module docstring)."""
 
-    Attributes:
-      name: the schedule's name (one of `NAMES`).
-      steps: length of the run in optimizer steps; the run uses steps 0..steps-1.
-      fn: optax-style schedule, step (int or integer jnp array, traced or not) -> float32 lr.
-      start_lr: lr at step 0.
-      lr_max: largest lr over steps 0..steps.
-      lr_min: the floor: the value at step == steps (and after).
-      peak_step: first step at which the lr equals lr_max (0 without a warmup).
-      params: every resolved value that defines the schedule (JSON-able).
-      segments: the pieces it is made of, used for the closed-form crossing step.
-    """
-
-    name: str
-    steps: int
-    fn: Callable[[Any], jax.Array]
-    start_lr: float
-    lr_max: float
-    lr_min: float
-    peak_step: int
-    params: dict[str, Any]
-    segments: tuple[Segment, ...] = ()
+    name: str  # one of NAMES
+    steps: int  # the run uses steps 0..steps-1
+    fn: Callable[[Any], jax.Array]  # optax-style: step (int or integer array, traced or not) -> float32 lr
+    start_lr: float  # the lr at step 0
+    lr_max: float  # the largest lr over steps 0..steps
+    lr_min: float  # the floor: the value at step == steps and after
+    peak_step: int  # the first step at which the lr equals lr_max (0 without a warmup)
+    params: dict[str, Any]  # every resolved value that defines the schedule (JSON-able)
+    segments: tuple[Segment, ...] = ()  # the pieces it is made of, for the closed-form crossing step
 
     def __call__(self, step: Any) -> jax.Array:
         return self.fn(step)
@@ -122,8 +108,7 @@ def build(cfg: Any, steps: int, start_lr: float | None) -> Schedule:
         raise ConfigError(f"schedule.name: {name!r}, expected one of {', '.join(map(repr, NAMES))}")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps <= 0:
         raise ConfigError(f"train.steps: {steps!r}, expected a positive integer")
-    steps = int(steps)
-    return _BUILDERS[name](cfg, steps, start_lr)
+    return _BUILDERS[name](cfg, int(steps), start_lr)
 
 
 def _build_recipe(cfg: Any, steps: int, start_lr: float | None) -> Schedule:
@@ -205,11 +190,11 @@ def _build_infinite(cfg: Any, steps: int, start_lr: float | None) -> Schedule:
     warmup = _count(cfg, "warmup_steps")
     cooldown = _count(cfg, "cooldown_steps")
     anneal = _count(cfg, "anneal_steps")
-    const = _positive_lr(cfg, "const_lr")
+    const = _positive_lr(cfg.const_lr, "const_lr")
     # Without warmup and cooldown the run starts in the constant phase (continuing a run that
     # stopped there): peak_lr plays no part.
     uses_peak = warmup > 0 or cooldown > 0
-    peak = _positive_lr(cfg, "peak_lr") if uses_peak else const
+    peak = _positive_lr(cfg.peak_lr, "peak_lr") if uses_peak else const
     if const > peak:
         raise ConfigError(f"schedule.const_lr: {const!r}, expected at most schedule.peak_lr ({peak!r})")
     if warmup > 0 and cooldown == 0 and const < peak:
@@ -220,7 +205,7 @@ def _build_infinite(cfg: Any, steps: int, start_lr: float | None) -> Schedule:
         )
     floor = const
     if anneal > 0:
-        floor = _positive_lr(cfg, "min_lr")
+        floor = _positive_lr(cfg.min_lr, "min_lr")
         if floor > const:
             raise ConfigError(f"schedule.min_lr: {floor!r}, expected at most schedule.const_lr ({const!r})")
     if warmup + cooldown + anneal > steps:
@@ -300,21 +285,18 @@ def _required_start_lr(start_lr: float | None) -> float:
         raise ConfigError(
             "schedule.start_lr: None and no init_from checkpoint lr_min; set --config.schedule.start_lr=X"
         )
-    if not _is_real(start_lr) or not math.isfinite(start_lr) or start_lr <= 0:
-        raise ConfigError(f"schedule.start_lr: {start_lr!r}, expected a positive learning rate")
-    return float(start_lr)
+    return _positive_lr(start_lr, "start_lr")
 
 
-def _positive_lr(cfg: Any, key: str) -> float:
-    value = getattr(cfg, key)
+def _positive_lr(value: Any, key: str) -> float:
     if not _is_real(value) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"schedule.{key}: {value!r}, expected a positive learning rate")
     return float(value)
 
 
 def _peak_and_min(cfg: Any) -> tuple[float, float]:
-    peak = _positive_lr(cfg, "peak_lr")
-    floor = _positive_lr(cfg, "min_lr")
+    peak = _positive_lr(cfg.peak_lr, "peak_lr")
+    floor = _positive_lr(cfg.min_lr, "min_lr")
     if floor > peak:
         raise ConfigError(f"schedule.min_lr: {floor!r}, expected at most schedule.peak_lr ({peak!r})")
     return peak, floor

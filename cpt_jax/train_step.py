@@ -27,9 +27,8 @@ def init_state(params: Any, tx: optax.GradientTransformation) -> State:
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
 
-def abstract_state(
-    c: ModelConfig, param_shardings: Any, mesh: jax.sharding.Mesh, tx: optax.GradientTransformation
-) -> tuple[State, State]:
+def abstract_state(c: ModelConfig, param_shardings: Any, mesh: jax.sharding.Mesh, tx: optax.GradientTransformation
+                   ) -> tuple[State, State]:
     """(the abstract state, every leaf with its sharding; the state's shardings); allocates nothing.
 
     Call it outside `jax.set_mesh` of a compile-only mesh: optax builds the optimizer state's
