@@ -155,11 +155,9 @@ def _tpu_target(name: str, family: str, dims: tuple[int, ...]) -> Target:
 
 
 def compile_only(run: Any, topology: str | None) -> dict[str, Any]:
-    """Compile the train step of `run` (`resolve.for_compile`'s, or `for_training`'s) for `topology`.
-
-    Returns the report: target, mesh, per-device memory (bytes) and FLOPs. ConfigError for a
-    target this machine cannot compile for, or a config that does not fit the target's devices.
-    """
+    """The report (target, mesh, per-device memory and FLOPs) of compiling the train step of `run`
+    (`resolve.for_compile`'s) for `topology`. ConfigError for a target this machine cannot compile
+    for, or a config that does not fit the target's devices."""
     cfg, mc = run.cfg, run.model_config
     tgt = target(topology)
     mesh = sharding.make_mesh(cfg.mesh, tgt.devices)

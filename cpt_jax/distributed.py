@@ -79,12 +79,6 @@ def _int_setting(flag_value: int | None, env: Mapping[str, str], var: str, flag:
         raise ConfigError(f"{var}: {raw!r}, expected an integer (or pass {flag})") from None
 
 
-def _check_address(address: str, where: str) -> None:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{where}: {address!r}, expected host:port of process 0 (e.g. 10.0.0.2:8476)")
-
-
 def resolve(coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None,
             timeout_secs: int = DEFAULT_TIMEOUT_SECS, environ: Mapping[str, str] | None = None) -> Settings:
     """Settings from explicit values (flags, then CPT_* variables), a detected cluster, or one process.
@@ -116,13 +110,10 @@ def resolve(coordinator_address: str | None = None, num_processes: int | None = 
         )
     if n < 1:
         raise ConfigError(f"{n_where}: {n}, expected at least 1 process")
-    if pid is None:
-        if n == 1:
-            pid = 0
-        else:
-            raise ConfigError(f"--process_id: missing, expected this process's index in 0..{n - 1} "
-                              f"(set ${ENV_PROCESS_ID} or --process_id)")
-    if not 0 <= pid < n:
+    if pid is None and n > 1:
+        raise ConfigError(f"--process_id: missing, expected this process's index in 0..{n - 1} "
+                          f"(set ${ENV_PROCESS_ID} or --process_id)")
+    if pid is not None and not 0 <= pid < n:
         raise ConfigError(f"{pid_where}: {pid} is out of range, expected 0..{n - 1} for {n} processes")
     if n == 1:
         return Settings(timeout_secs=timeout_secs)  # one process: no coordinator needed, no cluster detection
@@ -131,7 +122,9 @@ def resolve(coordinator_address: str | None = None, num_processes: int | None = 
             f"--coordinator_address: missing, expected host:port of process 0 for a run of {n} processes "
             f"(set ${ENV_COORDINATOR} or --coordinator_address)"
         )
-    _check_address(address, addr_where)
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{addr_where}: {address!r}, expected host:port of process 0 (e.g. 10.0.0.2:8476)")
     return Settings("explicit", address, n, pid, timeout_secs)
 
 

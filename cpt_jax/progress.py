@@ -1,12 +1,10 @@
-"""A one-line progress bar of training steps, redrawn in place with '\\r' at most every
-`min_interval` seconds:
+"""A one-line progress bar of training steps, redrawn in place with '\\r':
 
     train 1,234/10,000 [##........] 12% | loss 2.31 lr 3.0e-4 phase 1 tok/s 12,345 | 3.10 it/s ETA 47:09
 
-Not tqdm (a dependency of flax): its ETA follows an exponential average of the rate; this one
-takes the rate over the last `window` seconds, so a slow start (compilation) does not linger. By
-default the bar is drawn only when the stream is a terminal and this is process 0: logs in files or
-CI stay free of carriage returns, one host of a multi-host run draws.
+Not tqdm: its ETA follows an exponential average of the rate; this one takes the rate over the last
+`window` seconds, so a slow start (compilation) does not linger. By default only process 0 draws,
+and only on a terminal: logs in files or CI stay free of carriage returns.
 """
 
 from __future__ import annotations

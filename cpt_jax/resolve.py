@@ -1,17 +1,13 @@
 """Config + workdir -> the run, before anything is compiled or written: one road, in stages that
 each caller takes as far as it needs.
 
-    for_plan(cfg)               plan: the starting LR and where it came from, the schedule, the
-                                mixture's phases (reads only an init_from checkpoint's metadata)
-    for_compile(cfg, workdir)   --compile_only: + the model and its sharding rules (no data, no
-                                checkpoint arrays; an init_from not on this machine: a placeholder LR)
-    for_training(cfg, workdir)  train: + the workdir's checks, devices and mesh, where the state comes
-                                from (own latest checkpoint | init_from | fresh), data, evaluation
+    for_plan(cfg)               the starting LR and where it came from, the schedule, the phases
+    for_compile(cfg, workdir)   + the model and its sharding rules (--compile_only: no data, no arrays)
+    for_training(cfg, workdir)  + the workdir's checks, the mesh, where the state comes from, data, evaluation
     initial_state(run, tx)      the state itself, restored or initialized on the devices
     mesh_for(model_config)      devices and mesh for evaluating a checkpoint (evaluate, sample)
 
-Every user error is a ConfigError (one line naming the key or file); nothing is written before
-`initial_state`.
+Every user error is a ConfigError; nothing is written before `initial_state`.
 """
 
 from __future__ import annotations

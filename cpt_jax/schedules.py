@@ -319,16 +319,12 @@ def _lr_at(schedule: Schedule, steps: Any) -> np.ndarray:
 
 
 def crossing_step(schedule: Schedule, threshold: float, *, method: str = "auto") -> int | None:
-    """First integer step s with peak_step <= s <= steps and lr(s) <= threshold; None if never.
+    """First integer step s with peak_step <= s <= steps and lr(s) <= threshold (compared as
+    float32, the lr's precision); None if never. Steps before the peak do not count.
 
-    Only steps from the peak on count, so a warmup that starts below the threshold is not a
-    crossing. The lr is float32, so the threshold is compared as float32 too (a threshold equal to
-    an lr the schedule holds, e.g. a wsd's peak_lr, is reached).
-
-    method 'auto' uses the closed form of the segment the crossing falls in (for a cosine from a to
-    b over T steps and threshold c, t*/T = arccos(2 (c - b)/(a - b) - 1)/pi), checks the steps around
-    it against `fn` so float rounding cannot move it by one, and falls back to the scan when that
-    check fails. 'scan' evaluates every step (`values`).
+    method 'auto' takes the closed form of the segment the crossing falls in (`Segment.time_of`),
+    checks the steps around it against `fn` so float rounding cannot move it by one, and falls back
+    to 'scan' (every step, `values`) when that check fails.
     """
     if method not in CROSSING_METHODS:
         raise ValueError(f"crossing_step method: {method!r}, expected one of {CROSSING_METHODS}")

@@ -48,17 +48,6 @@ def abstract_state(c: ModelConfig, param_shardings: Any, mesh: jax.sharding.Mesh
     return abstract, shardings
 
 
-def loss_sum_fn(c: ModelConfig, rules: tuple, chunk_tokens: int) -> Callable:
-    """(params, batch) -> summed token loss (fp32)."""
-
-    def fn(params, batch):
-        hidden = model.forward(params, batch["inputs"], c, batch["segment_ids"], batch["positions"], rules)
-        w = model.head_weights(params, c)
-        return losses.cross_entropy_sum(hidden, w, batch["targets"], batch["loss_mask"], c.dtype, chunk_tokens)
-
-    return fn
-
-
 def _grads(loss_sum, params, batch: Batch, micro_batches: int):
     """(loss sum, token count, gradient of the sum) over the whole batch."""
     count = jnp.sum(batch["loss_mask"].astype(jnp.float32))
@@ -89,7 +78,11 @@ def make_train_step(c: ModelConfig, tx: optax.GradientTransformation, schedule: 
 
     nan_steps poisons those steps' gradients with NaN: a test hook for the non-finite guard.
     """
-    loss_sum = loss_sum_fn(c, rules, chunk_tokens)
+
+    def loss_sum(params, batch):  # the summed token loss (fp32)
+        hidden = model.forward(params, batch["inputs"], c, batch["segment_ids"], batch["positions"], rules)
+        w = model.head_weights(params, c)
+        return losses.cross_entropy_sum(hidden, w, batch["targets"], batch["loss_mask"], c.dtype, chunk_tokens)
 
     def step_fn(state: State, batch: Batch):
         params, step = state["params"], state["step"]
