@@ -37,11 +37,8 @@ DEFAULT_TIMEOUT_SECS = 300
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """How this process joins the run.
-
-    `source` is "single" (nothing to initialize), "explicit" (flags or CPT_* variables) or
-    "cluster:<name>" (JAX's own detection: slurm, ompi, gcetpu, gketpu, k8s).
-    """
+    """How this process joins the run. `source`: "single" (nothing to initialize), "explicit" (flags
+    or CPT_* variables) or "cluster:<name>" (JAX's own detection: slurm, ompi, gcetpu, gketpu, k8s)."""
 
     source: str = "single"
     coordinator_address: str | None = None  # None: JAX takes it from the cluster
@@ -81,11 +78,8 @@ def _int_setting(flag_value: int | None, env: Mapping[str, str], var: str, flag:
 
 def resolve(coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None,
             timeout_secs: int = DEFAULT_TIMEOUT_SECS, environ: Mapping[str, str] | None = None) -> Settings:
-    """Settings from explicit values (flags, then CPT_* variables), a detected cluster, or one process.
-
-    Validates everything that can be checked without connecting: a missing or malformed
-    coordinator address, a process id outside [0, num_processes), a non-positive timeout.
-    """
+    """Settings from the flags, then the CPT_* variables, then a detected cluster, else one process;
+    everything that can be checked without connecting is checked here."""
     env = os.environ if environ is None else environ
     if timeout_secs is None or int(timeout_secs) < 1:
         raise ConfigError(f"--distributed_timeout: {timeout_secs!r}, expected a positive number of seconds")
@@ -135,11 +129,9 @@ def settings_from_flags(fv) -> Settings:
 
 def detect_cluster() -> str | None:
     """Name of the multi-process cluster JAX would auto-detect here, or None; connects to nothing.
-
-    Asks each of JAX's cluster environments (`jax._src.clusters`) whether it is present, in JAX's
-    order and skipping the opt-in ones (mpi4py), as `jax.distributed.initialize()` does. A cluster
-    that reports a single process (an sbatch step with one task, a one-host TPU VM) counts as none.
-    """
+    JAX's cluster environments are asked in its order, without the opt-in ones (mpi4py), as
+    `jax.distributed.initialize()` does; a cluster of one process (a one-task sbatch step, a one-host
+    TPU VM) counts as none."""
     try:
         from jax._src import clusters
     except ImportError:  # a JAX without the module: no auto-detection
@@ -189,16 +181,9 @@ def initialize(settings: Settings) -> None:
     if jax.config.jax_cpu_collectives_implementation != "mpi":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     remaining = max(1, int(deadline - time.monotonic()))
-    try:
-        if settings.source == "explicit":
-            jax.distributed.initialize(
-                coordinator_address=settings.coordinator_address,
-                num_processes=settings.num_processes,
-                process_id=settings.process_id,
-                initialization_timeout=remaining,
-            )
-        else:
-            jax.distributed.initialize(initialization_timeout=remaining)
+    try:  # what a cluster's settings leave None, JAX's detection fills in
+        jax.distributed.initialize(settings.coordinator_address, settings.num_processes, settings.process_id,
+                                   initialization_timeout=remaining)
     except Exception as e:  # RuntimeError / ValueError from JAX's checks or its cluster detection
         address = settings.coordinator_address or _attempted_address() or "the detected coordinator"
         raise ConfigError(

@@ -34,11 +34,9 @@ NEEDS_START_LR = ("recipe", "constant")
 
 @dataclasses.dataclass(frozen=True)
 class Segment:
-    """One piece of a schedule: `kind` from value `a` at step `start` to `b` at `start + length`.
-
-    `kind` is 'linear', 'cosine', 'exponential' (a * (b/a)^(t/length)) or 'constant' (a == b).
-    The segments of a `Schedule` are contiguous, non-empty and cover steps 0..steps.
-    """
+    """One piece of a schedule: `kind` ('linear', 'cosine', 'exponential': a * (b/a)^(t/length), or
+    'constant') from value `a` at step `start` to `b` at `start + length`. A Schedule's segments are
+    contiguous, non-empty and cover steps 0..steps."""
 
     kind: str
     start: int
@@ -258,9 +256,9 @@ def _optax_piece(seg: Segment) -> Callable[[Any], Any]:
     if seg.kind == "cosine":
         return optax.cosine_decay_schedule(seg.a, seg.length, alpha=seg.b / seg.a)
     if seg.kind == "exponential":
-        # end_value clamps the tail at b (and absorbs the rounding of a * (b/a)^1).
+        # end_value clamps the tail at b, but a * (b/a)^1 rounds to either side of b: the end (and
+        # every later step) is pinned to b itself.
         decay = optax.exponential_decay(seg.a, seg.length, seg.b / seg.a, end_value=seg.b)
-        # a * (b/a)^1 rounds to either side of b; pin the end (and every later step) to b itself.
         return lambda t: jnp.where(t >= seg.length, seg.b, decay(t))
     return optax.constant_schedule(seg.a)
 
