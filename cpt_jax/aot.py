@@ -48,10 +48,7 @@ class Target:
 
 def libtpu_available() -> bool:
     """Whether a TPU compiler (libtpu) can be loaded here; TPU hardware is not needed."""
-    path = os.environ.get("TPU_LIBRARY_PATH")
-    if path and os.path.isfile(path):
-        return True
-    return importlib.util.find_spec("libtpu") is not None
+    return os.path.isfile(os.environ.get("TPU_LIBRARY_PATH", "")) or importlib.util.find_spec("libtpu") is not None
 
 
 def tpu_grid(name: str) -> tuple[str, tuple[int, ...]] | None:
@@ -140,14 +137,8 @@ def _tpu_target(name: str, family: str, dims: tuple[int, ...]) -> Target:
         wrap = tuple(d == 16 for d in dims) + (False,)  # a side of 16 chips wraps around
         host_bounds = (2, 2, 1) if math.prod(dims) >= 4 else (*dims, 1)
     try:
-        desc = topologies.get_topology_desc(
-            topology_name=f"{prefix}:{grid}",
-            platform="tpu",
-            chip_config_name=chip_config,
-            chips_per_host_bounds=host_bounds,
-            num_slices=1,
-            wrap=wrap,
-        )
+        desc = topologies.get_topology_desc(topology_name=f"{prefix}:{grid}", platform="tpu", num_slices=1,
+                                            chip_config_name=chip_config, chips_per_host_bounds=host_bounds, wrap=wrap)
     except Exception as e:  # libtpu present but the slice is unknown to it
         reason = " ".join(str(e).split())[:200]
         raise ConfigError(f"--topology {name}: libtpu cannot describe {prefix}:{grid} ({reason})") from None

@@ -200,7 +200,7 @@ def _who(settings: Settings) -> str:
 
 
 def _from_cluster_environment(settings: Settings) -> Settings:
-    """The address, count and id JAX's detector for this cluster will use (it reads the same variables)."""
+    """The address, count and id JAX's detector finds for this cluster (from its environment variables)."""
     from jax._src import clusters
 
     try:

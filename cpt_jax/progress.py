@@ -178,9 +178,7 @@ class Progress:
 
 
 def _terminal_width(stream: TextIO) -> int | None:
-    if not _is_tty(stream):
-        return None
-    try:
+    try:  # a stream that is not a terminal has no size (OSError, or no fileno at all)
         return os.get_terminal_size(stream.fileno()).columns
     except (AttributeError, ValueError, OSError):
         return None

@@ -283,7 +283,9 @@ def _required_start_lr(start_lr: float | None) -> float:
         raise ConfigError(
             "schedule.start_lr: None and no init_from checkpoint lr_min; set --config.schedule.start_lr=X"
         )
-    return _positive_lr(start_lr, "start_lr")
+    if not _is_real(start_lr) or not math.isfinite(start_lr) or start_lr <= 0:
+        raise ConfigError(f"schedule.start_lr: {start_lr!r}, expected a positive learning rate")
+    return float(start_lr)
 
 
 def _positive_lr(value: Any, key: str) -> float:
