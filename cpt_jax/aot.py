@@ -26,8 +26,8 @@ from cpt_jax.config import ConfigError
 
 _TPU_FAMILIES = {
     # family: (libtpu topology prefix, TensorCores per chip as Cloud TPU names count them, grid rank,
-    # chip config, HBM GiB of one chip as Cloud TPU's pages give it: printed next to a program that
-    # compiled, since the TPU compiler checks the real limit itself)
+    # chip config, HBM GiB of one chip (one JAX device, megacore too) as Cloud TPU's pages give it:
+    # only printed next to a program that compiled, the TPU compiler checks the real limit itself)
     "v4": ("v4", 2, 3, "megacore", 32),
     "v5p": ("v5", 2, 3, "megacore", 95),
     "v5e": ("v5e", 1, 2, "default", 16),

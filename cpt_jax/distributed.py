@@ -7,7 +7,8 @@ SLURM, Open MPI, Kubernetes); otherwise one process, which never tries to connec
 collectives are gloo's, so several processes on one machine form one run (tests, launch/local.sh).
 Every problem is a `ConfigError` naming the setting. One case is JAX's alone: when the coordinator
 is up but some process never joins, JAX's client ends the waiting processes itself once
-`--distributed_timeout` has passed.
+`--distributed_timeout` has passed. Once joined, `check_same_config` makes every process name the
+first key where the configs differ; `Preemption` turns SIGTERM into a step where all save and stop.
 """
 
 from __future__ import annotations
