@@ -27,33 +27,28 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from cpt_jax import cli, flops, losses, optim, resolve, schedules, sharding, train_step  # noqa: E402
-from cpt_jax.data import pipeline as data_pipeline  # noqa: E402
 
 
-def _build(cfg):
+def _compiled(cfg):
+    """(run, tx, the compiled train step, the seconds its lowering and compiling took)."""
     run = resolve.for_training(cfg, "/tmp/cpt_jax_benchmark_unused_workdir")
     tx = optim.build(cfg.optim)
     abstract_state, shardings = train_step.abstract_state(run.model_config, run.param_shardings, run.mesh, tx)
-    jitted = train_step.jit_train_step(cfg.train, run.model_config, tx, run.schedule, run.rules, shardings,
-                                       run.pipeline.batch_sharding)
-    batch_shapes = data_pipeline.batch_specs(cfg.train.batch_size, cfg.train.seq_len, run.pipeline.batch_sharding)
-    return run, tx, jitted, abstract_state, batch_shapes
+    t0 = time.perf_counter()
+    compiled = train_step.lower(cfg.train, run.model_config, tx, run.schedule, run.rules, abstract_state, shardings,
+                                run.pipeline.batch_sharding).compile()
+    return run, tx, compiled, time.perf_counter() - t0
 
 
 def compile_seconds(cfg) -> tuple[float, object]:
     with jax.set_mesh(sharding.make_mesh(cfg.mesh)):
-        run, tx, jitted, abstract_state, batch_shapes = _build(cfg)
-        t0 = time.perf_counter()
-        compiled = jitted.lower(abstract_state, batch_shapes).compile()
-        return time.perf_counter() - t0, compiled
+        _, _, compiled, seconds = _compiled(cfg)
+        return seconds, compiled
 
 
 def prepare(cfg):
     """(run, compiled step, its compile seconds, the initial state, batch 0); call it inside the mesh."""
-    run, tx, jitted, abstract_state, batch_shapes = _build(cfg)
-    t0 = time.perf_counter()
-    compiled = jitted.lower(abstract_state, batch_shapes).compile()
-    compile_s = time.perf_counter() - t0
+    run, tx, compiled, compile_s = _compiled(cfg)
     state, _ = resolve.initial_state(run, tx)
     return run, compiled, compile_s, state, run.pipeline.global_batch(0)
 

@@ -1,30 +1,12 @@
-"""Compile the train step for a target before booking it: per-device memory and FLOPs.
+"""Compile the train step for a target before booking it: per-device memory and FLOPs
+(`--compile_only [--topology v5p-256|cpu:N]`; the README lists the targets).
 
-    python -m cpt_jax.train --config ... --workdir DIR --compile_only [--topology v5p-256|cpu:N]
-
-Builds the same jitted step as the trainer (`train_step.jit_train_step` over the state of
-`train_step.abstract_state` and the batch of `data_pipeline.batch_specs`) for the run of
-`resolve.for_compile`, on abstract arrays only, lowers and compiles it for the target's devices,
-and reports what XLA's compiled program says: argument, output, temporary and total bytes per
-device (`memory_analysis`) and FLOPs (`cost_analysis`), and whether that fits the device's memory.
-Nothing is written to the workdir, no data or checkpoint is read (the learning-rate values, which
-need a checkpoint's metadata, do not change the program).
-
-Whether it fits: the TPU compiler itself refuses a program whose buffers exceed the chip's HBM
-(RESOURCE_EXHAUSTED, with what it needs and what the chip has), so a TPU target either compiles
-(fits) or reports that refusal (does not fit). On this process's own GPUs or TPUs the total is
-compared with the allocator's limit. CPU devices have no memory of their own to fit (None).
-
-Targets:
-  (none)       this process's devices (CPU, GPU or TPU, whatever JAX sees).
-  cpu:N        N CPU devices of this process (start it with
-               XLA_FLAGS=--xla_force_host_platform_device_count=N when N > the devices it has).
-  v5p-256 ...  a TPU slice through `jax.experimental.topologies.get_topology_desc`: needs libtpu
-               (`pip install 'cpt_jax[tpu]'`), not TPU hardware. Names follow Cloud TPU's
-               (v4-N, v5p-N: N TensorCores; v5e-N / v5litepod-N, v6e-N: N chips) or give the chip
-               grid as FAMILY:AxBxC (v5p:4x4x12).
-  GPU targets  cannot be compiled from a host without those GPUs: JAX has no compile-only GPU
-               topology. Run --compile_only on one host of the target type instead.
+The same jitted step as the trainer's, for the run of `resolve.for_compile`, on abstract arrays
+only: nothing is written, no data or checkpoint is read. Whether it fits: the TPU compiler itself
+refuses a program that exceeds the chip's HBM (RESOURCE_EXHAUSTED), so a TPU slice either compiles
+or reports that refusal; this process's own GPUs or TPUs are compared with the allocator's limit;
+CPU devices have no memory of their own (None). JAX has no compile-only GPU topology, so a GPU
+target is checked on one host of its type.
 """
 
 from __future__ import annotations
@@ -38,27 +20,21 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 
 from cpt_jax import flops, optim, resolve, sharding, train_step
 from cpt_jax.config import ConfigError
-from cpt_jax.data import pipeline as data_pipeline
 
 _TPU_FAMILIES = {
-    # family: (libtpu topology prefix, TensorCores per chip as Cloud TPU names count them, grid rank, chip config)
-    "v4": ("v4", 2, 3, "megacore"),
-    "v5p": ("v5", 2, 3, "megacore"),
-    "v5e": ("v5e", 1, 2, "default"),
-    "v5litepod": ("v5e", 1, 2, "default"),
-    "v6e": ("v6e", 1, 2, "default"),
+    # family: (libtpu topology prefix, TensorCores per chip as Cloud TPU names count them, grid rank,
+    # chip config, HBM GiB of one chip (one JAX device, megacore too) as Cloud TPU's pages give it:
+    # only printed next to a program that compiled, the TPU compiler checks the real limit itself)
+    "v4": ("v4", 2, 3, "megacore", 32),
+    "v5p": ("v5", 2, 3, "megacore", 95),
+    "v5e": ("v5e", 1, 2, "default", 16),
+    "v5litepod": ("v5e", 1, 2, "default", 16),
+    "v6e": ("v6e", 1, 2, "default", 32),
 }
-# HBM of one chip (one JAX device: megacore chips are one device), as Cloud TPU's pages give it.
-# Only printed next to a program that compiled: the TPU compiler checks the real limit itself.
-_TPU_HBM_GIB = {"v4": 32, "v5p": 95, "v5e": 16, "v5litepod": 16, "v6e": 32}
 _GPU_WORDS = ("gpu", "cuda", "rocm", "a100", "h100", "h200", "b200", "gb200", "l4", "a3", "a4")
-
-
-# ----------------------------------------------------------------------------- targets
 
 
 @dataclasses.dataclass
@@ -72,19 +48,16 @@ class Target:
 
 def libtpu_available() -> bool:
     """Whether a TPU compiler (libtpu) can be loaded here; TPU hardware is not needed."""
-    path = os.environ.get("TPU_LIBRARY_PATH")
-    if path and os.path.isfile(path):
-        return True
-    return importlib.util.find_spec("libtpu") is not None
+    return os.path.isfile(os.environ.get("TPU_LIBRARY_PATH", "")) or importlib.util.find_spec("libtpu") is not None
 
 
 def tpu_grid(name: str) -> tuple[str, tuple[int, ...]] | None:
     """('v5p', (4, 4, 8)) for 'v5p-256' or 'v5p:4x4x8'; None when `name` is not a TPU name."""
-    m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)([-:])(\S+)", name.strip().lower())
+    m = re.fullmatch(rf"({'|'.join(_TPU_FAMILIES)})([-:])(\S+)", name.strip().lower())
     if not m:
         return None
     family, sep, rest = m.groups()
-    _, cores_per_chip, rank, _ = _TPU_FAMILIES[family]
+    _, cores_per_chip, rank, _, _ = _TPU_FAMILIES[family]
     if sep == ":":
         dims = tuple(int(d) for d in rest.split("x")) if re.fullmatch(r"\d+(x\d+)*", rest) else ()
         if len(dims) != rank or min(dims) < 1:
@@ -147,7 +120,7 @@ def _tpu_target(name: str, family: str, dims: tuple[int, ...]) -> Target:
     """Compile-only TPU devices for a slice (the chip grid, host bounds and wraparound as Cloud TPU has them)."""
     from jax.experimental import topologies
 
-    prefix, _, rank, chip_config = _TPU_FAMILIES[family]
+    prefix, _, rank, chip_config, _ = _TPU_FAMILIES[family]
     grid = "x".join(map(str, dims))
     if jax.default_backend() != "tpu":
         # No TPU here: libtpu would look for this host's place in a slice and log two screens of
@@ -164,31 +137,19 @@ def _tpu_target(name: str, family: str, dims: tuple[int, ...]) -> Target:
         wrap = tuple(d == 16 for d in dims) + (False,)  # a side of 16 chips wraps around
         host_bounds = (2, 2, 1) if math.prod(dims) >= 4 else (*dims, 1)
     try:
-        desc = topologies.get_topology_desc(
-            topology_name=f"{prefix}:{grid}",
-            platform="tpu",
-            chip_config_name=chip_config,
-            chips_per_host_bounds=host_bounds,
-            num_slices=1,
-            wrap=wrap,
-        )
+        desc = topologies.get_topology_desc(topology_name=f"{prefix}:{grid}", platform="tpu", num_slices=1,
+                                            chip_config_name=chip_config, chips_per_host_bounds=host_bounds, wrap=wrap)
     except Exception as e:  # libtpu present but the slice is unknown to it
         reason = " ".join(str(e).split())[:200]
         raise ConfigError(f"--topology {name}: libtpu cannot describe {prefix}:{grid} ({reason})") from None
     return Target(name, "tpu", list(desc.devices), dims, family)
 
 
-# ----------------------------------------------------------------------------- compiling
-
-
 def compile_only(run: Any, topology: str | None) -> dict[str, Any]:
-    """Compile the train step of `run` (`resolve.for_compile`'s, or `for_training`'s) for `topology`.
-
-    Returns the report: target, mesh, per-device memory (bytes) and FLOPs. ConfigError for a
-    target this machine cannot compile for, or a config that does not fit the target's devices.
-    """
+    """The report (target, mesh, per-device memory and FLOPs) of compiling the train step of `run`
+    (`resolve.for_compile`'s) for `topology`. ConfigError for a target this machine cannot compile
+    for, or a config that does not fit the target's devices."""
     cfg, mc = run.cfg, run.model_config
-    B, T = int(cfg.train.batch_size), int(cfg.train.seq_len)
     tgt = target(topology)
     mesh = sharding.make_mesh(cfg.mesh, tgt.devices)
     param_shardings = resolve.devices(cfg, mc, mesh, run.rules, tgt.platform, of=f" of {tgt.name}")
@@ -196,9 +157,8 @@ def compile_only(run: Any, topology: str | None) -> dict[str, Any]:
     state, shardings = train_step.abstract_state(mc, param_shardings, mesh, tx)
     with jax.set_mesh(mesh):
         batch_sharding = sharding.batch_sharding(mesh, run.rules)
-        jitted = train_step.jit_train_step(cfg.train, mc, tx, run.schedule, run.rules, shardings, batch_sharding)
         t0 = time.perf_counter()
-        lowered = jitted.lower(state, data_pipeline.batch_specs(B, T, batch_sharding))
+        lowered = train_step.lower(cfg.train, mc, tx, run.schedule, run.rules, state, shardings, batch_sharding)
         # A compile-only TPU executable cannot be loaded back from JAX's persistent compilation
         # cache (there is no TPU client to load it into): keep it out of the cache.
         cached = jax.config.jax_enable_compilation_cache
@@ -212,18 +172,17 @@ def compile_only(run: Any, topology: str | None) -> dict[str, Any]:
         finally:
             jax.config.update("jax_enable_compilation_cache", cached)
         seconds = time.perf_counter() - t0
-    return _report(tgt, mesh, compiled, refusal, seconds, B, T, mc)
+    return _report(tgt, mesh, compiled, refusal, seconds, int(cfg.train.batch_size), int(cfg.train.seq_len), mc)
 
 
 def _device_memory_limit(tgt: Target) -> int | None:
     """Bytes one device of the target can hold: the allocator's limit on real accelerators, the
     documented HBM of a compile-only TPU chip, None for CPU devices."""
     if tgt.tpu_family:
-        return _TPU_HBM_GIB[tgt.tpu_family] * 2**30
+        return _TPU_FAMILIES[tgt.tpu_family][4] * 2**30
     if tgt.platform == "cpu":
         return None
-    stats = tgt.devices[0].memory_stats() or {}
-    return int(stats["bytes_limit"]) if "bytes_limit" in stats else None
+    return (tgt.devices[0].memory_stats() or {}).get("bytes_limit")
 
 
 def _report(tgt: Target, mesh, compiled, refusal: str | None, seconds: float, B: int, T: int, mc) -> dict[str, Any]:
@@ -232,14 +191,10 @@ def _report(tgt: Target, mesh, compiled, refusal: str | None, seconds: float, B:
     if mem is not None:
         memory = {f"{k}_bytes": int(getattr(mem, f"{k}_size_in_bytes"))
                   for k in ("argument", "output", "alias", "temp", "generated_code")}
-        # Donated state is aliased: its buffers are counted once, as arguments.
-        memory["total_bytes"] = (
-            memory["argument_bytes"] + memory["output_bytes"] - memory["alias_bytes"] + memory["temp_bytes"]
-            + memory["generated_code_bytes"]
-        )
-        peak = getattr(mem, "peak_memory_in_bytes", 0)
-        if peak:
-            memory["peak_bytes"] = int(peak)
+        # Donated state is aliased: its buffers are counted once, as arguments, not again as outputs.
+        memory["total_bytes"] = sum(v for k, v in memory.items() if k != "alias_bytes") - memory["alias_bytes"]
+        if getattr(mem, "peak_memory_in_bytes", 0):
+            memory["peak_bytes"] = int(mem.peak_memory_in_bytes)
     limit = _device_memory_limit(tgt)
     if refusal is not None:
         fits = False
@@ -271,7 +226,7 @@ def _report(tgt: Target, mesh, compiled, refusal: str | None, seconds: float, B:
         # XLA's count of the compiled per-device program. It counts a loop body once, so with
         # model.scan_layers it covers one layer of the stack: compare with the model FLOPs.
         "flops_per_device": xla_flops,
-        "flops_per_step": xla_flops * n if np.isfinite(xla_flops) else xla_flops,
+        "flops_per_step": xla_flops * n,
         "scan_layers": bool(mc.scan_layers),
         # 6 x matmul weights + attention, per token (cpt_jax.flops: what MFU is computed from).
         "model_flops_per_step": float(model_flops),
@@ -304,15 +259,15 @@ def format_report(report: dict[str, Any], workdir: str) -> str:
     elif report["refusal"] is None:
         lines.append("memory per device: not reported by this backend")
     limit = report["device_memory_bytes"]
+    used = _size(m.get("peak_bytes", m["total_bytes"])) if m else None
     if report["fits"] is False and report["refusal"]:
         lines.append(f"fits: NO: the TPU compiler refused the step ({report['refusal']})")
     elif report["fits"] is False:
-        lines.append(f"fits: NO: {_size(m.get('peak_bytes', m['total_bytes']))} per device, the device holds "
-                     f"{_size(limit)}")
+        lines.append(f"fits: NO: {used} per device, the device holds {_size(limit)}")
     elif report["fits"] and report["tpu_grid"]:
         lines.append(f"fits: yes: the TPU compiler placed every buffer in the chip's HBM (about {_size(limit)})")
     elif report["fits"]:
-        lines.append(f"fits: yes: {_size(m.get('peak_bytes', m['total_bytes']))} of the device's {_size(limit)}")
+        lines.append(f"fits: yes: {used} of the device's {_size(limit)}")
     else:
         lines.append("fits: not checked: CPU devices have no memory of their own")
     if report["refusal"] is None:

@@ -1,26 +1,14 @@
 """Multi-process runs through `jax.distributed`: who the processes are, and that they agree.
 
-Where the settings come from, first match wins:
-
-1. Explicit: the `--coordinator_address`, `--num_processes`, `--process_id` flags of
-   `python -m cpt_jax.train`, or the environment variables CPT_COORDINATOR_ADDRESS,
-   CPT_NUM_PROCESSES, CPT_PROCESS_ID (a flag overrides its variable). `launch/local.sh` sets the
-   variables. `--num_processes=1` forces a single process even inside a cluster.
-2. A cluster JAX knows how to read (TPU pod slices, SLURM, Open MPI, Kubernetes with the `kubernetes`
-   package): `jax.distributed.initialize()` with no arguments. The check reads only the
-   environment (and, on a Cloud TPU VM, its metadata server); a laptop run never tries to connect.
-3. Otherwise one process: nothing to initialize.
-
-`initialize` must run before anything else touches JAX's backends (before the mesh is built). On
-CPU it uses gloo collectives, so several processes on one machine form one run (tests, `local.sh`).
-Every problem is a `ConfigError` naming the setting: an out-of-range process id before any
-connection is tried, an unreachable coordinator after `--distributed_timeout` seconds. One case is
-JAX's alone: when the coordinator is up but some process never joins, JAX's client ends the waiting
-processes itself (a fatal log line) once the same timeout has passed.
-
-After initialization `check_same_config` compares a hash of every process's resolved config; when
-they differ, every process reports the first key that differs and the values on both processes.
-`Preemption` turns SIGTERM into a step at which every process saves and stops.
+The settings come from, first match wins: the `--coordinator_address/--num_processes/--process_id`
+flags or their CPT_* variables (a flag overrides its variable; `--num_processes=1` forces one
+process even inside a cluster); a cluster JAX detects from the environment alone (TPU pod slices,
+SLURM, Open MPI, Kubernetes); otherwise one process, which never tries to connect. On CPU the
+collectives are gloo's, so several processes on one machine form one run (tests, launch/local.sh).
+Every problem is a `ConfigError` naming the setting. One case is JAX's alone: when the coordinator
+is up but some process never joins, JAX's client ends the waiting processes itself once
+`--distributed_timeout` has passed. Once joined, `check_same_config` makes every process name the
+first key where the configs differ; `Preemption` turns SIGTERM into a step where all save and stop.
 """
 
 from __future__ import annotations
@@ -50,11 +38,8 @@ DEFAULT_TIMEOUT_SECS = 300
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """How this process joins the run.
-
-    `source` is "single" (nothing to initialize), "explicit" (flags or CPT_* variables) or
-    "cluster:<name>" (JAX's own detection: slurm, ompi, gcetpu, gketpu, k8s).
-    """
+    """How this process joins the run. `source`: "single" (nothing to initialize), "explicit" (flags
+    or CPT_* variables) or "cluster:<name>" (JAX's own detection: slurm, ompi, gcetpu, gketpu, k8s)."""
 
     source: str = "single"
     coordinator_address: str | None = None  # None: JAX takes it from the cluster
@@ -92,24 +77,10 @@ def _int_setting(flag_value: int | None, env: Mapping[str, str], var: str, flag:
         raise ConfigError(f"{var}: {raw!r}, expected an integer (or pass {flag})") from None
 
 
-def _check_address(address: str, where: str) -> None:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{where}: {address!r}, expected host:port of process 0 (e.g. 10.0.0.2:8476)")
-
-
-def resolve(
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-    timeout_secs: int = DEFAULT_TIMEOUT_SECS,
-    environ: Mapping[str, str] | None = None,
-) -> Settings:
-    """Settings from explicit values (flags, then CPT_* variables), a detected cluster, or one process.
-
-    Validates everything that can be checked without connecting: a missing or malformed
-    coordinator address, a process id outside [0, num_processes), a non-positive timeout.
-    """
+def resolve(coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+            timeout_secs: int = DEFAULT_TIMEOUT_SECS, environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from the flags, then the CPT_* variables, then a detected cluster, else one process;
+    everything that can be checked without connecting is checked here."""
     env = os.environ if environ is None else environ
     if timeout_secs is None or int(timeout_secs) < 1:
         raise ConfigError(f"--distributed_timeout: {timeout_secs!r}, expected a positive number of seconds")
@@ -134,13 +105,10 @@ def resolve(
         )
     if n < 1:
         raise ConfigError(f"{n_where}: {n}, expected at least 1 process")
-    if pid is None:
-        if n == 1:
-            pid = 0
-        else:
-            raise ConfigError(f"--process_id: missing, expected this process's index in 0..{n - 1} "
-                              f"(set ${ENV_PROCESS_ID} or --process_id)")
-    if not 0 <= pid < n:
+    if pid is None and n > 1:
+        raise ConfigError(f"--process_id: missing, expected this process's index in 0..{n - 1} "
+                          f"(set ${ENV_PROCESS_ID} or --process_id)")
+    if pid is not None and not 0 <= pid < n:
         raise ConfigError(f"{pid_where}: {pid} is out of range, expected 0..{n - 1} for {n} processes")
     if n == 1:
         return Settings(timeout_secs=timeout_secs)  # one process: no coordinator needed, no cluster detection
@@ -149,7 +117,9 @@ def resolve(
             f"--coordinator_address: missing, expected host:port of process 0 for a run of {n} processes "
             f"(set ${ENV_COORDINATOR} or --coordinator_address)"
         )
-    _check_address(address, addr_where)
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{addr_where}: {address!r}, expected host:port of process 0 (e.g. 10.0.0.2:8476)")
     return Settings("explicit", address, n, pid, timeout_secs)
 
 
@@ -158,16 +128,11 @@ def settings_from_flags(fv) -> Settings:
     return resolve(fv.coordinator_address, fv.num_processes, fv.process_id, fv.distributed_timeout)
 
 
-# ----------------------------------------------------------------------------- cluster detection
-
-
 def detect_cluster() -> str | None:
     """Name of the multi-process cluster JAX would auto-detect here, or None; connects to nothing.
-
-    Asks each of JAX's cluster environments (`jax._src.clusters`) whether it is present, in JAX's
-    order and skipping the opt-in ones (mpi4py), as `jax.distributed.initialize()` does. A cluster
-    that reports a single process (an sbatch step with one task, a one-host TPU VM) counts as none.
-    """
+    JAX's cluster environments are asked in its order, without the opt-in ones (mpi4py), as
+    `jax.distributed.initialize()` does; a cluster of one process (a one-task sbatch step, a one-host
+    TPU VM) counts as none."""
     try:
         from jax._src import clusters
     except ImportError:  # a JAX without the module: no auto-detection
@@ -189,23 +154,18 @@ def detect_cluster() -> str | None:
     return None
 
 
-# ----------------------------------------------------------------------------- initialization
-
-
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split())
     return text if len(text) <= 300 else text[:297] + "..."
 
 
 def initialize(settings: Settings) -> None:
-    """Joins the run described by `settings` (nothing for one process); ConfigError if it cannot.
-
-    Must come before any JAX computation. On CPU the cross-process collectives are gloo's (TCP),
-    so processes on one machine, or CPU hosts, form one run.
+    """Joins the run described by `settings` (nothing for one process) before any JAX computation;
+    ConfigError if it cannot.
 
     JAX's client ends the whole process (a fatal log and a stack trace) when it cannot reach the
     coordinator, so that case is checked first, with a plain TCP connection retried until
-    `settings.timeout_secs`: one clear line instead, and nothing else is waited for.
+    `settings.timeout_secs`: one clear line instead.
     """
     if not settings.multi_process:
         return
@@ -222,16 +182,9 @@ def initialize(settings: Settings) -> None:
     if jax.config.jax_cpu_collectives_implementation != "mpi":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     remaining = max(1, int(deadline - time.monotonic()))
-    try:
-        if settings.source == "explicit":
-            jax.distributed.initialize(
-                coordinator_address=settings.coordinator_address,
-                num_processes=settings.num_processes,
-                process_id=settings.process_id,
-                initialization_timeout=remaining,
-            )
-        else:
-            jax.distributed.initialize(initialization_timeout=remaining)
+    try:  # what a cluster's settings leave None, JAX's detection fills in
+        jax.distributed.initialize(settings.coordinator_address, settings.num_processes, settings.process_id,
+                                   initialization_timeout=remaining)
     except Exception as e:  # RuntimeError / ValueError from JAX's checks or its cluster detection
         address = settings.coordinator_address or _attempted_address() or "the detected coordinator"
         raise ConfigError(
@@ -248,7 +201,7 @@ def _who(settings: Settings) -> str:
 
 
 def _from_cluster_environment(settings: Settings) -> Settings:
-    """The address, count and id JAX's detector for this cluster will use (it reads the same variables)."""
+    """The address, count and id JAX's detector finds for this cluster (from its environment variables)."""
     from jax._src import clusters
 
     try:
@@ -320,9 +273,6 @@ def _attempted_address() -> str | None:
         return None
 
 
-# ----------------------------------------------------------------------------- agreement
-
-
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     """{'train.steps': 10, ...}: the leaves of nested dicts under dotted keys (lists are leaves)."""
     if not isinstance(tree, dict) or (not tree and prefix):
@@ -353,8 +303,8 @@ def _digest(data: bytes) -> np.ndarray:
 def check_same_config(tree: dict) -> None:
     """ConfigError on every process unless all processes hold the same `tree` (the resolved config).
 
-    The processes exchange a hash (one small all-gather); only if the hashes differ do process 0
-    and the first differing process share their JSON, so the message can name the first key.
+    The processes exchange a hash (one small all-gather); only if the hashes differ do they share
+    their JSON, so the message can name the first key that differs.
     """
     if jax.process_count() == 1:
         return
@@ -364,21 +314,15 @@ def check_same_config(tree: dict) -> None:
     if not differing:
         return
     other = differing[0]
-    width = int(digests[:, 0].max())
-    padded = np.zeros(width, np.uint8)
+    padded = np.zeros(int(digests[:, 0].max()), np.uint8)
     padded[: len(data)] = np.frombuffer(data, np.uint8)
-    texts = {}
-    for source in (0, other):
-        shared = multihost_utils.broadcast_one_to_all(padded, is_source=jax.process_index() == source)
-        texts[source] = bytes(np.asarray(shared, np.uint8)[: int(digests[source, 0])]).decode()
-    diff = first_difference(json.loads(texts[0]), json.loads(texts[other]))
+    texts = np.asarray(multihost_utils.process_allgather(padded))
+    configs = [json.loads(bytes(texts[p][: int(digests[p, 0])]).decode()) for p in (0, other)]
+    diff = first_difference(*configs)
     if diff is None:  # equal content, different bytes: cannot happen with sorted keys, but say so
         raise ConfigError(f"config differs between processes 0 and {other} (same keys and values, other bytes)")
     key, v0, v1 = diff
     raise ConfigError(f"config differs between processes: {key} is {v0} on process 0 and {v1} on process {other}")
-
-
-# ----------------------------------------------------------------------------- preemption
 
 
 class Preemption:

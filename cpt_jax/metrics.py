@@ -63,16 +63,17 @@ class MetricsWriter:
             return
         record = _clean(record)
         self._file.write(json.dumps(record) + "\n")
-        if "step" in record and (self._tb is not None or self._wandb is not None):
-            scalars = {f"{record.get('kind', 'train')}/{k}": v for k, v in _scalars(record)}
+        if "step" not in record:
+            return
+        scalars = {f"{record.get('kind', 'train')}/{k}": v for k, v in _scalars(record)}
+        if self._tb is not None:
             for key, value in scalars.items():
-                if self._tb is not None:
-                    self._tb.add_scalar(key, value, record["step"])
-            if self._tb is not None and record.get("samples"):
+                self._tb.add_scalar(key, value, record["step"])
+            if record.get("samples"):
                 self._tb.add_text(f"{record.get('kind', 'eval')}/samples", _samples_markdown(record["samples"]),
                                   record["step"])
-            if self._wandb is not None and scalars:
-                self._wandb.log(scalars, step=record["step"])
+        if self._wandb is not None and scalars:
+            self._wandb.log(scalars, step=record["step"])
 
     def close(self) -> None:
         if self.active:
@@ -107,9 +108,6 @@ def log(message: str) -> None:
     """A human-readable line on stderr from process 0."""
     if jax.process_index() == 0:
         print(message, file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------- the trainer's records
 
 
 def plan_record(step: int, schedule_metadata: dict[str, Any], phases: list, model_config: ModelConfig) -> dict:

@@ -1,15 +1,9 @@
-"""python -m cpt_jax.plan: what a run will do, before it runs.
+"""python -m cpt_jax.plan --config FILE [--out plan.png]: what a run will do, before it runs.
 
-    python -m cpt_jax.plan --config configs/recipe_15b.py [--config.train.steps=1000] [--out plan.png]
-
-Prints the LR schedule, where each mixture phase starts (step, LR there, fraction of the run,
-tokens), the tokens every source gives in every phase and how many epochs of the source that is
-(when its manifest is readable; '?' for a source not prepared yet), and warns when a source would
-repeat more than `data.max_epochs_warning` epochs. Writes a PNG: the LR over tokens with the phases
-shaded, and the mixture weights as stacked areas. Nothing is compiled and no data is read beyond
-the manifests. A bad config prints `error: <one line>` and exits with status 2.
-
-`make_plan(cfg)` returns the same numbers as a dict (what the CLI prints; what tests check).
+The trainer's own schedule and mixture (`resolve.for_plan`): where each phase starts, the tokens
+and epochs every source gives (from its manifest; '?' when not prepared yet), warnings for sources
+that repeat more than `data.max_epochs_warning` epochs, and a PNG of the LR and the mixture weights.
+Nothing is compiled and no data is read beyond the manifests.
 """
 
 from __future__ import annotations
@@ -35,14 +29,9 @@ def _manifest(directory: str) -> dict | None:
 
 
 def make_plan(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Every number the plan shows. Raises ConfigError for a bad config.
-
-    Returns a dict with: schedule (its metadata, peak_step), start_lr_from (where the start LR came
-    from), steps, batch_size, seq_len, tokens_per_step, total_tokens, lr (np.ndarray, the LR at steps
-    0..steps), sources (names),
-    phases (one dict per phase: index, start_step, end_step, lr_at_start, fraction, start_tokens,
-    tokens, weights, start_at, tokens_per_source, epochs_per_source), tokens_per_source and epochs
-    (whole run), source_examples (train examples from the manifest or None), warnings (strings).
+    """Every number the plan shows, as the dict `format_plan` prints and `write_png` draws (the LR
+    at steps 0..steps, the phases with their tokens and epochs per source, warnings). Raises
+    ConfigError for a bad config.
     """
     run = resolve.for_plan(cfg)
     steps, B, L = int(cfg.train.steps), int(cfg.train.batch_size), int(cfg.train.seq_len)
@@ -82,18 +71,13 @@ def make_plan(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
                 f"source {name}: {e:.2f} epochs over the run, more than data.max_epochs_warning = {limit:g} "
                 f"({total_counts[name]:,} examples drawn from {examples[name]:,})"
             )
-    meta = schedule.metadata()
-    meta["peak_step"] = schedule.peak_step
     return {
-        "schedule": meta, "start_lr_from": run.start_lr_from,
+        "schedule": {**schedule.metadata(), "peak_step": schedule.peak_step}, "start_lr_from": run.start_lr_from,
         "steps": steps, "batch_size": B, "seq_len": L, "tokens_per_step": B * L, "total_tokens": steps * B * L,
         "lr": lr, "sources": names, "phases": plan_phases,
         "tokens_per_source": {n: c * L for n, c in total_counts.items()}, "epochs": epochs,
         "source_examples": examples, "warnings": warnings,
     }
-
-
-# ----------------------------------------------------------------------------- text
 
 
 def human(n: float) -> str:
@@ -150,9 +134,6 @@ def format_plan(plan: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- picture
-
-
 def write_png(plan: dict[str, Any], path: str) -> None:
     """LR over tokens with the phases shaded (top) and the mixture weights as stacked areas (bottom)."""
     import matplotlib
@@ -191,13 +172,6 @@ def write_png(plan: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------- command line
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 def _parse(argv: list[str]) -> tuple[ml_collections.ConfigDict, str]:
     """(config, --out) from the command line; every problem is a one-line ConfigError."""
     from absl import flags
@@ -224,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:
             raise ConfigError(f"--out: {out}: {e.strerror}, expected a writable file path") from None
     except ConfigError as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(format_plan(plan))
     print(f"wrote {out}")

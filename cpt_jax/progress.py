@@ -1,12 +1,10 @@
-"""A one-line progress bar of training steps, redrawn in place with '\\r' at most every
-`min_interval` seconds:
+"""A one-line progress bar of training steps, redrawn in place with '\\r':
 
     train 1,234/10,000 [##........] 12% | loss 2.31 lr 3.0e-4 phase 1 tok/s 12,345 | 3.10 it/s ETA 47:09
 
-Not tqdm (a dependency of flax): its ETA follows an exponential average of the rate; this one
-takes the rate over the last `window` seconds, so a slow start (compilation) does not linger. By
-default the bar is drawn only when the stream is a terminal and this is process 0: logs in files or
-CI stay free of carriage returns, one host of a multi-host run draws.
+Not tqdm: its ETA follows an exponential average of the rate; this one takes the rate over the last
+`window` seconds, so a slow start (compilation) does not linger. By default only process 0 draws,
+and only on a terminal: logs in files or CI stay free of carriage returns.
 """
 
 from __future__ import annotations
@@ -74,18 +72,9 @@ class Progress:
     `clock` is injectable for tests; `window` is the span (seconds) of the rate behind the ETA.
     """
 
-    def __init__(
-        self,
-        total: int,
-        *,
-        desc: str = "",
-        start: int = 0,
-        stream: TextIO | None = None,
-        enabled: bool | None = None,
-        min_interval: float = 0.5,
-        window: float = 30.0,
-        clock: Callable[[], float] = time.monotonic,
-    ):
+    def __init__(self, total: int, *, desc: str = "", start: int = 0, stream: TextIO | None = None,
+                 enabled: bool | None = None, min_interval: float = 0.5, window: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic):
         self.total = int(total)
         self.desc = desc
         self.n = int(start)
@@ -97,9 +86,8 @@ class Progress:
         self.window = float(window)
         self.fields: dict[str, Any] = {}
         self._clock = clock
-        self._t0 = clock()
         # (time, n) samples for the recent rate; the construction counts as the first.
-        self._samples: collections.deque[tuple[float, int]] = collections.deque([(self._t0, self.n)])
+        self._samples: collections.deque[tuple[float, int]] = collections.deque([(clock(), self.n)])
         self._last_draw = -math.inf
         self._last_len = 0
         self._closed = False
@@ -190,9 +178,7 @@ class Progress:
 
 
 def _terminal_width(stream: TextIO) -> int | None:
-    if not _is_tty(stream):
-        return None
-    try:
+    try:  # a stream that is not a terminal has no size (OSError, or no fileno at all)
         return os.get_terminal_size(stream.fileno()).columns
     except (AttributeError, ValueError, OSError):
         return None

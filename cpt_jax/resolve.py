@@ -1,17 +1,13 @@
 """Config + workdir -> the run, before anything is compiled or written: one road, in stages that
 each caller takes as far as it needs.
 
-    for_plan(cfg)               plan: the starting LR and where it came from, the schedule, the
-                                mixture's phases (reads only an init_from checkpoint's metadata)
-    for_compile(cfg, workdir)   --compile_only: + the model and its sharding rules (no data, no
-                                checkpoint arrays; an init_from not on this machine: a placeholder LR)
-    for_training(cfg, workdir)  train: + the workdir's checks, devices and mesh, where the state comes
-                                from (own latest checkpoint | init_from | fresh), data, evaluation
+    for_plan(cfg)               the starting LR and where it came from, the schedule, the phases
+    for_compile(cfg, workdir)   + the model and its sharding rules (--compile_only: no data, no arrays)
+    for_training(cfg, workdir)  + the workdir's checks, the mesh, where the state comes from, data, evaluation
     initial_state(run, tx)      the state itself, restored or initialized on the devices
     mesh_for(model_config)      devices and mesh for evaluating a checkpoint (evaluate, sample)
 
-Every user error is a ConfigError (one line naming the key or file); nothing is written before
-`initial_state`.
+Every user error is a ConfigError; nothing is written before `initial_state`.
 """
 
 from __future__ import annotations
@@ -65,9 +61,6 @@ class RunFinished(Exception):
     """The workdir's latest checkpoint is the run's last step: there is nothing to do."""
 
 
-# ----------------------------------------------------------------------------- the starting LR
-
-
 def start_lr(cfg: ml_collections.ConfigDict, own: tuple[int, dict] | None = None, init_meta: dict | None = None,
              *, compile_only: bool = False) -> tuple[float | None, str]:
     """(the LR the schedule starts at, where it came from): this run's own checkpoint `own` (step,
@@ -110,9 +103,6 @@ def _schedule(cfg: ml_collections.ConfigDict, own=None, init_meta=None, *, compi
               ) -> tuple[schedules.Schedule, str]:
     lr, where = start_lr(cfg, own, init_meta, compile_only=compile_only)
     return schedules.build(cfg.schedule, cfg.train.steps, lr), where
-
-
-# ----------------------------------------------------------------------------- the stages
 
 
 def for_plan(cfg: ml_collections.ConfigDict) -> Run:
@@ -197,9 +187,6 @@ def for_training(cfg: ml_collections.ConfigDict, workdir_path: str) -> Run:
                source_dtype=checkpoint.source_dtype(lineage))
 
 
-# ----------------------------------------------------------------------------- the state
-
-
 def initial_state(run: Run, tx) -> tuple[dict, dict]:
     """The state to start from, and its shardings: own checkpoint (its data state checked against
     it), init_from, or fresh. Incomplete checkpoint steps are set aside first."""
@@ -264,9 +251,6 @@ def checkpoint_metadata(run: Run) -> Callable[[int], dict[str, Any]]:
         }
 
     return at
-
-
-# ----------------------------------------------------------------------------- evaluating a checkpoint
 
 
 def mesh_for(mc: model.ModelConfig) -> tuple[Any, dict, Any]:

@@ -1,23 +1,9 @@
 """Learning-rate schedules: pure, jit-friendly functions of the optimizer step, built with optax.
 
-`build(config.schedule, steps, start_lr)` returns a `Schedule`: the optax-style function (step ->
-float32 lr) plus what the rest of the trainer needs to know about it without evaluating it (the lr at
-step 0, its largest value and where that is first reached, its floor at the last step, the resolved
-parameters written to metadata) and `crossing_step`, the first step after the peak at which the lr
-has decayed to a threshold; the data mixture switches blends there (the recipe switches at start/5).
-
-Schedules (`schedule.name`):
-
-- `recipe` ("Reuse, Don't Retrain", Parmar et al. 2024): cosine from `start_lr` to
-  `start_lr * final_ratio` over the run, no warmup.
-- `warmup_cosine`: linear warmup 0 -> `peak_lr`, cosine to `min_lr` at the last step.
-- `rewarm` (Gupta et al. 2023): linear warmup `start_lr` (or 0) -> `peak_lr`, cosine to `min_lr`.
-- `wsd`: warmup 0 -> `peak_lr`, constant, then a `decay_shape` decay to `min_lr` over the last
-  `decay_steps` (0: 10% of the run).
-- `constant`: `start_lr` throughout.
-- `infinite` (Ibrahim et al. 2024 §7; Singh et al. 2025): warmup 0 -> `peak_lr`, cosine cooldown to
-  `const_lr` over `cooldown_steps`, constant, then an exponential anneal to `min_lr` over the last
-  `anneal_steps` (0: no anneal, the run ends at `const_lr`).
+`build(config.schedule, steps, start_lr)` returns a `Schedule`: the function (step -> float32 lr)
+plus what the trainer needs to know without evaluating it, and `crossing_step`, the first step
+after the peak at which the lr has decayed to a threshold (where the mixture switches blends; the
+recipe switches at start/5). The schedules and their keys are in the README's table.
 
 A run of `steps` optimizer steps uses steps 0..steps-1; every schedule reaches its floor `lr_min` at
 step `steps` and stays there for any later step.
@@ -48,11 +34,9 @@ NEEDS_START_LR = ("recipe", "constant")
 
 @dataclasses.dataclass(frozen=True)
 class Segment:
-    """One piece of a schedule: `kind` from value `a` at step `start` to `b` at `start + length`.
-
-    `kind` is 'linear', 'cosine', 'exponential' (a * (b/a)^(t/length)) or 'constant' (a == b).
-    The segments of a `Schedule` are contiguous, non-empty and cover steps 0..steps.
-    """
+    """One piece of a schedule: `kind` ('linear', 'cosine', 'exponential': a * (b/a)^(t/length), or
+    'constant') from value `a` at step `start` to `b` at `start + length`. A Schedule's segments are
+    contiguous, non-empty and cover steps 0..steps."""
 
     kind: str
     start: int
@@ -75,10 +59,8 @@ class Segment:
         elif self.kind == "cosine":
             x = 2.0 * (c - self.b) / (self.a - self.b) - 1.0
             frac = math.acos(min(1.0, max(-1.0, x))) / math.pi
-        elif self.kind == "exponential":
+        else:  # exponential (a constant segment, a == b, has returned above)
             frac = math.log(c / self.a) / math.log(self.b / self.a)
-        else:  # constant with a > c handled above; nothing else can get here
-            frac = 0.0
         return frac * self.length
 
 
@@ -87,29 +69,17 @@ class Segment:
 # identity anyway).
 @dataclasses.dataclass(frozen=True, eq=False)
 class Schedule:
-    """A learning-rate schedule over a run of `steps` optimizer steps (see the module docstring).
+    """A learning-rate schedule over a run of `steps` optimizer steps (see the module docstring)."""
 
-    Attributes:
-      name: the schedule's name (one of `NAMES`).
-      steps: length of the run in optimizer steps; the run uses steps 0..steps-1.
-      fn: optax-style schedule, step (int or integer jnp array, traced or not) -> float32 lr.
-      start_lr: lr at step 0.
-      lr_max: largest lr over steps 0..steps.
-      lr_min: the floor: the value at step == steps (and after).
-      peak_step: first step at which the lr equals lr_max (0 without a warmup).
-      params: every resolved value that defines the schedule (JSON-able).
-      segments: the pieces it is made of, used for the closed-form crossing step.
-    """
-
-    name: str
-    steps: int
-    fn: Callable[[Any], jax.Array]
-    start_lr: float
-    lr_max: float
-    lr_min: float
-    peak_step: int
-    params: dict[str, Any]
-    segments: tuple[Segment, ...] = ()
+    name: str  # one of NAMES
+    steps: int  # the run uses steps 0..steps-1
+    fn: Callable[[Any], jax.Array]  # optax-style: step (int or integer array, traced or not) -> float32 lr
+    start_lr: float  # the lr at step 0
+    lr_max: float  # the largest lr over steps 0..steps
+    lr_min: float  # the floor: the value at step == steps and after
+    peak_step: int  # the first step at which the lr equals lr_max (0 without a warmup)
+    params: dict[str, Any]  # every resolved value that defines the schedule (JSON-able)
+    segments: tuple[Segment, ...] = ()  # the pieces it is made of, for the closed-form crossing step
 
     def __call__(self, step: Any) -> jax.Array:
         return self.fn(step)
@@ -124,29 +94,19 @@ class Schedule:
                 "lr_max": float(self.lr_max), "lr_min": float(self.lr_min), **self.params}
 
 
-# ----------------------------------------------------------------------------- building
-
-
 def build(cfg: Any, steps: int, start_lr: float | None) -> Schedule:
-    """The schedule described by the `config.schedule` section for a run of `steps` steps.
+    """The schedule of the `config.schedule` section `cfg` for a run of `steps` (> 0) steps.
 
-    Args:
-      cfg: the `schedule` config section (attributes name, final_ratio, peak_lr, min_lr, warmup_steps,
-        decay_steps, decay_shape, cooldown_steps, const_lr, anneal_steps; `cfg.start_lr` is not read).
-      steps: optimizer steps of the run (> 0).
-      start_lr: the resolved starting lr (`resolve.start_lr`): read by READS_START_LR, required by
-        NEEDS_START_LR, ignored by the others.
-
-    Raises:
-      ConfigError: one line naming the offending key, the value found and what is expected.
+    `start_lr` is the resolved starting lr (`resolve.start_lr`; `cfg.start_lr` is not read): read by
+    READS_START_LR, required by NEEDS_START_LR, ignored by the others. A bad value is a ConfigError
+    naming its key.
     """
     name = cfg.name
     if name not in NAMES:
         raise ConfigError(f"schedule.name: {name!r}, expected one of {', '.join(map(repr, NAMES))}")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps <= 0:
         raise ConfigError(f"train.steps: {steps!r}, expected a positive integer")
-    steps = int(steps)
-    return _BUILDERS[name](cfg, steps, start_lr)
+    return _BUILDERS[name](cfg, int(steps), start_lr)
 
 
 def _build_recipe(cfg: Any, steps: int, start_lr: float | None) -> Schedule:
@@ -228,11 +188,11 @@ def _build_infinite(cfg: Any, steps: int, start_lr: float | None) -> Schedule:
     warmup = _count(cfg, "warmup_steps")
     cooldown = _count(cfg, "cooldown_steps")
     anneal = _count(cfg, "anneal_steps")
-    const = _positive_lr(cfg, "const_lr")
+    const = _positive_lr(cfg.const_lr, "const_lr")
     # Without warmup and cooldown the run starts in the constant phase (continuing a run that
     # stopped there): peak_lr plays no part.
     uses_peak = warmup > 0 or cooldown > 0
-    peak = _positive_lr(cfg, "peak_lr") if uses_peak else const
+    peak = _positive_lr(cfg.peak_lr, "peak_lr") if uses_peak else const
     if const > peak:
         raise ConfigError(f"schedule.const_lr: {const!r}, expected at most schedule.peak_lr ({peak!r})")
     if warmup > 0 and cooldown == 0 and const < peak:
@@ -243,7 +203,7 @@ def _build_infinite(cfg: Any, steps: int, start_lr: float | None) -> Schedule:
         )
     floor = const
     if anneal > 0:
-        floor = _positive_lr(cfg, "min_lr")
+        floor = _positive_lr(cfg.min_lr, "min_lr")
         if floor > const:
             raise ConfigError(f"schedule.min_lr: {floor!r}, expected at most schedule.const_lr ({const!r})")
     if warmup + cooldown + anneal > steps:
@@ -296,9 +256,9 @@ def _optax_piece(seg: Segment) -> Callable[[Any], Any]:
     if seg.kind == "cosine":
         return optax.cosine_decay_schedule(seg.a, seg.length, alpha=seg.b / seg.a)
     if seg.kind == "exponential":
-        # end_value clamps the tail at b (and absorbs the rounding of a * (b/a)^1).
+        # end_value clamps the tail at b, but a * (b/a)^1 rounds to either side of b: the end (and
+        # every later step) is pinned to b itself.
         decay = optax.exponential_decay(seg.a, seg.length, seg.b / seg.a, end_value=seg.b)
-        # a * (b/a)^1 rounds to either side of b; pin the end (and every later step) to b itself.
         return lambda t: jnp.where(t >= seg.length, seg.b, decay(t))
     return optax.constant_schedule(seg.a)
 
@@ -312,9 +272,6 @@ def _nonempty(*segments: Segment) -> tuple[Segment, ...]:
     # A zero-length piece would still win join_schedules at its boundary (and, at the end of the
     # run, for every later step), so empty pieces must not reach the join.
     return tuple(s for s in segments if s.length > 0)
-
-
-# ----------------------------------------------------------------------------- validation
 
 
 def _is_real(x: Any) -> bool:
@@ -331,16 +288,15 @@ def _required_start_lr(start_lr: float | None) -> float:
     return float(start_lr)
 
 
-def _positive_lr(cfg: Any, key: str) -> float:
-    value = getattr(cfg, key)
+def _positive_lr(value: Any, key: str) -> float:
     if not _is_real(value) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"schedule.{key}: {value!r}, expected a positive learning rate")
     return float(value)
 
 
 def _peak_and_min(cfg: Any) -> tuple[float, float]:
-    peak = _positive_lr(cfg, "peak_lr")
-    floor = _positive_lr(cfg, "min_lr")
+    peak = _positive_lr(cfg.peak_lr, "peak_lr")
+    floor = _positive_lr(cfg.min_lr, "min_lr")
     if floor > peak:
         raise ConfigError(f"schedule.min_lr: {floor!r}, expected at most schedule.peak_lr ({peak!r})")
     return peak, floor
@@ -353,9 +309,6 @@ def _count(cfg: Any, key: str) -> int:
     return int(value)
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-
 def values(schedule: Schedule) -> np.ndarray:
     """The lr at steps 0..steps inclusive (float64 holding the exact float32 values), vectorised."""
     return _lr_at(schedule, np.arange(schedule.steps + 1))
@@ -366,16 +319,12 @@ def _lr_at(schedule: Schedule, steps: Any) -> np.ndarray:
 
 
 def crossing_step(schedule: Schedule, threshold: float, *, method: str = "auto") -> int | None:
-    """First integer step s with peak_step <= s <= steps and lr(s) <= threshold; None if never.
+    """First integer step s with peak_step <= s <= steps and lr(s) <= threshold (compared as
+    float32, the lr's precision); None if never. Steps before the peak do not count.
 
-    Only steps from the peak on count, so a warmup that starts below the threshold is not a
-    crossing. The lr is float32, so the threshold is compared as float32 too (a threshold equal to
-    an lr the schedule holds, e.g. a wsd's peak_lr, is reached).
-
-    method 'auto' uses the closed form of the segment the crossing falls in (for a cosine from a to
-    b over T steps and threshold c, t*/T = arccos(2 (c - b)/(a - b) - 1)/pi), checks the steps around
-    it against `fn` so float rounding cannot move it by one, and falls back to the scan when that
-    check fails. 'scan' evaluates every step (`values`).
+    method 'auto' takes the closed form of the segment the crossing falls in (`Segment.time_of`),
+    checks the steps around it against `fn` so float rounding cannot move it by one, and falls back
+    to 'scan' (every step, `values`) when that check fails.
     """
     if method not in CROSSING_METHODS:
         raise ValueError(f"crossing_step method: {method!r}, expected one of {CROSSING_METHODS}")

@@ -21,7 +21,6 @@ from absl import flags, logging
 
 from cpt_jax import aot, checkpoint, cli, config, distributed, metrics, optim, resolve, train_step, workdir
 from cpt_jax.config import ConfigError
-from cpt_jax.data import pipeline as data_pipeline
 from cpt_jax.metrics import MetricsWriter, log
 from cpt_jax.progress import Progress
 
@@ -29,12 +28,9 @@ from cpt_jax.progress import Progress
 
 
 def parse_args(argv: list[str], launch: dict | None = None) -> tuple[ml_collections.ConfigDict, str]:
-    """Command line -> (config, workdir). Any problem with the file or an override is a ConfigError.
-
-    `launch`, when given, receives how to start: "distributed" (distributed.Settings from
-    --coordinator_address/--num_processes/--process_id or CPT_*, validated without connecting),
-    "compile_only" and "topology".
-    """
+    """Command line -> (config, workdir); any problem is a ConfigError. `launch`, when given,
+    receives how to start: "distributed" (the validated `distributed.Settings`), "compile_only" and
+    "topology"."""
 
     def define(fv: flags.FlagValues) -> None:
         flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and config.json.",
@@ -79,17 +75,14 @@ def _train(run: resolve.Run) -> int:
     workdir.write_config(run.workdir, cfg)
     metrics.drop_records_from(os.path.join(run.workdir, "metrics.jsonl"), start)
     writer = MetricsWriter(run.workdir, cfg.tensorboard, cfg.wandb, json.loads(config.to_json(cfg)))
-    ckpt = checkpoint.Checkpointer(
-        run.workdir, cfg.checkpoint.every_steps, cfg.checkpoint.max_to_keep, cfg.checkpoint.async_save
-    )
+    ckpt = checkpoint.Checkpointer(run.workdir, cfg.checkpoint.every_steps, cfg.checkpoint.max_to_keep,
+                                   cfg.checkpoint.async_save)
     writer.write(metrics.plan_record(start, run.schedule.metadata(), pipeline.phases, run.model_config))
 
     # ---------------------------------------------------------------- compile
-    jitted = train_step.jit_train_step(cfg.train, run.model_config, tx, run.schedule, run.rules, shardings,
-                                       pipeline.batch_sharding)
     t0 = time.time()
-    compiled = jitted.lower(state, data_pipeline.batch_specs(pipeline.batch_size, pipeline.seq_len,
-                                                              pipeline.batch_sharding)).compile()
+    compiled = train_step.lower(cfg.train, run.model_config, tx, run.schedule, run.rules, state, shardings,
+                                pipeline.batch_sharding).compile()
     log(f"compiled the train step in {time.time() - t0:.1f}s; steps {start} -> {end} of {steps}; "
         f"start LR {run.schedule.start_lr:.4g} from {run.start_lr_from}")
 

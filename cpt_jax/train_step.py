@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from cpt_jax import losses, model, sharding
-from cpt_jax.data.pipeline import BATCH_KEYS
+from cpt_jax.data.pipeline import BATCH_KEYS, batch_specs
 from cpt_jax.model import ModelConfig
 from cpt_jax.schedules import Schedule
 
@@ -27,9 +27,8 @@ def init_state(params: Any, tx: optax.GradientTransformation) -> State:
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
 
-def abstract_state(
-    c: ModelConfig, param_shardings: Any, mesh: jax.sharding.Mesh, tx: optax.GradientTransformation
-) -> tuple[State, State]:
+def abstract_state(c: ModelConfig, param_shardings: Any, mesh: jax.sharding.Mesh, tx: optax.GradientTransformation
+                   ) -> tuple[State, State]:
     """(the abstract state, every leaf with its sharding; the state's shardings); allocates nothing.
 
     Call it outside `jax.set_mesh` of a compile-only mesh: optax builds the optimizer state's
@@ -47,17 +46,6 @@ def abstract_state(
     abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings["step"]), "params": abstract_params,
                 "opt_state": jax.tree.map(with_sharding, plain_opt, opt_shardings)}
     return abstract, shardings
-
-
-def loss_sum_fn(c: ModelConfig, rules: tuple, chunk_tokens: int) -> Callable:
-    """(params, batch) -> summed token loss (fp32)."""
-
-    def fn(params, batch):
-        hidden = model.forward(params, batch["inputs"], c, batch["segment_ids"], batch["positions"], rules)
-        w = model.head_weights(params, c)
-        return losses.cross_entropy_sum(hidden, w, batch["targets"], batch["loss_mask"], c.dtype, chunk_tokens)
-
-    return fn
 
 
 def _grads(loss_sum, params, batch: Batch, micro_batches: int):
@@ -86,11 +74,15 @@ def _grads(loss_sum, params, batch: Batch, micro_batches: int):
 def make_train_step(c: ModelConfig, tx: optax.GradientTransformation, schedule: Schedule, rules: tuple = (),
                     micro_batches: int = 1, chunk_tokens: int = 0, nan_steps: tuple[int, ...] = ()
                     ) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
-    """The pure step function (`jit_train_step` jits it with a run's shardings).
+    """The pure step function (`lower` jits it with a run's shardings).
 
     nan_steps poisons those steps' gradients with NaN: a test hook for the non-finite guard.
     """
-    loss_sum = loss_sum_fn(c, rules, chunk_tokens)
+
+    def loss_sum(params, batch):  # the summed token loss (fp32)
+        hidden = model.forward(params, batch["inputs"], c, batch["segment_ids"], batch["positions"], rules)
+        w = model.head_weights(params, c)
+        return losses.cross_entropy_sum(hidden, w, batch["targets"], batch["loss_mask"], c.dtype, chunk_tokens)
 
     def step_fn(state: State, batch: Batch):
         params, step = state["params"], state["step"]
@@ -114,12 +106,13 @@ def make_train_step(c: ModelConfig, tx: optax.GradientTransformation, schedule: 
     return step_fn
 
 
-def jit_train_step(train_cfg: Any, c: ModelConfig, tx: optax.GradientTransformation, schedule: Schedule, rules: dict,
-                   state_shardings: State, batch_sharding: jax.sharding.NamedSharding) -> Callable:
-    """The step of a run (its `train` config section) jitted for its shardings: the state in and out
-    sharded as `state_shardings`, every batch field as `batch_sharding`, the metrics replicated, and
-    the incoming state donated (its buffers become the new state's)."""
+def lower(train_cfg: Any, c: ModelConfig, tx: optax.GradientTransformation, schedule: Schedule, rules: dict,
+          state: State, state_shardings: State, batch_sharding: jax.sharding.NamedSharding) -> jax.stages.Lowered:
+    """The step of a run (its `train` config section) lowered for `state` and a batch of the run's
+    shape: the state in and out sharded as `state_shardings`, every batch field as `batch_sharding`,
+    the metrics replicated, and the incoming state donated (its buffers become the new state's)."""
     step_fn = make_train_step(c, tx, schedule, sharding.rules_tuple(rules), train_cfg.micro_batches,
                               train_cfg.loss_chunk_tokens, tuple(train_cfg.inject_nan_steps))
-    return jax.jit(step_fn, in_shardings=(state_shardings, {k: batch_sharding for k in BATCH_KEYS}),
-                   out_shardings=(state_shardings, sharding.replicated(batch_sharding.mesh)), donate_argnums=(0,))
+    jitted = jax.jit(step_fn, in_shardings=(state_shardings, {k: batch_sharding for k in BATCH_KEYS}),
+                     out_shardings=(state_shardings, sharding.replicated(batch_sharding.mesh)), donate_argnums=(0,))
+    return jitted.lower(state, batch_specs(train_cfg.batch_size, train_cfg.seq_len, batch_sharding))
