@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/peers/cpt_jax_side.py RUN_JSON
 
 Builds the run the way `python -m cpt_jax.train` does (configs/tiny.py with the overrides of
-shapes.cpt_jax_overrides, `resolve.for_training`, the jitted `train_step.jit_train_step` with
+shapes.cpt_jax_overrides, `resolve.for_training`, the jitted `train_step.lower` with
 donated state, an ahead-of-time compile of it, `resolve.initial_state`: benchmarks/throughput.py's
 `prepare`) and times its steps on the
 first batch of the synthetic pipeline, exactly as common.time_steps times MaxText's. Prints one
