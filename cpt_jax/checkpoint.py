@@ -1,16 +1,12 @@
 """Checkpoints: an orbax CheckpointManager under WORKDIR/checkpoints/, and reading other runs'.
 
-A step directory (format 2) holds an orbax PyTree item, `state`, with the parameters and the
-optimizer state ({"params": ..., "opt_state": ...}; imported models have no optimizer state), the
-data iterator's state as the item `data` (grain's own orbax handler: one JSON file per process;
-absent in imports and older checkpoints), and our metadata as the `custom_metadata` of orbax's
-own step metadata file (`_CHECKPOINT_METADATA`, JSON), which orbax commits together with the
-arrays (no JSON item of our own: each item adds to the fixed cost of a save). The metadata
-carries the schedule (so a continued run can start at the checkpoint's lr_min), the model
-config, parameter shapes (to report a mismatch before anything is compiled), the step and tokens
-seen.
-
-Format 1 (items `params`, `opt_state` and a JSON item `metadata`) is still read.
+A step directory (format 2) holds the orbax PyTree item `state` ({"params", "opt_state"}; imports
+have no optimizer state), the data iterator's state as the item `data` (grain's orbax handler: one
+JSON file per process) and our metadata as the `custom_metadata` of orbax's step metadata file,
+committed with the arrays (no JSON item of our own: each item adds to a save's fixed cost). The
+metadata carries the schedule (a continued run starts at its lr_min), the model config, parameter
+shapes (a mismatch is reported before compiling), the step and tokens seen. Format 1 (items
+`params`, `opt_state`, JSON item `metadata`) is still read.
 """
 
 from __future__ import annotations
@@ -44,9 +40,6 @@ _STEP_METADATA = "_CHECKPOINT_METADATA"  # orbax's per-step file; ours is its "c
 _V1_METADATA = os.path.join("metadata", "metadata")
 
 
-# ----------------------------------------------------------------------------- reading any checkpoint
-
-
 def _step_metadata(step_dir: str) -> dict[str, Any] | None:
     """Our metadata of a step directory (format 2, or format 1's JSON item); None if it has none.
     Raises OSError or JSONDecodeError when the file is there but unreadable."""
@@ -63,21 +56,18 @@ def _step_metadata(step_dir: str) -> dict[str, Any] | None:
     return None
 
 
-def _has_metadata(step_dir: str) -> bool:
+def is_step_dir(path: str) -> bool:
+    """A complete step directory written by cpt_jax (named by its step, with metadata)."""
+    if not os.path.basename(os.path.normpath(path)).isdigit():
+        return False
     try:
-        return _step_metadata(step_dir) is not None
+        return _step_metadata(path) is not None
     except (OSError, json.JSONDecodeError):
         return True  # it is there; read_metadata reports what is wrong with it
 
 
-def is_step_dir(path: str) -> bool:
-    """A complete step directory written by cpt_jax (named by its step, with metadata)."""
-    return os.path.basename(os.path.normpath(path)).isdigit() and _has_metadata(path)
-
-
 def _step_names(root: str) -> dict[str, bool]:
-    """{name: whether its save finished (orbax's commit marker is there)} of the step directories
-    under a checkpoints/ directory."""
+    """{name: whether its save finished} of the step directories under a checkpoints/ directory."""
     if not os.path.isdir(root):
         return {}
     return {name: os.path.isfile(os.path.join(root, name, _COMMIT_MARKER))
@@ -107,7 +97,7 @@ def resolve(path: str, key: str = "init_from") -> tuple[str, int]:
         return os.path.dirname(path), int(os.path.basename(path))
     if os.path.isdir(os.path.join(path, "checkpoints")) and not complete_steps(path):
         path = os.path.join(path, "checkpoints")
-    steps = [s for s in complete_steps(path) if _has_metadata(os.path.join(path, str(s)))]
+    steps = [s for s in complete_steps(path) if is_step_dir(os.path.join(path, str(s)))]
     if not steps:
         raise ConfigError(f"{key}: {path} holds no complete cpt_jax checkpoint, expected a checkpoints/ directory "
                           f"with step directories or one step directory")
@@ -222,11 +212,8 @@ def restore_from(path: str, **abstract: Any) -> dict[str, Any]:
 
 def restore_latest_good(root: str, abstract_state: dict[str, Any], warn) -> tuple[int, dict[str, Any]] | None:
     """(step, state) of the newest step under `root` that restores, or None when there is none.
-
-    A complete-looking step that fails to restore (a truncated or missing array file) is moved
-    aside to `<step>.damaged` with a warning naming the error, so that `max_to_keep` can never
-    delete the last restorable step while keeping a broken one.
-    """
+    A step that fails to restore (a truncated or missing array file) is moved aside to
+    `<step>.damaged` with a warning, so that `max_to_keep` never deletes the last good step."""
     for step in reversed(complete_steps(root)):
         try:
             out = _restore(root, step, params=abstract_state["params"], opt_state=abstract_state["opt_state"])
@@ -243,12 +230,9 @@ def restore_latest_good(root: str, abstract_state: dict[str, Any], warn) -> tupl
 
 def read_data_state(root: str, step: int) -> tuple[str, dict[str, Any] | None]:
     """(where, the data iterator state this process saved with `step`); None when there is none
-    for this number of processes (a checkpoint from before the item existed, or saved on another
-    topology: the step alone gives the position).
-
-    The file is the JSON that grain's orbax handler wrote, read directly: each process reads its
-    own, with no checkpoint manager (whose creation is a barrier of all processes) in between.
-    """
+    for this number of processes (an older checkpoint, or another topology: the step alone gives
+    the position). Read directly, not through a checkpoint manager, whose creation is a barrier of
+    all processes."""
     where = os.path.join(root, str(step), _DATA, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
     if not os.path.isfile(where):
         return where, None
@@ -278,17 +262,11 @@ def estimated_bytes(abstract_state: Any) -> int:
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract_state))
 
 
-# ----------------------------------------------------------------------------- writing
-
-
 def _array_registry(replica_parallel: bool):
     """Orbax's type handlers, with replica-parallel writing of replicated arrays on or off.
-
-    Replica-parallel splits each replicated array between the processes holding a copy, which
-    spreads the write of a data-parallel state over hosts. With one process every replica is on
-    the same host, so it only adds a device slice per shard and array to each save (on 8 devices
-    that was most of a small model's save time).
-    """
+    It splits each replicated array between the processes holding a copy, spreading the write over
+    hosts; on one process it only adds a device slice per shard and array to each save (on 8
+    devices that was most of a small model's save time)."""
     th = ocp.type_handlers
     return th.create_type_handler_registry(*[
         (ty, th.ArrayHandler(use_replica_parallel=False) if ty is jax.Array and not replica_parallel
@@ -317,9 +295,7 @@ def _manager(root: str, *, max_to_keep: int | None, async_save: bool, written=No
 
 def _save(mngr: ocp.CheckpointManager, step: int, items: dict[str, Any], metadata: dict[str, Any],
           data_state: dict[str, Any] | None = None) -> None:
-    """Start orbax's save of `items` ({"params": ...} and, for a run, "opt_state"), this process's
-    data iterator state and our metadata (with the format, the step and whether the step carries
-    optimizer state) as step `step`."""
+    """Start orbax's save of `items`, this process's data iterator state and our metadata."""
     meta = plain(dict(metadata, format_version=FORMAT_VERSION, step=int(step), has_opt_state="opt_state" in items))
     # grain's handler writes what `get_state()` of its item gives, JSON bytes, as for grain's own
     # iterators (a resume reads the file back with read_data_state)
@@ -340,15 +316,12 @@ def write(root: str, step: int, items: dict[str, Any], metadata: dict[str, Any])
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint was not written; the steps committed before it are intact."""
+    """A checkpoint was not written (a full disk, a lost mount, ...); the steps committed before it
+    are intact."""
 
 
 class NonFiniteParameters(CheckpointError):
     """The parameters to save hold a NaN or an infinity: that checkpoint is refused, never written."""
-
-
-class CheckpointWriteError(CheckpointError):
-    """Writing a checkpoint failed (a full disk, a lost mount, ...)."""
 
 
 class _HeldOrbaxErrors(logging.Filter):
@@ -363,17 +336,14 @@ class _HeldOrbaxErrors(logging.Filter):
         super().__init__()
         self.records: list[logging.LogRecord] = []
         self.accounted = False
+        for name in self._LOGGERS:
+            logging.getLogger(name).addFilter(self)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in f"{record.pathname} {record.getMessage()}":
             self.records.append(record)
             return False
         return True
-
-    def hold(self) -> _HeldOrbaxErrors:
-        for name in self._LOGGERS:
-            logging.getLogger(name).addFilter(self)
-        return self
 
     def release(self) -> None:
         if self.accounted:
@@ -385,17 +355,6 @@ class _HeldOrbaxErrors(logging.Filter):
                 logging.getLogger(record.name).handle(record)
 
 
-def _write_failure(step: int, e: BaseException) -> CheckpointWriteError:
-    text = f"{type(e).__name__}: {e}"
-    # tensorstore wraps the OS error in a long message; the OS's own words are what a user acts on
-    for os_error in ("No space left on device", "Read-only file system", "Permission denied",
-                     "Disk quota exceeded", "Input/output error"):
-        if os_error in text:
-            text = os_error
-            break
-    return CheckpointWriteError(f"checkpoint step {step} was not written ({text.splitlines()[0][:300]})")
-
-
 _all_finite = jax.jit(lambda tree: jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])))
 
 
@@ -404,13 +363,10 @@ class Checkpointer:
     `max_to_keep`), on one process or several.
 
     `save` waits for the previous save to commit, checks that the parameters are finite and has
-    orbax start the save: orbax copies every array to host memory before its save returns (its
-    array handler waits for the device-to-host transfer of all arrays in the blocking part
-    whenever no device-host byte limit is set, as here), then writes the copy in the background
-    (a temporary directory, then rename and commit marker). Because the copy is complete when
-    `save` returns, the next train step may donate and overwrite the state's buffers, and the
-    write of step N overlaps the steps after it. The loop pays for the wait, the check and the
-    copy, which waits for the step that produced the state (the check adds one reduction to it).
+    orbax start the save, which copies every array to host memory before it returns (orbax's array
+    handler waits for all device-to-host transfers when no byte limit is set, as here) and writes
+    the copy in the background. So the next train step may donate the state's buffers, and the
+    write of step N overlaps the steps after it; the loop pays for the wait, the check and the copy.
     With `async_save=False` every save is written before `save` returns.
     """
 
@@ -418,33 +374,29 @@ class Checkpointer:
         self.root = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.every_steps = every_steps
         self.saves = 0
-        # Where a save's time goes. wait: the loop waiting in save() for the previous save to
-        # commit (the stall asynchronous saving cannot hide); start: the loop in save() after that
-        # (the finiteness check and orbax's blocking part: the host copy, which on a CPU includes
-        # waiting for the step's own result); write: orbax's save from its start until the files
-        # are written, just before the commit marker (in the background when asynchronous, so
-        # overlapping the next steps; process 0's figure).
+        # Where a save's time goes. wait: save() waiting for the previous save to commit (the stall
+        # asynchronous saving cannot hide); start: the rest of save() (the finiteness check and the
+        # host copy, which on a CPU includes the step's own result); write: orbax's save until its
+        # files are written (in the background when asynchronous; process 0's figure).
         self.wait_secs = self.start_secs = self.write_secs = 0.0
         self._last_step = 0  # the latest step a save was started for
-        self._started_at: float | None = None  # when orbax began the save not yet counted in write_secs
-        self._written_at: float | None = None  # when its files were written (on orbax's thread)
+        self._started_at = 0.0  # when orbax began the latest save
+        self._async = async_save
         self._mngr = _manager(self.root, max_to_keep=max_to_keep, async_save=async_save, written=self._files_written)
-        self._orbax_errors = _HeldOrbaxErrors().hold()
+        self._orbax_errors = _HeldOrbaxErrors()
 
     def should_save(self, step: int, last_step: int) -> bool:
         return step == last_step or (self.every_steps > 0 and step % self.every_steps == 0)
 
-    def _files_written(self) -> None:
-        self._written_at = time.perf_counter()
+    def _files_written(self) -> None:  # on orbax's thread when asynchronous, before the commit marker
+        self.write_secs += time.perf_counter() - self._started_at
 
     def save(self, step: int, state: dict[str, Any], metadata: dict[str, Any],
              data_state: dict[str, Any] | None = None) -> None:
-        """Start saving `state` (params, opt_state) and this process's `data_state` (the data
-        iterator's, JSON-able) at `step`; returns once the arrays are copied to host memory.
-
-        Raises NonFiniteParameters for parameters holding a NaN or an infinity (nothing is
-        written), and CheckpointWriteError for a failed write, this one's or the previous one's.
-        """
+        """Start saving `state` (params, opt_state) and this process's JSON-able `data_state` at
+        `step`; returns once the arrays are copied to host memory. Raises NonFiniteParameters for
+        parameters holding a NaN or an infinity (nothing is written), and CheckpointError for a
+        failed write, this one's or the previous one's."""
         items = {"params": state["params"], "opt_state": state["opt_state"]}
         t0 = time.perf_counter()
         self.wait()
@@ -460,11 +412,19 @@ class Checkpointer:
             raise self._failure(e) from e
         self.start_secs += time.perf_counter() - t1
         self.saves += 1
-        self._count_write()  # a synchronous save is written already
+        if not self._async:  # written already (orbax calls `written` back only when asynchronous)
+            self._files_written()
 
-    def _failure(self, e: BaseException) -> CheckpointWriteError:
+    def _failure(self, e: BaseException) -> CheckpointError:
         self._orbax_errors.accounted = True
-        return _write_failure(self._last_step, e)
+        text = f"{type(e).__name__}: {e}"
+        # tensorstore wraps the OS error in a long message; the OS's own words are what a user acts on
+        for os_error in ("No space left on device", "Read-only file system", "Permission denied",
+                         "Disk quota exceeded", "Input/output error"):
+            if os_error in text:
+                text = os_error
+                break
+        return CheckpointError(f"checkpoint step {self._last_step} was not written ({text.splitlines()[0][:300]})")
 
     def check(self) -> None:
         """Raise now, without waiting, if the last save's background write has failed: a run whose
@@ -480,12 +440,6 @@ class Checkpointer:
             self._mngr.wait_until_finished()
         except Exception as e:
             raise self._failure(e) from e
-        self._count_write()
-
-    def _count_write(self) -> None:
-        if self._started_at is not None and not self._mngr.is_saving_in_progress():
-            self.write_secs += (self._written_at or time.perf_counter()) - self._started_at
-            self._started_at = self._written_at = None
 
     def close(self) -> None:
         """Finish pending writes and release the manager. A write's failure is raised once (orbax

@@ -1,4 +1,4 @@
-"""Command lines that take a config file: `--config FILE[:arg] [--config.a.b=v ...]` plus own flags.
+"""Command lines: `--config FILE[:arg] [--config.a.b=v ...]` plus own flags; user errors as exit status 2.
 
 Every parse uses a fresh FlagValues, so a command can be run several times in one process (tests,
 the demo). Problems with the file or an override become one-line ConfigErrors.
@@ -6,6 +6,7 @@ the demo). Problems with the file or an override become one-line ConfigErrors.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -17,9 +18,23 @@ from ml_collections import config_flags
 from cpt_jax.config import ConfigError, check_key, check_keys
 
 
-def parse(
-    argv: list[str], define: Callable[[flags.FlagValues], None] | None = None
-) -> tuple[ml_collections.ConfigDict, flags.FlagValues]:
+def reports_config_errors(main: Callable[..., int]) -> Callable[..., int]:
+    """A command's `main` that reports a ConfigError as one line, `error: ...`, on stderr and
+    returns exit status 2 (the README's promise for every bad input)."""
+
+    @functools.wraps(main)
+    def run(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def parse(argv: list[str], define: Callable[[flags.FlagValues], None] | None = None
+          ) -> tuple[ml_collections.ConfigDict, flags.FlagValues]:
     """(config, parsed flags). `define(flag_values)` declares the command's own flags."""
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "Config file (configs/x.py[:arg]).", flag_values=fv,

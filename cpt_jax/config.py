@@ -30,55 +30,10 @@ class ConfigError(ValueError):
 
 
 def first_line(e: BaseException, limit: int = 300) -> str:
-    """What a library's exception says, fit for a one-line ConfigError: the first line of its
-    message (up to `limit` characters; some libraries' messages run to pages), or the exception's
-    type when the message is empty."""
+    """What a library's exception says, fit for a one-line ConfigError: its message's first line (up
+    to `limit` characters; some run to pages), or the exception's type when the message is empty."""
     lines = str(e).strip().splitlines()
     return lines[0][:limit] if lines else type(e).__name__
-
-
-def model_defaults() -> ml_collections.ConfigDict:
-    """The `model` section: architecture of the decoder."""
-    m = ml_collections.ConfigDict()
-    m.n_layers = 2  # Number of transformer blocks.
-    m.d_model = 64  # Residual stream width.
-    m.n_heads = 4  # Query heads.
-    m.n_kv_heads = 4  # Key/value heads (grouped-query attention when fewer than n_heads).
-    m.head_dim = 0  # Per-head width; 0 means d_model // n_heads.
-    m.d_ff = 256  # MLP hidden width.
-    m.vocab_size = 256  # Embedding rows (may exceed the tokenizer's vocabulary).
-    m.max_seq_len = 256  # Longest sequence the model is trained or evaluated on.
-    m.rope_theta = 10000.0  # RoPE base.
-    # RoPE frequency scaling: 'none', 'linear' (factor) or 'llama3' (factor, low/high_freq_factor,
-    # original_max_seq_len), as in Llama 3.1.
-    m.rope_scaling = "none"
-    m.rope_factor = 1.0  # rope_scaling linear/llama3: the context extension factor.
-    m.rope_low_freq_factor = 1.0  # llama3 scaling: wavelengths above original/low are divided by factor.
-    m.rope_high_freq_factor = 4.0  # llama3 scaling: wavelengths below original/high are kept.
-    m.rope_original_max_seq_len = 8192  # llama3 scaling: the context length before extension.
-    # Fraction of each head's width that RoPE rotates, the rest passing through (Nemotron: 0.5).
-    m.partial_rotary_factor = 1.0
-    m.mlp = "swiglu"  # 'swiglu' (Llama) or 'squared_relu' (Nemotron: no gate).
-    # 'rmsnorm' (Llama), 'layernorm', or 'layernorm1p' (Nemotron: LayerNorm with a 1 + w scale).
-    m.norm = "rmsnorm"
-    m.norm_eps = 1e-5  # Epsilon added to the variance in RMSNorm/LayerNorm.
-    # 'pre' (norm each sublayer's input) or 'post' (OLMo 2: norm the attention and MLP outputs
-    # before they join the residual stream; no input norms).
-    m.norm_position = "pre"
-    # RMSNorm on queries and keys before RoPE: 'none', 'head' (Qwen3: over each head) or
-    # 'projection' (OLMo 2: over the whole q and k projections).
-    m.qk_norm = "none"
-    m.qkv_bias = False  # Bias on q/k/v projections (Qwen2).
-    m.tie_embeddings = False  # Output head shares the input embedding.
-    m.dtype = "bfloat16"  # Compute dtype of matmuls and activations.
-    m.param_dtype = "float32"  # Storage dtype of parameters (master weights).
-    m.init_std = 0.02  # Stddev of the normal init of weights; output projections are scaled by depth.
-    m.scan_layers = True  # Run the blocks with lax.scan: compile time independent of depth.
-    m.remat = "none"  # Rematerialization of each block: 'none', 'full' or 'save_dots'.
-    # 'auto' (XLA on every platform until cuDNN's path has been checked on a GPU), 'xla', or 'cudnn'
-    # (NVIDIA GPUs, bfloat16/float16, head width a multiple of 8 up to 128; not yet run here).
-    m.attention = "auto"
-    return m
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -86,7 +41,45 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0  # Seeds parameter init and data order.
 
-    c.model = model_defaults()
+    c.model = ml_collections.ConfigDict()
+    c.model.n_layers = 2  # Number of transformer blocks.
+    c.model.d_model = 64  # Residual stream width.
+    c.model.n_heads = 4  # Query heads.
+    c.model.n_kv_heads = 4  # Key/value heads (grouped-query attention when fewer than n_heads).
+    c.model.head_dim = 0  # Per-head width; 0 means d_model // n_heads.
+    c.model.d_ff = 256  # MLP hidden width.
+    c.model.vocab_size = 256  # Embedding rows (may exceed the tokenizer's vocabulary).
+    c.model.max_seq_len = 256  # Longest sequence the model is trained or evaluated on.
+    c.model.rope_theta = 10000.0  # RoPE base.
+    # RoPE frequency scaling: 'none', 'linear' (factor) or 'llama3' (factor, low/high_freq_factor,
+    # original_max_seq_len), as in Llama 3.1.
+    c.model.rope_scaling = "none"
+    c.model.rope_factor = 1.0  # rope_scaling linear/llama3: the context extension factor.
+    c.model.rope_low_freq_factor = 1.0  # llama3 scaling: wavelengths above original/low are divided by factor.
+    c.model.rope_high_freq_factor = 4.0  # llama3 scaling: wavelengths below original/high are kept.
+    c.model.rope_original_max_seq_len = 8192  # llama3 scaling: the context length before extension.
+    # Fraction of each head's width that RoPE rotates, the rest passing through (Nemotron: 0.5).
+    c.model.partial_rotary_factor = 1.0
+    c.model.mlp = "swiglu"  # 'swiglu' (Llama) or 'squared_relu' (Nemotron: no gate).
+    # 'rmsnorm' (Llama), 'layernorm', or 'layernorm1p' (Nemotron: LayerNorm with a 1 + w scale).
+    c.model.norm = "rmsnorm"
+    c.model.norm_eps = 1e-5  # Epsilon added to the variance in RMSNorm/LayerNorm.
+    # 'pre' (norm each sublayer's input) or 'post' (OLMo 2: norm the attention and MLP outputs
+    # before they join the residual stream; no input norms).
+    c.model.norm_position = "pre"
+    # RMSNorm on queries and keys before RoPE: 'none', 'head' (Qwen3: over each head) or
+    # 'projection' (OLMo 2: over the whole q and k projections).
+    c.model.qk_norm = "none"
+    c.model.qkv_bias = False  # Bias on q/k/v projections (Qwen2).
+    c.model.tie_embeddings = False  # Output head shares the input embedding.
+    c.model.dtype = "bfloat16"  # Compute dtype of matmuls and activations.
+    c.model.param_dtype = "float32"  # Storage dtype of parameters (master weights).
+    c.model.init_std = 0.02  # Stddev of the normal init of weights; output projections are scaled by depth.
+    c.model.scan_layers = True  # Run the blocks with lax.scan: compile time independent of depth.
+    c.model.remat = "none"  # Rematerialization of each block: 'none', 'full' or 'save_dots'.
+    # 'auto' (XLA on every platform until cuDNN's path has been checked on a GPU), 'xla', or 'cudnn'
+    # (NVIDIA GPUs, bfloat16/float16, head width a multiple of 8 up to 128; not yet run here).
+    c.model.attention = "auto"
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 100  # Optimizer steps of this run.
@@ -179,9 +172,6 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-# ----------------------------------------------------------------------------- key checking
-
-
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
     """{'a.b.c': value} for every leaf of a config or of its JSON form; dict-valued user sections
     (sources) and empty sections stay whole."""
@@ -243,8 +233,6 @@ def run_identity_diff(saved: dict, current: dict) -> str | None:
             return f"{key}: {fs.get(key, '<absent>')!r} there, {fc.get(key, '<absent>')!r} here"
     return None
 
-
-# ----------------------------------------------------------------------------- static validation
 
 _CHOICES = {
     "model.mlp": ("swiglu", "squared_relu"),

@@ -42,15 +42,13 @@ MODELS: dict[str, dict] = {
         n_layers=32, d_model=4096, n_heads=32, n_kv_heads=32, d_ff=11008, vocab_size=100352, max_seq_len=4096,
         rope_theta=500000.0, norm_eps=1e-6, qk_norm="projection", norm_position="post",
     ),
-    # The model of "Reuse, Don't Retrain". Shape (32 layers, width 6144, 48 heads, 8 KV heads,
-    # 256,000-token vocabulary, sequence length 4096; squared ReLU, RoPE, no biases, untied
-    # embeddings): the Nemotron-4 15B technical report (Parmar et al. 2024, arXiv 2402.16819, Sec. 2
-    # and Table 1). MLP width 24576, init std 0.0134, RoPE on half of each head, LayerNorm with a
-    # zero-centred (1 + w) scale: NVIDIA's Megatron-Bridge Nemotron4ModelProvider15B (ffn_hidden_size,
-    # init_method_std, rotary_percent 0.5, normalization LayerNorm with layernorm_zero_centered_gamma).
-    # Eps 1e-5 and RoPE base 10000: the Nemotron family's published Hugging Face configs (the
-    # Minitron-8B/4B models pruned from it: norm_eps 1e-05, rope_theta 10000, partial_rotary_factor 0.5,
-    # head_dim 128).
+    # The model of "Reuse, Don't Retrain", of the shape the Nemotron-4 15B technical report gives
+    # (arXiv 2402.16819, Sec. 2 and Table 1; docs/recipe.md). MLP width 24576, init std 0.0134, RoPE
+    # on half of each head, LayerNorm with a zero-centred (1 + w) scale: NVIDIA's Megatron-Bridge
+    # Nemotron4ModelProvider15B (ffn_hidden_size, init_method_std, rotary_percent 0.5, normalization
+    # LayerNorm with layernorm_zero_centered_gamma). Eps 1e-5 and RoPE base 10000: the Nemotron
+    # family's published Hugging Face configs (the Minitron-8B/4B models pruned from it: norm_eps
+    # 1e-05, rope_theta 10000, partial_rotary_factor 0.5, head_dim 128).
     "nemotron4_15b": dict(
         n_layers=32, d_model=6144, n_heads=48, n_kv_heads=8, d_ff=24576, vocab_size=256000, max_seq_len=4096,
         mlp="squared_relu", norm="layernorm1p", norm_eps=1e-5, rope_theta=10000.0, partial_rotary_factor=0.5,
