@@ -17,7 +17,7 @@ from typing import Any
 
 import jax
 
-from cpt_jax import checkpoint, resolve, sharding
+from cpt_jax import checkpoint, cli, resolve, sharding
 from cpt_jax import checkpoint_model as ckpt_model
 from cpt_jax.config import ConfigError
 from cpt_jax.data import sources as sources_lib
@@ -153,19 +153,16 @@ def _write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+@cli.reports_config_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        if args.log_samples and not args.out:
-            raise ConfigError("--log_samples: no --out, expected --out FILE to write the per-question records to")
-        if args.out:
-            out = os.path.abspath(os.path.expanduser(args.out))
-            if os.path.isdir(out):
-                raise ConfigError(f"--out {out}: a directory, expected a file path for the JSON results")
-        results = run_cli(args, log)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.log_samples and not args.out:
+        raise ConfigError("--log_samples: no --out, expected --out FILE to write the per-question records to")
+    if args.out:
+        out = os.path.abspath(os.path.expanduser(args.out))
+        if os.path.isdir(out):
+            raise ConfigError(f"--out {out}: a directory, expected a file path for the JSON results")
+    results = run_cli(args, log)
     if jax.process_index() == 0:
         print(format_table(results))
         if args.out:

@@ -13,8 +13,7 @@ import argparse
 import os
 import sys
 
-from cpt_jax import model
-from cpt_jax.config import ConfigError
+from cpt_jax import cli, model
 from cpt_jax.hf_check import check_logits
 from cpt_jax.hf_export import EXPORT_DTYPES, export_hf
 from cpt_jax.hf_import import import_hf
@@ -47,33 +46,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli.reports_config_errors
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for a user error, 1 when check exceeds --atol)."""
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "import":
-            meta = import_hf(args.model_dir, args.out, lr_min=args.lr_min, lr_max=args.lr_max)
-            mc = model.ModelConfig.from_config(meta["model"])
-            sched = meta["schedule"]
-            print(f"imported {meta['source']['architecture']} ({mc.num_params() / 1e6:.1f}M parameters, "
-                  f"{meta['source']['dtype']}) into {os.path.abspath(args.out)}; lr_min {sched['lr_min']:g} "
-                  f"({sched['source']}), tokenizer {meta['tokenizer'] or 'none'}; continue with "
-                  f"--config configs/cpt_hf.py:{os.path.abspath(args.out)}")
-        elif args.command == "export":
-            r = export_hf(args.checkpoint, args.out, dtype=args.dtype)
-            print(f"exported {args.checkpoint} to {os.path.abspath(args.out)} as {r['architecture']} in "
-                  f"{r['dtype']} ({r['dtype_reason']})")
-        else:
-            r = check_logits(args.model_dir, args.checkpoint, batch_size=args.batch_size, seq_len=args.seq_len,
-                             seed=args.seed)
-            ok = r["max_abs_diff"] <= args.atol
-            print(f"logits {r['shape']}: max |diff| {r['max_abs_diff']:.3e}, max relative {r['max_rel_diff']:.3e} "
-                  f"(|diff| / max |logit| {r['max_abs_logit']:.3g}); --atol {args.atol:g}: "
-                  f"{'ok' if ok else 'EXCEEDED'}")
-            return 0 if ok else 1
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.command == "import":
+        meta = import_hf(args.model_dir, args.out, lr_min=args.lr_min, lr_max=args.lr_max)
+        mc = model.ModelConfig.from_config(meta["model"])
+        sched = meta["schedule"]
+        print(f"imported {meta['source']['architecture']} ({mc.num_params() / 1e6:.1f}M parameters, "
+              f"{meta['source']['dtype']}) into {os.path.abspath(args.out)}; lr_min {sched['lr_min']:g} "
+              f"({sched['source']}), tokenizer {meta['tokenizer'] or 'none'}; continue with "
+              f"--config configs/cpt_hf.py:{os.path.abspath(args.out)}")
+    elif args.command == "export":
+        r = export_hf(args.checkpoint, args.out, dtype=args.dtype)
+        print(f"exported {args.checkpoint} to {os.path.abspath(args.out)} as {r['architecture']} in "
+              f"{r['dtype']} ({r['dtype_reason']})")
+    else:
+        r = check_logits(args.model_dir, args.checkpoint, batch_size=args.batch_size, seq_len=args.seq_len,
+                         seed=args.seed)
+        ok = r["max_abs_diff"] <= args.atol
+        print(f"logits {r['shape']}: max |diff| {r['max_abs_diff']:.3e}, max relative {r['max_rel_diff']:.3e} "
+              f"(|diff| / max |logit| {r['max_abs_logit']:.3g}); --atol {args.atol:g}: "
+              f"{'ok' if ok else 'EXCEEDED'}")
+        return 0 if ok else 1
     return 0
 
 

@@ -34,7 +34,7 @@ Params = dict[str, Any]
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The architecture; mirrors the `model` config section (see config.model_defaults)."""
+    """The architecture; mirrors the `model` config section (see config.default_config)."""
 
     n_layers: int
     d_model: int

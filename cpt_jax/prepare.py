@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cpt_jax.config import ConfigError
+from cpt_jax import cli
 from cpt_jax.data.documents import SPEC_HELP
 from cpt_jax.data.packing import DEFAULT_VAL_EXAMPLES, prepare
 from cpt_jax.data.tokenization import BOS_CHOICES
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli.reports_config_errors
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -48,9 +49,6 @@ def main(argv: list[str] | None = None) -> int:
         prepare(args.input, args.tokenizer, args.seq_len, args.out, args.val_examples, workers=args.workers,
                 name=args.name, skip_bad_records=args.skip_bad_records, tfds_data_dir=args.tfds_data_dir,
                 bos=args.bos)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"error: interrupted; {args.out} was not written", file=sys.stderr)
         return 130

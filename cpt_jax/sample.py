@@ -15,7 +15,7 @@ from typing import Any
 
 import jax
 
-from cpt_jax import checkpoint, decode, resolve
+from cpt_jax import checkpoint, cli, decode, resolve
 from cpt_jax.checkpoint_model import add_checkpoint_flags, checkpoint_bos, checkpoint_tokenizer, restore_params
 from cpt_jax.config import ConfigError
 from cpt_jax.data.tokenization import load_tokenizer
@@ -71,13 +71,10 @@ def run(args: argparse.Namespace, log) -> list[dict[str, Any]]:
             for text, o in zip(args.prompt, outs, strict=True)]
 
 
+@cli.reports_config_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        records = run(args, log)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    records = run(args, log)
     if jax.process_index() == 0:
         for i, r in enumerate(records):
             if args.json:

@@ -34,6 +34,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from cpt_jax import cli
 from cpt_jax.config import ConfigError
 
 FEWSHOT_DELIMITER = "\n\n"
@@ -361,13 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli.reports_config_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        n = convert(args.format, args.input, args.out)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    n = convert(args.format, args.input, args.out)
     print(f"wrote {n} questions to {os.path.abspath(args.out)}", file=sys.stderr)
     return 0
 

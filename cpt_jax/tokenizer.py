@@ -9,7 +9,7 @@ import json
 import sys
 from collections.abc import Iterator
 
-from cpt_jax.config import ConfigError
+from cpt_jax import cli
 from cpt_jax.data.documents import SPEC_HELP, iter_documents
 from cpt_jax.data.tokenization import SENTENCEPIECE_MODEL_TYPES, describe, load_tokenizer, train_sentencepiece
 
@@ -46,22 +46,19 @@ def _documents(args: argparse.Namespace) -> Iterator[str]:
                               tfds_data_dir=args.tfds_data_dir)
 
 
+@cli.reports_config_errors
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "train":
-            tok = train_sentencepiece(_documents(args), args.out, args.vocab_size, model_type=args.model_type,
-                                      character_coverage=args.character_coverage,
-                                      byte_fallback=args.byte_fallback, max_sentences=args.max_sentences,
-                                      quiet=not args.verbose)
-            print(f"trained {tok.path}: vocab_size {tok.vocab_size}, eos {tok.eos_id}, sha256 {tok.fingerprint}",
-                  file=sys.stderr)
-        else:
-            print(json.dumps(describe(load_tokenizer(args.path)), indent=2))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.command == "train":
+        tok = train_sentencepiece(_documents(args), args.out, args.vocab_size, model_type=args.model_type,
+                                  character_coverage=args.character_coverage,
+                                  byte_fallback=args.byte_fallback, max_sentences=args.max_sentences,
+                                  quiet=not args.verbose)
+        print(f"trained {tok.path}: vocab_size {tok.vocab_size}, eos {tok.eos_id}, sha256 {tok.fingerprint}",
+              file=sys.stderr)
+    else:
+        print(json.dumps(describe(load_tokenizer(args.path)), indent=2))
     return 0
 
 
