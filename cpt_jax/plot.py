@@ -28,8 +28,6 @@ class PlotError(Exception):
     """A user error, reported as one line."""
 
 
-# ----------------------------------------------------------------------------- reading
-
 
 def _parse(value: Any) -> float | None:
     """A record value as a float: numbers, and the strings metrics.jsonl writes for NaN/inf ("nan",
@@ -178,8 +176,6 @@ def load_run(workdir: str) -> dict[str, Any]:
             "events": [r for r in records if r.get("kind") == "event"]}
 
 
-# ----------------------------------------------------------------------------- picture
-
 
 def _finite_max(xs: np.ndarray) -> float:
     finite = xs[np.isfinite(xs)]
@@ -287,8 +283,6 @@ def make_figure(runs: list[dict], labels: list[str]):
     fig.tight_layout()
     return fig
 
-
-# ----------------------------------------------------------------------------- command line
 
 
 def default_labels(workdirs: list[str]) -> list[str]:

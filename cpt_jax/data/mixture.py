@@ -52,8 +52,6 @@ class Phase:
     start_at: dict | None
 
 
-# ----------------------------------------------------------------------------- resolving phases
-
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
@@ -186,8 +184,6 @@ def _start_step(key: str, what: str, value: float, schedule: Any, batch_size: in
         )
     return int(step)
 
-
-# ----------------------------------------------------------------------------- the interleave
 
 
 def quantize(weights: Sequence[float]) -> np.ndarray:
@@ -338,27 +334,8 @@ class Mixture:
         p = int(np.searchsorted(self.start_examples, example, side="right")) - 1
         return self.offsets[p] + self._in_phase(p, example - int(self.start_examples[p]))
 
-    def select(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(source id, k) for each global example index: int32 and int64 arrays of its shape."""
-        idx = np.asarray(indices, dtype=np.int64)
-        flat = idx.reshape(-1)
-        if not flat.size:
-            return np.empty(idx.shape, np.int32), np.empty(idx.shape, np.int64)
-        lo, hi = int(flat.min()), int(flat.max())
-        if lo < 0:
-            raise ValueError(f"example indices must be >= 0, got {lo}")
-        first, last = np.searchsorted(self.start_examples, [lo, hi], side="right") - 1
-        phase = np.searchsorted(self.start_examples, flat, side="right") - 1
-        source = np.empty(flat.shape, dtype=np.int32)
-        k = np.empty(flat.shape, dtype=np.int64)
-        for p in range(int(first), int(last) + 1):
-            mask = phase == p
-            if mask.any():
-                source[mask], k[mask] = self._select_in(p, flat[mask])
-        return source.reshape(idx.shape), k.reshape(idx.shape)
-
     def select_one(self, index: int) -> tuple[int, int]:
-        """`select` of one global example index, as Python ints: what grain's per-example
+        """(source id, k) of one global example index, as Python ints: what grain's per-example
         selection map calls."""
         index = int(index)
         if index < 0:
@@ -368,12 +345,6 @@ class Mixture:
         q, r = divmod(index - starts[p], periods[p])
         s = orders[p][r]
         return s, offsets[p][s] + q * counts[p][s] + ranks[p][r]
-
-    def _select_in(self, p: int, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """`select` for indices that all fall in phase p."""
-        q, r = np.divmod(flat - self.start_examples[p], self.periods[p])
-        s = self.orders[p][r]
-        return s, self.offsets[p, s] + q * self.counts[p, s] + self.ranks[p][r]
 
     def phase_at(self, step: int) -> int:
         """Index of the phase that step `step` trains in."""

@@ -187,26 +187,6 @@ class Pipeline:
         sources_lib.starts_with_bos([(s.manifest_path, s.manifest) for s in self.sources])
         return int(tokenizer.eos_id)
 
-    # ------------------------------------------------------------------------- order
-
-    @property
-    def phases(self) -> list[mixture_lib.Phase]:
-        return self.mixture.phases
-
-    @property
-    def source_names(self) -> list[str]:
-        return self.mixture.source_names
-
-    def phase_at(self, step: int) -> int:
-        """Index of the mixture phase that step `step` trains in."""
-        return self.mixture.phase_at(step)
-
-    def tokens_per_source(self, step: int) -> dict[str, int]:
-        """Tokens each source has served to the model in steps [0, step) (train.seq_len per example)."""
-        return self.mixture.tokens_per_source(step, self.seq_len)
-
-    # ------------------------------------------------------------------------- batches
-
     def host_batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's rows of step `step`'s batch as numpy arrays (see BATCH_DTYPES)."""
         return self.batches[int(step)]

@@ -219,8 +219,6 @@ def starts_with_bos(manifests: Sequence[tuple[str, dict[str, Any]]]) -> bool:
     return bool(seen and next(iter(seen)))
 
 
-# ----------------------------------------------------------------------------- order
-
 
 def epoch_seed(seed: int, name: str, epoch: int) -> int:
     """A 64-bit seed for one epoch of one source, stable across processes, hosts and Python

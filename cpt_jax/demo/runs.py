@@ -155,11 +155,6 @@ def run_names(ablations: tuple[str, ...]) -> list[str]:
     return names
 
 
-# ----------------------------------------------------------------------------------------------
-# One seed: data, base, runs
-# ----------------------------------------------------------------------------------------------
-
-
 @dataclasses.dataclass(frozen=True)
 class Data:
     tokenizer: str
@@ -310,11 +305,6 @@ def base_metadata(seed_dir: str) -> dict:
 def run_variant(seed_dir: str, s: Scale, data: Data, seed: int, v: Variant) -> bool:
     return train_run(os.path.join(seed_dir, "runs", v.name), s, data, seed, s.run_steps, v.schedule, v.phases,
                      os.path.join(seed_dir, "base", "checkpoints"))
-
-
-# ----------------------------------------------------------------------------------------------
-# What a finished run measured
-# ----------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
