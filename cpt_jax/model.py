@@ -105,7 +105,6 @@ def matmul_params(c: ModelConfig) -> int:
     return c.n_layers * (attention + mlp) + D * c.vocab_size
 
 
-
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...], std: float, dtype) -> nnx.Param:
     value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
     return nnx.Param(value.astype(dtype), logical_axes=names)
@@ -193,7 +192,6 @@ def logical_axes(config: ModelConfig) -> Params:
 def abstract_params(config: ModelConfig) -> Params:
     """ShapeDtypeStructs of every parameter (no memory allocated)."""
     return jax.eval_shape(lambda: init_params(config, 0))
-
 
 
 def constrain(x: jax.Array, names: tuple[str | None, ...], rules: tuple) -> jax.Array:

@@ -28,7 +28,6 @@ class PlotError(Exception):
     """A user error, reported as one line."""
 
 
-
 def _parse(value: Any) -> float | None:
     """A record value as a float: numbers, and the strings metrics.jsonl writes for NaN/inf ("nan",
     "inf"); None for anything else, bools included."""
@@ -176,7 +175,6 @@ def load_run(workdir: str) -> dict[str, Any]:
             "events": [r for r in records if r.get("kind") == "event"]}
 
 
-
 def _finite_max(xs: np.ndarray) -> float:
     finite = xs[np.isfinite(xs)]
     return float(finite.max()) if finite.size else math.nan
@@ -282,7 +280,6 @@ def make_figure(runs: list[dict], labels: list[str]):
     fig.suptitle(" vs ".join(labels) if several else labels[0])
     fig.tight_layout()
     return fig
-
 
 
 def default_labels(workdirs: list[str]) -> list[str]:

@@ -52,7 +52,6 @@ class Phase:
     start_at: dict | None
 
 
-
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
 
@@ -183,7 +182,6 @@ def _start_step(key: str, what: str, value: float, schedule: Any, batch_size: in
             f"{_fmt(schedule.lr_min)}); expected a threshold >= {_fmt(schedule.lr_min)}"
         )
     return int(step)
-
 
 
 def quantize(weights: Sequence[float]) -> np.ndarray:

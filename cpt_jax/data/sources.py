@@ -219,7 +219,6 @@ def starts_with_bos(manifests: Sequence[tuple[str, dict[str, Any]]]) -> bool:
     return bool(seen and next(iter(seen)))
 
 
-
 def epoch_seed(seed: int, name: str, epoch: int) -> int:
     """A 64-bit seed for one epoch of one source, stable across processes, hosts and Python
     versions (sha256, not hash(), which is salted per process for strings)."""
