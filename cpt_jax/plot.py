@@ -199,12 +199,6 @@ def _finish_panel(ax, ylabel: str, drawn: bool, empty: str) -> None:
         ax.text(0.5, 0.5, empty, transform=ax.transAxes, ha="center", va="center", color="gray")
 
 
-def _run_end_tokens(run: dict) -> float:
-    if run["steps"] and run["tokens_per_step"]:
-        return float(run["steps"] * run["tokens_per_step"])
-    return _finite_max(run["train"]["tokens"])
-
-
 def make_figure(runs: list[dict], labels: list[str]):
     """The four panels (PANELS, in order, 2 x 2) for runs from load_run, overlaid; a matplotlib Figure.
 
@@ -244,7 +238,9 @@ def make_figure(runs: list[dict], labels: list[str]):
     phase_colors = matplotlib.colormaps["tab10"]
     for r, (run, label, color) in enumerate(zip(runs, labels, run_colors, strict=True)):
         phases = [p for p in run["phases"] if math.isfinite(p["start_tokens"])]
-        end = _run_end_tokens(run)
+        # The run's planned end (config.json), else its last train record.
+        end = (run["steps"] * run["tokens_per_step"] if run["steps"] and run["tokens_per_step"]
+               else _finite_max(run["train"]["tokens"]))
         for i, p in enumerate(phases):
             lo = p["start_tokens"] / scale
             hi = phases[i + 1]["start_tokens"] / scale if i + 1 < len(phases) else end / scale

@@ -224,7 +224,7 @@ def test_phase_at_and_per_source_counts_in_closed_form():
 def test_grain_selection_map_matches_select_one():
     m = _three_phase_mixture()
     B, steps = m.batch_size, 15
-    smap = m.selection_map(slice(0, B), steps)
+    smap = mx.ProcessSelection(m, slice(0, B), steps)
     assert isinstance(smap, grain.transforms.DatasetSelectionMap)
     assert len(smap) == steps * B
     # Component s yields (s, k) for its k-th draw: the mixed dataset then exposes the map.
@@ -239,7 +239,7 @@ def test_grain_selection_map_matches_select_one():
     with pytest.raises(IndexError):
         smap[steps * B]
     # A process holding rows [2, 5) of every batch: local index i is row 2 + i % 3 of step i // 3.
-    local = m.selection_map(slice(2, 5), steps)
+    local = mx.ProcessSelection(m, slice(2, 5), steps)
     assert len(local) == steps * 3
     assert [local[i] for i in range(len(local))] == [got[s * B + r] for s in range(steps) for r in range(2, 5)]
 

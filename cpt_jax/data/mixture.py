@@ -11,7 +11,7 @@ Within a phase the weights are integer counts `c_s` over a period `P` (exact for
 small common denominator, 0.9/0.1 -> 9:1 over 10; else quantized to 1/65536 by largest remainder),
 laid out once by earliest-deadline-first so that every prefix of `j` examples holds each source
 within `j * c_s / P` +- delta, delta < 1 (1/2 where achievable; Tijdeman's 1 - 1/(2n-2) otherwise).
-Index -> (source, k) is then O(1). `Mixture.selection_map` is this sampler as grain's selection map
+Index -> (source, k) is then O(1). `ProcessSelection` is this sampler as grain's selection map
 on global indices, which (unlike a mixer inside grain's workers) does not depend on how many
 workers read. `from_config` is the one place a run's mixture is made.
 """
@@ -359,10 +359,6 @@ class Mixture:
         """Tokens served by each source in steps [0, step) (examples [0, step*B)): closed form."""
         counts = self.examples_per_source(0, int(step) * self.batch_size)
         return {name: n * int(tokens_per_example) for name, n in counts.items()}
-
-    def selection_map(self, rows: slice, num_steps: int) -> ProcessSelection:
-        """This process's rows of steps [0, num_steps) as a grain selection map (see ProcessSelection)."""
-        return ProcessSelection(self, rows, num_steps)
 
 
 class ProcessSelection(grain.transforms.DatasetSelectionMap):

@@ -5,7 +5,7 @@ mixture (source, k-th draw) and the source's per-epoch order. Built from grain's
 
     each source   MapDataset.source(ArrayRecordDataSource) -> decode -> EpochShuffle -> repeat
                   (synthetic data: MapDataset.range, the draw is the example's global index)
-    mixture       MapDataset.select_from_datasets(sources, mixture.selection_map(rows, steps)):
+    mixture       MapDataset.select_from_datasets(sources, ProcessSelection(mixture, rows, steps)):
                   local index i is row rows.start + i % R of step i // R (R = this process's rows)
     batch         .batch(R) -> .map(BatchFields): index s is this process's rows of step s
     iterate       [start:end] -> .to_iter_dataset(ReadOptions(num_threads, prefetch))
@@ -141,7 +141,7 @@ class Pipeline:
         else:
             raise ConfigError(f"data.kind: {cfg.data.kind!r}, expected one of 'synthetic', 'mixture'")
         self.mixture = mixture_lib.from_config(cfg, schedule)
-        selection = self.mixture.selection_map(self.rows, cfg.train.steps)
+        selection = mixture_lib.ProcessSelection(self.mixture, self.rows, cfg.train.steps)
         examples = grain.MapDataset.select_from_datasets(draws, selection)
         rows = self.rows.stop - self.rows.start
         # index s: this process's rows of step s, as examples [rows, seq_len + 1] and as batch fields

@@ -135,8 +135,7 @@ class Source:
                               f"{vocab_size}")
         if m["seq_len"] != seq_len:
             raise ConfigError(f"{path}: seq_len {m['seq_len']}, expected {seq_len} (train.seq_len); prepare the "
-                              "source again with --seq_len "
-                              f"{seq_len}")
+                              f"source again with --seq_len {seq_len}")
 
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:

@@ -11,9 +11,7 @@ import dataclasses
 import json
 import math
 import os
-import time
 from collections.abc import Callable
-from typing import Any
 
 from cpt_jax import checkpoint
 from cpt_jax.config import ConfigError
@@ -255,7 +253,6 @@ def train_run(workdir: str, s: Scale, data: Data, seed: int, steps: int, schedul
     sources and tasks question by question; False when both were already done. A run trained
     before with another config is a ConfigError naming its config file."""
     from cpt_jax import cli, evaluate, plan, train
-    from cpt_jax.config import ConfigError
 
     scores = os.path.join(workdir, "tasks.json")
     cfg_file = os.path.join(workdir, "demo_config.py")
@@ -296,10 +293,6 @@ def run_base(seed_dir: str, s: Scale, data: Data, seed: int) -> bool:
     schedule = dict(name="warmup_cosine", peak_lr=s.peak_lr, min_lr=s.min_lr, warmup_steps=max(1, s.base_steps // 10))
     return train_run(os.path.join(seed_dir, "base"), s, data, seed, s.base_steps, schedule, (dict(weights=A_ONLY),),
                      evals=BASE_EVALS)
-
-
-def base_metadata(seed_dir: str) -> dict:
-    return checkpoint.read_metadata(os.path.join(seed_dir, "base", "checkpoints"))
 
 
 def run_variant(seed_dir: str, s: Scale, data: Data, seed: int, v: Variant) -> bool:
@@ -361,8 +354,3 @@ def load_result(workdir: str, steps: int, task_files: dict[str, str]) -> RunResu
         first_lr=train[0]["lr"] if train else nan,
         last_lr=train[-1]["lr"] if train else nan,
     )
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    start = time.monotonic()
-    return fn(), time.monotonic() - start
