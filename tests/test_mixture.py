@@ -117,6 +117,25 @@ def _three_phase_mixture(batch: int = 6) -> mx.Mixture:
     return mx.Mixture(phases, names, batch)
 
 
+def _select(m: mx.Mixture, idx: np.ndarray) -> np.ndarray:
+    """[source ids, k] of global example indices, one `select_one` each."""
+    return np.array([m.select_one(i) for i in np.asarray(idx).tolist()], dtype=np.int64).reshape(-1, 2).T
+
+
+def _walk(m: mx.Mixture, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(source id, k) of global examples [0, n) by the definition: each phase repeats its period's
+    order from its start, and k counts the source's earlier examples in the whole run."""
+    idx = np.arange(n)
+    phase = np.searchsorted(m.start_examples, idx, side="right") - 1
+    src = np.empty(n, np.int64)
+    for p, start in enumerate(m.start_examples.tolist()):
+        src[phase == p] = m.orders[p][(idx[phase == p] - start) % m.periods[p]]
+    k = np.empty(n, np.int64)
+    for s in range(len(m.source_names)):
+        k[src == s] = np.arange(np.sum(src == s))
+    return src, k
+
+
 def test_select_follows_each_phase_weights_in_every_prefix():
     m = _three_phase_mixture()
     idx = np.arange(20 * m.batch_size)
@@ -145,25 +164,6 @@ def test_positions_carry_across_phases():
     first_web_in_1 = np.flatnonzero(src[start1:] == 2)[0] + start1
     assert k[first_web_in_1] == web_before
     assert m.offsets[1].tolist() == [np.sum(src[:start1] == s) for s in range(3)]
-
-
-def _select(m: mx.Mixture, idx: np.ndarray) -> np.ndarray:
-    """[source ids, k] of global example indices, one `select_one` each."""
-    return np.array([m.select_one(i) for i in np.asarray(idx).tolist()], dtype=np.int64).reshape(-1, 2).T
-
-
-def _walk(m: mx.Mixture, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(source id, k) of global examples [0, n) by the definition: each phase repeats its period's
-    order from its start, and k counts the source's earlier examples in the whole run."""
-    idx = np.arange(n)
-    phase = np.searchsorted(m.start_examples, idx, side="right") - 1
-    src = np.empty(n, np.int64)
-    for p, start in enumerate(m.start_examples.tolist()):
-        src[phase == p] = m.orders[p][(idx[phase == p] - start) % m.periods[p]]
-    k = np.empty(n, np.int64)
-    for s in range(len(m.source_names)):
-        k[src == s] = np.arange(np.sum(src == s))
-    return src, k
 
 
 def test_select_one_matches_a_walk_through_the_periods_in_any_order():

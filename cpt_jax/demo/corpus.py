@@ -104,10 +104,6 @@ def question(attribute: str, name: str) -> str:
     return QUESTION_TEMPLATES[attribute].format(name=name)
 
 
-def qa_pair(attribute: str, person: Person) -> str:
-    return f"{question(attribute, person.name)}{ANSWER} {person.attribute(attribute)}"
-
-
 def biography(person: Person, rng: random.Random) -> str:
     """One biography: a sentence per attribute, each from a random template, in random order."""
     sentences = [rng.choice(BIO_TEMPLATES[key]).format(name=person.name, **{key: person.attribute(key)})
@@ -165,7 +161,7 @@ def generate(seed: int = 0, *, people_a: int = 80, people_b: int = 80, bios_per_
     b_bios = tuple(biography(p, rng) for p in pop_b for _ in range(bios_per_person))
     a_val = tuple(biography(pop_a[i % people_a], rng) for i in range(val_bios))
     b_val = tuple(biography(pop_b[i % people_b], rng) for i in range(val_bios))
-    qa_train = [qa_pair(key, p) for p in pop_a for key in ATTRIBUTES]
+    qa_train = [f"{question(key, p.name)}{ANSWER} {p.attribute(key)}" for p in pop_a for key in ATTRIBUTES]
     rng.shuffle(qa_train)
     tasks = {"retention": cloze_task(pop_a, rng), "acquisition": cloze_task(pop_b, rng),
              "heldout_qa": question_task(pop_b, rng)}
