@@ -1,10 +1,5 @@
-"""Decoder-only transformer of the Llama family, in Flax NNX.
-
-RMSNorm, LayerNorm or LayerNorm with a 1 + w scale (Nemotron's "layernorm1p"), before the
-sublayers or after them (OLMo 2); RoPE on the whole head or a fraction of it (Nemotron), optionally
-Llama-3 or linearly scaled; grouped-query attention with optional RMSNorm on queries and keys, per
-head (Qwen3) or over the whole projection (OLMo 2); SwiGLU or squared-ReLU (Nemotron) MLP; optional
-qkv bias (Qwen2); tied or untied embeddings.
+"""Decoder-only transformer of the Llama family, in Flax NNX, with the variants of the families the
+README's model table lists (Qwen2/3, OLMo 2, Nemotron): the options of ModelConfig.
 
 Parameters of the blocks are stored stacked along a leading 'layers' axis whether or not the
 blocks run under `lax.scan`, so a checkpoint does not depend on `scan_layers`. The NNX module

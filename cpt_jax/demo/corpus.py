@@ -1,17 +1,10 @@
-"""The demo's generated corpus, a pure function of the seed: biographies of two disjoint
-populations, question-answer pairs, and the three multiple-choice tasks that measure what a model knows.
+"""The demo's generated corpus, a pure function of the seed (the README's demo section says what it
+measures): biographies of two disjoint populations, QA pairs about A, and the three multiple-choice
+tasks (lm-eval-harness records plus name and attribute; the gold value among 3 distractors).
 
-Population A's biographies pretrain the base; population B (the new domain) appears only in the
-continued runs' data; the QA pairs ("Q: What is the profession of NAME? A: PROFESSION") teach the QA
-Blend's format on A's facts, which the base already knows. A biography states a person's four
-attributes once each, in a random one of three phrasings, in random order. Each population's
-`val_bios` validation biographies are written at the end of its file, where `prepare` takes the
-validation split from: validation loss measures the facts, never a document that was trained on.
-
-The tasks (lm-eval-harness records plus name and attribute; the gold value among 3 distractors):
-retention, a cloze over every fact of A in the biographies' phrasing (forgetting shows here);
-acquisition, the same over B (learning the new domain); heldout_qa, the QA format asked about B,
-whose people are never asked in training (the format carried to facts learned from biographies).
+Each population's `val_bios` validation biographies are written at the end of its file, where
+`prepare` takes the validation split from: validation loss measures the facts, never a document
+that was trained on.
 """
 
 from __future__ import annotations
