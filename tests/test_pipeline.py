@@ -23,7 +23,7 @@ from cpt_jax import config, schedules
 from cpt_jax.config import ConfigError, default_config
 from cpt_jax.data import pipeline as pl
 from cpt_jax.data import sources
-from cpt_jax.data.synthetic import synthetic_examples
+from cpt_jax.data.synthetic import SyntheticWalks
 from cpt_jax.data.tokenization import load_tokenizer
 
 B, L, STEPS, VOCAB = 8, 16, 24, 1000
@@ -150,7 +150,7 @@ def test_synthetic_batches():
     assert p.mixture.source_names == ["synthetic"] and len(p.mixture.phases) == 1 and p.tokenizer_fingerprint is None
     batch = p.host_batch(3)
     m, d = cfg.model, cfg.data
-    tokens = synthetic_examples(cfg.seed, np.arange(3 * B, 4 * B), L, m.vocab_size, d.synthetic_branching)
+    tokens = SyntheticWalks(cfg.seed, L, m.vocab_size, d.synthetic_branching)(np.arange(3 * B, 4 * B))
     np.testing.assert_array_equal(batch["inputs"], tokens[:, :-1])
     np.testing.assert_array_equal(batch["targets"], tokens[:, 1:])
     assert np.all(batch["segment_ids"] == 1)
