@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = mixture_config(directories, tokenizer_path, args.batch, args.seq_len, steps)
         schedule = schedules.build(cfg.schedule, steps, cfg.schedule.start_lr)
         pipe = pipeline_lib.Pipeline(cfg, schedule)
-        switch = pipe.phases[1].start_step
+        switch = pipe.mixture.phases[1].start_step
         start = max(0, switch - args.steps // 2)
         print(f"built {args.sources} sources x {args.examples} examples of {args.seq_len + 1} tokens in "
               f"{time.perf_counter() - t0:.1f}s; batch {args.batch}, steps {start}..{start + args.steps} of "

@@ -144,8 +144,8 @@ class TrainRecords:
             "grad_norm": float(m["grad_norm"]),
             "tokens": (step + 1) * self.tokens_per_step,
             "tokens_per_sec": tokens_per_sec,
-            "phase": self.pipeline.phase_at(step),
-            "tokens_per_source": self.pipeline.tokens_per_source(step + 1),
+            "phase": self.pipeline.mixture.phase_at(step),
+            "tokens_per_source": self.pipeline.mixture.tokens_per_source(step + 1, self.pipeline.seq_len),
             "mfu": flops.mfu(tokens_per_sec, self.mc, T, n_dev, self.peak),
             "tflops_per_device": flops.flops_per_sec_per_device(tokens_per_sec, self.mc, T, n_dev) / 1e12,
         }

@@ -1,10 +1,5 @@
-"""Decoder-only transformer of the Llama family, in Flax NNX.
-
-RMSNorm, LayerNorm or LayerNorm with a 1 + w scale (Nemotron's "layernorm1p"), before the
-sublayers or after them (OLMo 2); RoPE on the whole head or a fraction of it (Nemotron), optionally
-Llama-3 or linearly scaled; grouped-query attention with optional RMSNorm on queries and keys, per
-head (Qwen3) or over the whole projection (OLMo 2); SwiGLU or squared-ReLU (Nemotron) MLP; optional
-qkv bias (Qwen2); tied or untied embeddings.
+"""Decoder-only transformer of the Llama family, in Flax NNX, with the variants of the families the
+README's model table lists (Qwen2/3, OLMo 2, Nemotron): the options of ModelConfig.
 
 Parameters of the blocks are stored stacked along a leading 'layers' axis whether or not the
 blocks run under `lax.scan`, so a checkpoint does not depend on `scan_layers`. The NNX module
@@ -105,9 +100,6 @@ def matmul_params(c: ModelConfig) -> int:
     return c.n_layers * (attention + mlp) + D * c.vocab_size
 
 
-# ----------------------------------------------------------------------------- parameters
-
-
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...], std: float, dtype) -> nnx.Param:
     value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
     return nnx.Param(value.astype(dtype), logical_axes=names)
@@ -195,9 +187,6 @@ def logical_axes(config: ModelConfig) -> Params:
 def abstract_params(config: ModelConfig) -> Params:
     """ShapeDtypeStructs of every parameter (no memory allocated)."""
     return jax.eval_shape(lambda: init_params(config, 0))
-
-
-# ----------------------------------------------------------------------------- computation
 
 
 def constrain(x: jax.Array, names: tuple[str | None, ...], rules: tuple) -> jax.Array:

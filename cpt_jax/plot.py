@@ -28,9 +28,6 @@ class PlotError(Exception):
     """A user error, reported as one line."""
 
 
-# ----------------------------------------------------------------------------- reading
-
-
 def _parse(value: Any) -> float | None:
     """A record value as a float: numbers, and the strings metrics.jsonl writes for NaN/inf ("nan",
     "inf"); None for anything else, bools included."""
@@ -178,9 +175,6 @@ def load_run(workdir: str) -> dict[str, Any]:
             "events": [r for r in records if r.get("kind") == "event"]}
 
 
-# ----------------------------------------------------------------------------- picture
-
-
 def _finite_max(xs: np.ndarray) -> float:
     finite = xs[np.isfinite(xs)]
     return float(finite.max()) if finite.size else math.nan
@@ -203,12 +197,6 @@ def _finish_panel(ax, ylabel: str, drawn: bool, empty: str) -> None:
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, empty, transform=ax.transAxes, ha="center", va="center", color="gray")
-
-
-def _run_end_tokens(run: dict) -> float:
-    if run["steps"] and run["tokens_per_step"]:
-        return float(run["steps"] * run["tokens_per_step"])
-    return _finite_max(run["train"]["tokens"])
 
 
 def make_figure(runs: list[dict], labels: list[str]):
@@ -250,7 +238,9 @@ def make_figure(runs: list[dict], labels: list[str]):
     phase_colors = matplotlib.colormaps["tab10"]
     for r, (run, label, color) in enumerate(zip(runs, labels, run_colors, strict=True)):
         phases = [p for p in run["phases"] if math.isfinite(p["start_tokens"])]
-        end = _run_end_tokens(run)
+        # The run's planned end (config.json), else its last train record.
+        end = (run["steps"] * run["tokens_per_step"] if run["steps"] and run["tokens_per_step"]
+               else _finite_max(run["train"]["tokens"]))
         for i, p in enumerate(phases):
             lo = p["start_tokens"] / scale
             hi = phases[i + 1]["start_tokens"] / scale if i + 1 < len(phases) else end / scale
@@ -286,9 +276,6 @@ def make_figure(runs: list[dict], labels: list[str]):
     fig.suptitle(" vs ".join(labels) if several else labels[0])
     fig.tight_layout()
     return fig
-
-
-# ----------------------------------------------------------------------------- command line
 
 
 def default_labels(workdirs: list[str]) -> list[str]:

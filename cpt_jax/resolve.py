@@ -234,7 +234,7 @@ def checkpoint_metadata(run: Run) -> Callable[[int], dict[str, Any]]:
         "model": run.model_config.to_dict(),
         "param_shapes": run.param_shapes,
         "tokenizer_fingerprint": run.pipeline.tokenizer_fingerprint,
-        "phases": [dataclasses.asdict(p) for p in run.pipeline.phases],
+        "phases": [dataclasses.asdict(p) for p in run.pipeline.mixture.phases],
         "init_from": run.init_from,
         "source_dtype": run.source_dtype,
         "config": json.loads(config.to_json(cfg)),
@@ -247,7 +247,7 @@ def checkpoint_metadata(run: Run) -> Callable[[int], dict[str, Any]]:
             "step": step,
             "tokens_seen": step * cfg.train.batch_size * cfg.train.seq_len,
             "lr": float(lr[min(step, len(lr) - 1)]),
-            "tokens_per_source": run.pipeline.tokens_per_source(step),
+            "tokens_per_source": run.pipeline.mixture.tokens_per_source(step, cfg.train.seq_len),
         }
 
     return at

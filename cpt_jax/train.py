@@ -77,7 +77,7 @@ def _train(run: resolve.Run) -> int:
     writer = MetricsWriter(run.workdir, cfg.tensorboard, cfg.wandb, json.loads(config.to_json(cfg)))
     ckpt = checkpoint.Checkpointer(run.workdir, cfg.checkpoint.every_steps, cfg.checkpoint.max_to_keep,
                                    cfg.checkpoint.async_save)
-    writer.write(metrics.plan_record(start, run.schedule.metadata(), pipeline.phases, run.model_config))
+    writer.write(metrics.plan_record(start, run.schedule.metadata(), pipeline.mixture.phases, run.model_config))
 
     # ---------------------------------------------------------------- compile
     t0 = time.time()
@@ -95,7 +95,7 @@ def _train(run: resolve.Run) -> int:
     def finish_step(step: int, step_metrics: Any) -> bool:
         """Host side of step `step` (its metrics are ready): records; True when the run must stop."""
         m = jax.device_get(step_metrics)
-        progress.update(1, loss=float(m["loss"]), lr=float(m["lr"]), phase=pipeline.phase_at(step))
+        progress.update(1, loss=float(m["loss"]), lr=float(m["lr"]), phase=pipeline.mixture.phase_at(step))
         record = records.record(step, m)
         if record is not None:
             writer.write(record)

@@ -158,7 +158,7 @@ def test_report_shows_the_base_plateau(demo_dir, demo_run):
         before = [loss for step, loss in curve if S.base_steps - 2 * tenth < step <= S.base_steps - tenth]
         assert len(last) == len(before) == 2
         rel = (sum(before) - sum(last)) / sum(before)
-        assert stats.relative_improvement(curve) == pytest.approx(rel)
+        assert stats.plateau(curve).relative_improvement == pytest.approx(rel)
         cells = _row(text, str(seed))
         assert cells[1:] == [f"{sum(before) / 2:.4f}", f"{sum(last) / 2:.4f}", f"{100 * rel:+.2f}%",
                              "yes" if rel < 0.01 else "NO"]

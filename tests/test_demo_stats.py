@@ -137,27 +137,31 @@ def test_plateau_check():
     # Means of the evaluations in the last tenth and in the tenth before it.
     curve = [(s, 10.0 - s / 100) for s in range(50, 1001, 50)]  # 9.5 ... 0.0: falling 0.5 per 50 steps
     before, last = (1.5 + 1.0) / 2, (0.5 + 0.0) / 2  # steps 850, 900 | 950, 1000
-    assert stats.relative_improvement(curve) == pytest.approx((before - last) / before)
-    assert not stats.plateaued(curve)
+    assert stats.plateau(curve).relative_improvement == pytest.approx((before - last) / before)
+    assert not stats.plateau(curve).flattened
     flat = [(s, 1.0 + 0.5 * math.exp(-s / 50)) for s in range(0, 1001, 50)]
-    assert 0 < stats.relative_improvement(flat) < 1e-6 and stats.plateaued(flat)
+    assert 0 < stats.plateau(flat).relative_improvement < 1e-6 and stats.plateau(flat).flattened
     # One evaluation's wobble is averaged with its neighbours.
     wobbly = [(s, 1.0) for s in range(50, 1001, 50)]
     wobbly[-4] = (850, 1.03)
-    assert stats.relative_improvement(wobbly) == pytest.approx(0.015 / 1.015) and not stats.plateaued(wobbly)
+    p = stats.plateau(wobbly)
+    assert p.relative_improvement == pytest.approx(0.015 / 1.015) and not p.flattened
     wobbly[-2] = (950, 1.03)
-    assert stats.relative_improvement(wobbly) == pytest.approx(0.0) and stats.plateaued(wobbly)
+    p = stats.plateau(wobbly)
+    assert p.relative_improvement == pytest.approx(0.0) and p.flattened
     rising = [(800, 0.9), (900, 0.80), (1000, 0.82)]  # a rise within the tolerance: no improvement left
-    assert stats.relative_improvement(rising) == pytest.approx(-0.025) and stats.plateaued(rising)
+    p = stats.plateau(rising)
+    assert p.relative_improvement == pytest.approx(-0.025) and p.flattened
     # A rise beyond 5% (the 3-biography scale's 0.58 -> 0.85) is its own failure, never "flattened".
     overfit = [(800, 0.9), (900, 0.60), (1000, 0.84)]
     p = stats.plateau(overfit)
-    assert p.relative_improvement == pytest.approx(-0.4) and p.verdict == stats.ROSE and not stats.plateaued(overfit)
+    assert p.relative_improvement == pytest.approx(-0.4) and p.verdict == stats.ROSE and not p.flattened
     assert p.describe() == "rose by 40.0%: the base overfits"
     assert (p.before, p.last, p.before_steps, p.last_steps) == (0.6, 0.84, (800, 900), (900, 1000))
     assert stats.plateau(curve).verdict == stats.IMPROVING and stats.plateau(flat).describe() == "flattened"
-    assert stats.relative_improvement([(1000, 1.0), (850, 2.0), (950, 1.5)]) == pytest.approx(0.375)  # any order
+    any_order = stats.plateau([(1000, 1.0), (850, 2.0), (950, 1.5)])
+    assert any_order.relative_improvement == pytest.approx(0.375)
     with pytest.raises(ValueError, match="no evaluation in steps"):
-        stats.relative_improvement([(950, 1.0), (1000, 1.0)])
+        stats.plateau([(950, 1.0), (1000, 1.0)])
     with pytest.raises(ValueError, match="no evaluation in steps"):
-        stats.relative_improvement([(10, 1.0)])
+        stats.plateau([(10, 1.0)])

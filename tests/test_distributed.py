@@ -198,7 +198,7 @@ def test_each_process_reads_its_rows_of_the_same_global_batches(env, tmp_path):
     np.testing.assert_array_equal(got["state_step"], [END, END])
     cfg, workdir = train.parse_args(["train", *args])
     run = resolve.for_training(cfg, workdir)
-    assert run.pipeline.phase_at(3) == 0 and run.pipeline.phase_at(4) == 1
+    assert run.pipeline.mixture.phase_at(3) == 0 and run.pipeline.mixture.phase_at(4) == 1
     for step in (0, 5, *range(K, END)):
         for key, value in run.pipeline.global_batch(step).items():
             np.testing.assert_array_equal(got[f"{step}/{key}"], np.asarray(value), err_msg=f"step {step} {key}")

@@ -117,10 +117,29 @@ def _three_phase_mixture(batch: int = 6) -> mx.Mixture:
     return mx.Mixture(phases, names, batch)
 
 
+def _select(m: mx.Mixture, idx: np.ndarray) -> np.ndarray:
+    """[source ids, k] of global example indices, one `select_one` each."""
+    return np.array([m.select_one(i) for i in np.asarray(idx).tolist()], dtype=np.int64).reshape(-1, 2).T
+
+
+def _walk(m: mx.Mixture, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(source id, k) of global examples [0, n) by the definition: each phase repeats its period's
+    order from its start, and k counts the source's earlier examples in the whole run."""
+    idx = np.arange(n)
+    phase = np.searchsorted(m.start_examples, idx, side="right") - 1
+    src = np.empty(n, np.int64)
+    for p, start in enumerate(m.start_examples.tolist()):
+        src[phase == p] = m.orders[p][(idx[phase == p] - start) % m.periods[p]]
+    k = np.empty(n, np.int64)
+    for s in range(len(m.source_names)):
+        k[src == s] = np.arange(np.sum(src == s))
+    return src, k
+
+
 def test_select_follows_each_phase_weights_in_every_prefix():
     m = _three_phase_mixture()
     idx = np.arange(20 * m.batch_size)
-    src, _ = m.select(idx)
+    src, _ = _select(m, idx)
     for p, phase in enumerate(m.phases):
         lo = phase.start_step * m.batch_size
         hi = m.phases[p + 1].start_step * m.batch_size if p + 1 < len(m.phases) else len(idx)
@@ -134,7 +153,7 @@ def test_select_follows_each_phase_weights_in_every_prefix():
 def test_positions_carry_across_phases():
     m = _three_phase_mixture()
     idx = np.arange(40 * m.batch_size)
-    src, k = m.select(idx)
+    src, k = _select(m, idx)
     for s in range(3):
         # Every source's draws are 0, 1, 2, ... in order of the global index: nothing skipped
         # or repeated when a phase changes its weight (or picks it up again).
@@ -147,40 +166,31 @@ def test_positions_carry_across_phases():
     assert m.offsets[1].tolist() == [np.sum(src[:start1] == s) for s in range(3)]
 
 
-def test_select_is_pure_vectorised_and_order_free():
+def test_select_one_matches_a_walk_through_the_periods_in_any_order():
     m = _three_phase_mixture()
-    idx = np.arange(300)
-    src, k = m.select(idx)
+    src, k = _walk(m, 300)
     perm = np.random.default_rng(0).permutation(300)
-    src_p, k_p = m.select(perm)
-    np.testing.assert_array_equal(src_p, src[perm])
-    np.testing.assert_array_equal(k_p, k[perm])
-    for i in (0, 29, 30, 31, 53, 54, 299):
-        s1, k1 = m.select(np.array([i]))
-        assert (s1[0], k1[0]) == (src[i], k[i])
-    # Shape is preserved (a [steps, batch] request gives [steps, batch] answers).
-    s2, k2 = m.select(idx.reshape(50, 6))
-    assert s2.shape == (50, 6) and np.array_equal(k2.ravel(), k)
+    np.testing.assert_array_equal(_select(m, perm), [src[perm], k[perm]])
     with pytest.raises(ValueError, match=">= 0"):
-        m.select(np.array([-1]))
-    s3, k3 = m.select(np.array([], dtype=np.int64))
-    assert s3.shape == k3.shape == (0,) and s3.dtype == np.int32 and k3.dtype == np.int64
+        m.select_one(-1)
 
 
-def test_select_one_equals_select():
-    """The per-example path grain takes gives exactly the vectorised answers: on every index of the
-    first phases, across each switch, with quantized weights (a period of MAX_PERIOD slots), and
-    far into the run."""
+def test_select_one_is_exact_with_quantized_weights_and_far_into_the_run():
+    """The per-example path grain takes: on every index of the first phases, across each switch,
+    with quantized weights (a period of MAX_PERIOD slots), and far into the run (against the closed
+    form of the per-source counts)."""
     quantized = mx.Mixture([_phase(0, 0, {"a": 0.123457, "b": 0.5, "c": 0.376543}),
                             _phase(1, 3, {"a": 0.0, "b": math.pi / 10, "c": 1 - math.pi / 10})], ["a", "b", "c"], 7)
     assert quantized.periods.tolist() == [mx.MAX_PERIOD, mx.MAX_PERIOD]
     for m in (_three_phase_mixture(), quantized, pickle.loads(pickle.dumps(quantized))):
-        far = np.random.default_rng(1).integers(0, 10**12, size=2000)
-        idx = np.concatenate([np.arange(3 * mx.MAX_PERIOD), far, [10**15]])
-        src, k = m.select(idx)
-        got = [m.select_one(i) for i in idx.tolist()]
-        assert got == list(zip(src.tolist(), k.tolist(), strict=True))
-        assert all(type(s) is int and type(n) is int for s, n in got[:10])
+        near = np.arange(3 * mx.MAX_PERIOD)
+        np.testing.assert_array_equal(_select(m, near), _walk(m, len(near)))
+        far = np.random.default_rng(1).integers(0, 10**12, size=2000).tolist() + [10**15]
+        for i in far:
+            s, k = m.select_one(i)
+            name = m.source_names[s]
+            assert m.examples_per_source(i, i + 1)[name] == 1 and m.examples_per_source(0, i)[name] == k
+        assert all(type(s) is int and type(n) is int for s, n in map(m.select_one, far[:10]))
     with pytest.raises(ValueError, match=">= 0"):
         quantized.select_one(-1)
 
@@ -189,14 +199,14 @@ def test_mixture_pickles_and_gives_the_same_answers():
     m = _three_phase_mixture()
     m2 = pickle.loads(pickle.dumps(m))
     idx = np.arange(0, 500, 7)
-    for a, b in zip(m.select(idx), m2.select(idx), strict=True):
+    for a, b in zip(_select(m, idx), _select(m2, idx), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
 def test_phase_at_and_per_source_counts_in_closed_form():
     m = _three_phase_mixture()
     assert [m.phase_at(s) for s in (0, 4, 5, 8, 9, 1000)] == [0, 0, 1, 1, 2, 2]
-    src, _ = m.select(np.arange(30 * m.batch_size))
+    src, _ = _select(m, np.arange(30 * m.batch_size))
     for step in (0, 1, 4, 5, 7, 9, 13, 30):
         expected = {n: int(np.sum(src[: step * m.batch_size] == s)) * 128 for s, n in enumerate(m.source_names)}
         assert m.tokens_per_source(step, 128) == expected
@@ -211,16 +221,16 @@ def test_phase_at_and_per_source_counts_in_closed_form():
         m.examples_per_source(5, 4)
 
 
-def test_grain_selection_map_matches_select():
+def test_grain_selection_map_matches_select_one():
     m = _three_phase_mixture()
     B, steps = m.batch_size, 15
-    smap = m.selection_map(slice(0, B), steps)
+    smap = mx.ProcessSelection(m, slice(0, B), steps)
     assert isinstance(smap, grain.transforms.DatasetSelectionMap)
     assert len(smap) == steps * B
     # Component s yields (s, k) for its k-th draw: the mixed dataset then exposes the map.
     components = [grain.MapDataset.range(10**6).map(lambda k, s=s: (s, k)) for s in range(3)]
     mixed = grain.MapDataset.select_from_datasets(components, smap)
-    src, k = m.select(np.arange(steps * B))
+    src, k = _select(m, np.arange(steps * B))
     got = [mixed[i] for i in range(steps * B)]
     assert got == list(zip(src.tolist(), k.tolist(), strict=True))
     # Batched access through grain's _getitems path agrees too.
@@ -229,7 +239,7 @@ def test_grain_selection_map_matches_select():
     with pytest.raises(IndexError):
         smap[steps * B]
     # A process holding rows [2, 5) of every batch: local index i is row 2 + i % 3 of step i // 3.
-    local = m.selection_map(slice(2, 5), steps)
+    local = mx.ProcessSelection(m, slice(2, 5), steps)
     assert len(local) == steps * 3
     assert [local[i] for i in range(len(local))] == [got[s * B + r] for s in range(steps) for r in range(2, 5)]
 

@@ -23,7 +23,7 @@ from cpt_jax import config, schedules
 from cpt_jax.config import ConfigError, default_config
 from cpt_jax.data import pipeline as pl
 from cpt_jax.data import sources
-from cpt_jax.data.synthetic import synthetic_examples
+from cpt_jax.data.synthetic import SyntheticWalks
 from cpt_jax.data.tokenization import load_tokenizer
 
 B, L, STEPS, VOCAB = 8, 16, 24, 1000
@@ -87,7 +87,7 @@ def examples_for_step(pipe, step):
     """(source id, record index) of each of the step's B global examples, in batch order, from the
     mixture and each source's epoch order (generated data: the example's global index)."""
     start = int(step) * pipe.batch_size
-    source, k = pipe.mixture.select(np.arange(start, start + pipe.batch_size))
+    source, k = np.array([pipe.mixture.select_one(i) for i in range(start, start + pipe.batch_size)]).T
     if pipe.sources:
         k = np.array([sources.record_index(pipe.cfg.seed, pipe.sources[s].name, pipe.sources[s].num_examples, n)
                       for s, n in zip(source.tolist(), k.tolist(), strict=True)])
@@ -127,7 +127,7 @@ def test_batch_contract(pipe, data):
 
 def test_real_documents_get_several_segments(pipe, data):
     # Rows of the prepared source hold several EOS-separated documents: segments restart there.
-    real = pipe.source_names.index("real")
+    real = pipe.mixture.source_names.index("real")
     found = False
     for step in range(STEPS):
         source_ids, _ = examples_for_step(pipe, step)
@@ -147,10 +147,10 @@ def test_synthetic_batches():
     cfg.train.batch_size, cfg.train.seq_len, cfg.train.steps = B, L, STEPS
     cfg.schedule.start_lr = 1e-3
     p = make(cfg)
-    assert p.source_names == ["synthetic"] and len(p.phases) == 1 and p.tokenizer_fingerprint is None
+    assert p.mixture.source_names == ["synthetic"] and len(p.mixture.phases) == 1 and p.tokenizer_fingerprint is None
     batch = p.host_batch(3)
     m, d = cfg.model, cfg.data
-    tokens = synthetic_examples(cfg.seed, np.arange(3 * B, 4 * B), L, m.vocab_size, d.synthetic_branching)
+    tokens = SyntheticWalks(cfg.seed, L, m.vocab_size, d.synthetic_branching)(np.arange(3 * B, 4 * B))
     np.testing.assert_array_equal(batch["inputs"], tokens[:, :-1])
     np.testing.assert_array_equal(batch["targets"], tokens[:, 1:])
     assert np.all(batch["segment_ids"] == 1)
@@ -159,19 +159,19 @@ def test_synthetic_batches():
         assert value.dtype == np.dtype(pl.BATCH_DTYPES[key]) and value.shape == (B, L)
     source_ids, records = examples_for_step(p, 3)
     assert np.all(source_ids == 0) and records.tolist() == list(range(3 * B, 4 * B))
-    assert p.tokens_per_source(5) == {"synthetic": 5 * B * L}
-    assert p.phase_at(STEPS - 1) == 0
+    assert p.mixture.tokens_per_source(5, L) == {"synthetic": 5 * B * L}
+    assert p.mixture.phase_at(STEPS - 1) == 0
 
 
 # ----------------------------------------------------------------------------- order
 
 
 def test_order_follows_phases_and_carries_positions(pipe):
-    names = pipe.source_names
+    names = pipe.mixture.source_names
     assert names == ["code", "qa", "real", "web"]  # ConfigDict order: sorted names
-    switch = pipe.phases[1].start_step
+    switch = pipe.mixture.phases[1].start_step
     assert 0 < switch < STEPS
-    assert pipe.phase_at(switch - 1) == 0 and pipe.phase_at(switch) == 1
+    assert pipe.mixture.phase_at(switch - 1) == 0 and pipe.mixture.phase_at(switch) == 1
     before = np.concatenate([examples_for_step(pipe, s)[0] for s in range(switch)])
     after = np.concatenate([examples_for_step(pipe, s)[0] for s in range(switch, STEPS)])
     assert names.index("qa") not in before and names.index("code") not in after
@@ -185,11 +185,11 @@ def test_order_follows_phases_and_carries_positions(pipe):
         drawn = recs[ids == names.index(name)]
         for e in range(len(drawn) // n):
             assert sorted(drawn[e * n : (e + 1) * n].tolist()) == list(range(n))
-    web_k = pipe.mixture.select(np.arange(switch * B, switch * B + B))
+    web_k = np.array([pipe.mixture.select_one(i) for i in range(switch * B, switch * B + B)]).T
     first_web = int(web_k[1][web_k[0] == web][0])
     assert first_web == np.sum(before == web)
     # Tokens per source: closed form, summing to what was trained.
-    tps = pipe.tokens_per_source(STEPS)
+    tps = pipe.mixture.tokens_per_source(STEPS, L)
     assert sum(tps.values()) == STEPS * B * L
     assert tps["web"] == np.sum(ids == web) * L
 

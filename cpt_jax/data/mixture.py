@@ -11,7 +11,7 @@ Within a phase the weights are integer counts `c_s` over a period `P` (exact for
 small common denominator, 0.9/0.1 -> 9:1 over 10; else quantized to 1/65536 by largest remainder),
 laid out once by earliest-deadline-first so that every prefix of `j` examples holds each source
 within `j * c_s / P` +- delta, delta < 1 (1/2 where achievable; Tijdeman's 1 - 1/(2n-2) otherwise).
-Index -> (source, k) is then O(1). `Mixture.selection_map` is this sampler as grain's selection map
+Index -> (source, k) is then O(1). `ProcessSelection` is this sampler as grain's selection map
 on global indices, which (unlike a mixer inside grain's workers) does not depend on how many
 workers read. `from_config` is the one place a run's mixture is made.
 """
@@ -50,9 +50,6 @@ class Phase:
     start_step: int
     weights: dict[str, float]
     start_at: dict | None
-
-
-# ----------------------------------------------------------------------------- resolving phases
 
 
 def _is_number(x: Any) -> bool:
@@ -185,9 +182,6 @@ def _start_step(key: str, what: str, value: float, schedule: Any, batch_size: in
             f"{_fmt(schedule.lr_min)}); expected a threshold >= {_fmt(schedule.lr_min)}"
         )
     return int(step)
-
-
-# ----------------------------------------------------------------------------- the interleave
 
 
 def quantize(weights: Sequence[float]) -> np.ndarray:
@@ -338,27 +332,8 @@ class Mixture:
         p = int(np.searchsorted(self.start_examples, example, side="right")) - 1
         return self.offsets[p] + self._in_phase(p, example - int(self.start_examples[p]))
 
-    def select(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(source id, k) for each global example index: int32 and int64 arrays of its shape."""
-        idx = np.asarray(indices, dtype=np.int64)
-        flat = idx.reshape(-1)
-        if not flat.size:
-            return np.empty(idx.shape, np.int32), np.empty(idx.shape, np.int64)
-        lo, hi = int(flat.min()), int(flat.max())
-        if lo < 0:
-            raise ValueError(f"example indices must be >= 0, got {lo}")
-        first, last = np.searchsorted(self.start_examples, [lo, hi], side="right") - 1
-        phase = np.searchsorted(self.start_examples, flat, side="right") - 1
-        source = np.empty(flat.shape, dtype=np.int32)
-        k = np.empty(flat.shape, dtype=np.int64)
-        for p in range(int(first), int(last) + 1):
-            mask = phase == p
-            if mask.any():
-                source[mask], k[mask] = self._select_in(p, flat[mask])
-        return source.reshape(idx.shape), k.reshape(idx.shape)
-
     def select_one(self, index: int) -> tuple[int, int]:
-        """`select` of one global example index, as Python ints: what grain's per-example
+        """(source id, k) of one global example index, as Python ints: what grain's per-example
         selection map calls."""
         index = int(index)
         if index < 0:
@@ -368,12 +343,6 @@ class Mixture:
         q, r = divmod(index - starts[p], periods[p])
         s = orders[p][r]
         return s, offsets[p][s] + q * counts[p][s] + ranks[p][r]
-
-    def _select_in(self, p: int, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """`select` for indices that all fall in phase p."""
-        q, r = np.divmod(flat - self.start_examples[p], self.periods[p])
-        s = self.orders[p][r]
-        return s, self.offsets[p, s] + q * self.counts[p, s] + self.ranks[p][r]
 
     def phase_at(self, step: int) -> int:
         """Index of the phase that step `step` trains in."""
@@ -390,10 +359,6 @@ class Mixture:
         """Tokens served by each source in steps [0, step) (examples [0, step*B)): closed form."""
         counts = self.examples_per_source(0, int(step) * self.batch_size)
         return {name: n * int(tokens_per_example) for name, n in counts.items()}
-
-    def selection_map(self, rows: slice, num_steps: int) -> ProcessSelection:
-        """This process's rows of steps [0, num_steps) as a grain selection map (see ProcessSelection)."""
-        return ProcessSelection(self, rows, num_steps)
 
 
 class ProcessSelection(grain.transforms.DatasetSelectionMap):

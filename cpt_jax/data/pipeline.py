@@ -5,7 +5,7 @@ mixture (source, k-th draw) and the source's per-epoch order. Built from grain's
 
     each source   MapDataset.source(ArrayRecordDataSource) -> decode -> EpochShuffle -> repeat
                   (synthetic data: MapDataset.range, the draw is the example's global index)
-    mixture       MapDataset.select_from_datasets(sources, mixture.selection_map(rows, steps)):
+    mixture       MapDataset.select_from_datasets(sources, ProcessSelection(mixture, rows, steps)):
                   local index i is row rows.start + i % R of step i // R (R = this process's rows)
     batch         .batch(R) -> .map(BatchFields): index s is this process's rows of step s
     iterate       [start:end] -> .to_iter_dataset(ReadOptions(num_threads, prefetch))
@@ -141,7 +141,7 @@ class Pipeline:
         else:
             raise ConfigError(f"data.kind: {cfg.data.kind!r}, expected one of 'synthetic', 'mixture'")
         self.mixture = mixture_lib.from_config(cfg, schedule)
-        selection = self.mixture.selection_map(self.rows, cfg.train.steps)
+        selection = mixture_lib.ProcessSelection(self.mixture, self.rows, cfg.train.steps)
         examples = grain.MapDataset.select_from_datasets(draws, selection)
         rows = self.rows.stop - self.rows.start
         # index s: this process's rows of step s, as examples [rows, seq_len + 1] and as batch fields
@@ -186,26 +186,6 @@ class Pipeline:
             self.sources.append(source)
         sources_lib.starts_with_bos([(s.manifest_path, s.manifest) for s in self.sources])
         return int(tokenizer.eos_id)
-
-    # ------------------------------------------------------------------------- order
-
-    @property
-    def phases(self) -> list[mixture_lib.Phase]:
-        return self.mixture.phases
-
-    @property
-    def source_names(self) -> list[str]:
-        return self.mixture.source_names
-
-    def phase_at(self, step: int) -> int:
-        """Index of the mixture phase that step `step` trains in."""
-        return self.mixture.phase_at(step)
-
-    def tokens_per_source(self, step: int) -> dict[str, int]:
-        """Tokens each source has served to the model in steps [0, step) (train.seq_len per example)."""
-        return self.mixture.tokens_per_source(step, self.seq_len)
-
-    # ------------------------------------------------------------------------- batches
 
     def host_batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's rows of step `step`'s batch as numpy arrays (see BATCH_DTYPES)."""

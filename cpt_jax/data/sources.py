@@ -135,8 +135,7 @@ class Source:
                               f"{vocab_size}")
         if m["seq_len"] != seq_len:
             raise ConfigError(f"{path}: seq_len {m['seq_len']}, expected {seq_len} (train.seq_len); prepare the "
-                              "source again with --seq_len "
-                              f"{seq_len}")
+                              f"source again with --seq_len {seq_len}")
 
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
@@ -217,9 +216,6 @@ def starts_with_bos(manifests: Sequence[tuple[str, dict[str, Any]]]) -> bool:
                           "false; expected one convention for all sources of a tokenizer (prepare them again with "
                           "the same --bos)")
     return bool(seen and next(iter(seen)))
-
-
-# ----------------------------------------------------------------------------- order
 
 
 def epoch_seed(seed: int, name: str, epoch: int) -> int:

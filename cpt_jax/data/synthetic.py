@@ -11,19 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def successor_table(seed: int, vocab_size: int, branching: int) -> np.ndarray:
-    """[vocab_size, branching] successors of every token, fixed by the seed."""
-    rng = np.random.default_rng([seed, 0x5EED])
-    return rng.integers(0, vocab_size, size=(vocab_size, branching), dtype=np.int64)
-
-
-def synthetic_examples(seed: int, indices: np.ndarray, seq_len: int, vocab_size: int, branching: int) -> np.ndarray:
-    """Examples `indices` of the stream: int32 [len(indices), seq_len + 1]."""
-    return SyntheticWalks(seed, seq_len, vocab_size, branching)(indices)
-
-
 class SyntheticWalks:
-    """A grain batch function: a batch of draws (global example indices) -> their examples.
+    """A grain batch function: a batch of draws (global example indices) -> their examples, int32
+    [len(indices), seq_len + 1].
 
     Generates all rows at once: a walk is sequential in time, so generating one example at a time
     would cost seq_len numpy steps per row instead of per batch. The graph is drawn once, here
@@ -32,7 +22,9 @@ class SyntheticWalks:
 
     def __init__(self, seed: int, seq_len: int, vocab_size: int, branching: int):
         self.seed, self.seq_len = int(seed), int(seq_len)
-        self.table = successor_table(self.seed, int(vocab_size), int(branching))
+        # [vocab_size, branching] successors of every token, fixed by the seed.
+        rng = np.random.default_rng([self.seed, 0x5EED])
+        self.table = rng.integers(0, int(vocab_size), size=(int(vocab_size), int(branching)), dtype=np.int64)
 
     def __call__(self, indices) -> np.ndarray:
         vocab_size, branching = self.table.shape

@@ -7,8 +7,9 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+from cpt_jax import checkpoint
 from cpt_jax.config import ConfigError
 from cpt_jax.demo import report, runs
 from cpt_jax.progress import format_duration
@@ -80,7 +81,11 @@ class Progress:
     def say(self, message: str) -> None:
         print(f"[demo] {message}", flush=True)
 
-    def finished(self, what: str, steps: int, seconds: float, ran: bool) -> None:
+    def stage(self, what: str, steps: int, run: Callable[[], bool]) -> None:
+        """Runs one stage of `steps` steps (`run` returns False when its output was reused) and says so."""
+        began = time.monotonic()
+        ran = run()
+        seconds = time.monotonic() - began
         self.done += steps
         if ran:
             self.ran_steps, self.ran_seconds = self.ran_steps + steps, self.ran_seconds + seconds
@@ -111,14 +116,14 @@ def run(workdir: str, scale: str = "small", seeds: int | None = None, ablations:
         seed_dir = os.path.join(workdir, f"seed_{seed}")
         tag = f"seed {seed + 1}/{n_seeds}"
         data = runs.prepare_data(seed_dir, s, seed, lambda m, tag=tag: progress.say(f"{tag} {m}"))
-        ran, secs = runs.timed(lambda: runs.run_base(seed_dir, s, data, seed))  # noqa: B023
-        progress.finished(f"{tag} base (pretraining on A, {s.base_steps} steps)", s.base_steps, secs, ran)
+        progress.stage(f"{tag} base (pretraining on A, {s.base_steps} steps)", s.base_steps,
+                       lambda: runs.run_base(seed_dir, s, data, seed))  # noqa: B023
         base.append(runs.load_result(os.path.join(seed_dir, "base"), s.base_steps, data.tasks))
-        meta = runs.base_metadata(seed_dir)
+        meta = checkpoint.read_metadata(os.path.join(seed_dir, "base", "checkpoints"))
         variants = runs.variants(meta, s.run_steps)
         for name in names:
-            ran, secs = runs.timed(lambda: runs.run_variant(seed_dir, s, data, seed, variants[name]))  # noqa: B023
-            progress.finished(f"{tag} {name}", s.run_steps, secs, ran)
+            progress.stage(f"{tag} {name}", s.run_steps,
+                           lambda: runs.run_variant(seed_dir, s, data, seed, variants[name]))  # noqa: B023
             results[name].append(runs.load_result(os.path.join(seed_dir, "runs", name), s.run_steps, data.tasks))
     path, printed = report.build(workdir, scale, s, list(range(n_seeds)), base, results, variants, meta)
     print("\n".join(printed), flush=True)

@@ -1,17 +1,10 @@
-"""The demo's generated corpus, a pure function of the seed: biographies of two disjoint
-populations, question-answer pairs, and the three multiple-choice tasks that measure what a model knows.
+"""The demo's generated corpus, a pure function of the seed (the README's demo section says what it
+measures): biographies of two disjoint populations, QA pairs about A, and the three multiple-choice
+tasks (lm-eval-harness records plus name and attribute; the gold value among 3 distractors).
 
-Population A's biographies pretrain the base; population B (the new domain) appears only in the
-continued runs' data; the QA pairs ("Q: What is the profession of NAME? A: PROFESSION") teach the QA
-Blend's format on A's facts, which the base already knows. A biography states a person's four
-attributes once each, in a random one of three phrasings, in random order. Each population's
-`val_bios` validation biographies are written at the end of its file, where `prepare` takes the
-validation split from: validation loss measures the facts, never a document that was trained on.
-
-The tasks (lm-eval-harness records plus name and attribute; the gold value among 3 distractors):
-retention, a cloze over every fact of A in the biographies' phrasing (forgetting shows here);
-acquisition, the same over B (learning the new domain); heldout_qa, the QA format asked about B,
-whose people are never asked in training (the format carried to facts learned from biographies).
+Each population's `val_bios` validation biographies are written at the end of its file, where
+`prepare` takes the validation split from: validation loss measures the facts, never a document
+that was trained on.
 """
 
 from __future__ import annotations
@@ -104,10 +97,6 @@ def question(attribute: str, name: str) -> str:
     return QUESTION_TEMPLATES[attribute].format(name=name)
 
 
-def qa_pair(attribute: str, person: Person) -> str:
-    return f"{question(attribute, person.name)}{ANSWER} {person.attribute(attribute)}"
-
-
 def biography(person: Person, rng: random.Random) -> str:
     """One biography: a sentence per attribute, each from a random template, in random order."""
     sentences = [rng.choice(BIO_TEMPLATES[key]).format(name=person.name, **{key: person.attribute(key)})
@@ -165,7 +154,7 @@ def generate(seed: int = 0, *, people_a: int = 80, people_b: int = 80, bios_per_
     b_bios = tuple(biography(p, rng) for p in pop_b for _ in range(bios_per_person))
     a_val = tuple(biography(pop_a[i % people_a], rng) for i in range(val_bios))
     b_val = tuple(biography(pop_b[i % people_b], rng) for i in range(val_bios))
-    qa_train = [qa_pair(key, p) for p in pop_a for key in ATTRIBUTES]
+    qa_train = [f"{question(key, p.name)}{ANSWER} {p.attribute(key)}" for p in pop_a for key in ATTRIBUTES]
     rng.shuffle(qa_train)
     tasks = {"retention": cloze_task(pop_a, rng), "acquisition": cloze_task(pop_b, rng),
              "heldout_qa": question_task(pop_b, rng)}

@@ -159,19 +159,18 @@ def build(workdir: str, scale_name: str, s: Scale, seeds: Sequence[int], base: S
           results: dict[str, Sequence[RunResult]], runs: dict[str, Variant], meta: dict) -> tuple[str, list[str]]:
     """Write report.md and report.png; returns the report's path and the lines to print."""
     table = tabulate({"base": base, **results})
-    names = [n for n in results]
+    names = list(results)
     checks, plateau = plateau_lines(base, seeds)
     ok = all(p.flattened for p in checks)
     run_tokens = s.run_steps * s.batch_size * s.seq_len
     lines = [
         f"# cpt_jax demo report (scale `{scale_name}`, seeds {', '.join(map(str, seeds))})",
         "",
-        f"Per seed: a corpus of {s.people_a} people in A and {s.people_b} in B ({s.bios_per_person} biographies "
-        f"each), a base model of {base[0].params:,} parameters ({s.model['n_layers']} layers, width "
-        f"{s.model['d_model']}) "
-        f"pretrained on A for {s.base_steps} steps (warmup, cosine {s.peak_lr:g} -> {s.min_lr:g}), then "
-        f"{len(results)} continued runs of {s.run_steps} steps ({run_tokens:,} tokens each, the same for every "
-        f"run) from its checkpoint, which records peak LR {meta['lr_max']:.3g} and final LR {meta['lr_min']:.3g}.",
+        f"Per seed: a corpus of {s.people_a} people in A and {s.people_b} in B ({s.bios_per_person} biographies each), "
+        f"a base model of {base[0].params:,} parameters ({s.model['n_layers']} layers, width {s.model['d_model']}) "
+        f"pretrained on A for {s.base_steps} steps (warmup, cosine {s.peak_lr:g} -> {s.min_lr:g}), then {len(results)} "
+        f"continued runs of {s.run_steps} steps ({run_tokens:,} tokens each, the same for every run) from its "
+        f"checkpoint, which records peak LR {meta['lr_max']:.3g} and final LR {meta['lr_min']:.3g}.",
         "",
         *(f"- `{n}`: {runs[n].label}" for n in names),
         "",

@@ -11,9 +11,7 @@ import dataclasses
 import json
 import math
 import os
-import time
 from collections.abc import Callable
-from typing import Any
 
 from cpt_jax import checkpoint
 from cpt_jax.config import ConfigError
@@ -155,11 +153,6 @@ def run_names(ablations: tuple[str, ...]) -> list[str]:
     return names
 
 
-# ----------------------------------------------------------------------------------------------
-# One seed: data, base, runs
-# ----------------------------------------------------------------------------------------------
-
-
 @dataclasses.dataclass(frozen=True)
 class Data:
     tokenizer: str
@@ -260,7 +253,6 @@ def train_run(workdir: str, s: Scale, data: Data, seed: int, steps: int, schedul
     sources and tasks question by question; False when both were already done. A run trained
     before with another config is a ConfigError naming its config file."""
     from cpt_jax import cli, evaluate, plan, train
-    from cpt_jax.config import ConfigError
 
     scores = os.path.join(workdir, "tasks.json")
     cfg_file = os.path.join(workdir, "demo_config.py")
@@ -303,18 +295,9 @@ def run_base(seed_dir: str, s: Scale, data: Data, seed: int) -> bool:
                      evals=BASE_EVALS)
 
 
-def base_metadata(seed_dir: str) -> dict:
-    return checkpoint.read_metadata(os.path.join(seed_dir, "base", "checkpoints"))
-
-
 def run_variant(seed_dir: str, s: Scale, data: Data, seed: int, v: Variant) -> bool:
     return train_run(os.path.join(seed_dir, "runs", v.name), s, data, seed, s.run_steps, v.schedule, v.phases,
                      os.path.join(seed_dir, "base", "checkpoints"))
-
-
-# ----------------------------------------------------------------------------------------------
-# What a finished run measured
-# ----------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -371,8 +354,3 @@ def load_result(workdir: str, steps: int, task_files: dict[str, str]) -> RunResu
         first_lr=train[0]["lr"] if train else nan,
         last_lr=train[-1]["lr"] if train else nan,
     )
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    start = time.monotonic()
-    return fn(), time.monotonic() - start

@@ -195,14 +195,3 @@ def plateau(curve: Sequence[tuple[int, float]], fraction: float = PLATEAU_FRACTI
     verdict = ROSE if rel < -rise_tolerance else IMPROVING if rel >= threshold else FLATTENED
     return Plateau(before, last, before_steps, last_steps, rel, verdict)
 
-
-def relative_improvement(curve: Sequence[tuple[int, float]], fraction: float = PLATEAU_FRACTION) -> float:
-    """plateau(curve, fraction).relative_improvement: negative when the loss rose."""
-    return plateau(curve, fraction).relative_improvement
-
-
-def plateaued(curve: Sequence[tuple[int, float]], fraction: float = PLATEAU_FRACTION,
-              threshold: float = PLATEAU_THRESHOLD) -> bool:
-    """Whether the loss fell by less than `threshold` (relative) over the last `fraction` of steps
-    without rising by more than PLATEAU_RISE_TOLERANCE."""
-    return plateau(curve, fraction, threshold).flattened
