@@ -159,6 +159,7 @@ def _train(run: resolve.Run) -> int:
 # ============================================================================ main
 
 
+@cli.reports_config_errors  # a ConfigError, before the loop or once arrays are read: one line, exit 2
 def main(argv: list[str] | None = None) -> int:
     logging.set_verbosity(logging.WARNING)
     try:
@@ -177,14 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     except resolve.RunFinished as e:
         log(str(e))
         return 0
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     try:
         return train(run)
-    except ConfigError as e:  # found only once arrays are read (e.g. every checkpoint step damaged)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except checkpoint.CheckpointError as e:  # diverged parameters, or a write that failed
         root = os.path.join(run.workdir, "checkpoints")
         steps = checkpoint.complete_steps(root)
@@ -195,7 +190,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e.filename or run.workdir}: {e.strerror or e}; the last committed checkpoint is intact",
               file=sys.stderr)
         return 1
-
 
 if __name__ == "__main__":
     sys.exit(main())
