@@ -24,7 +24,7 @@ setup(
         "pyarrow>=16",  # prepare: Parquet and Arrow (datasets.save_to_disk) inputs; string_view needs 16
         "absl-py>=2.0",
         "numpy>=1.26",
-        "safetensors>=0.4",
+        "safetensors>=0.4.5",  # bf16 tensors through numpy (hf import and export)
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
     ],
